@@ -1,0 +1,2 @@
+//! Load bench: placeholder until it lands.
+fn main() {}

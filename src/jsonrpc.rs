@@ -1,0 +1,353 @@
+//! JSON-RPC 2.0 as the proxy sees it: a light envelope over the original bytes.
+//!
+//! The proxy must forward what it does not change byte for byte, so a message is only ever parsed into
+//! an [`Envelope`] that borrows the `id`, `method` and payload as raw JSON text. Nothing is
+//! re-serialised unless an interceptor decides to rewrite the message.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// JSON-RPC error codes used by the proxy itself.
+pub mod code {
+    /// The line is not valid JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// The JSON is not a valid JSON-RPC 2.0 message (or it is too large to read).
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// The method does not exist (or, for tasks, the tool forbids task augmentation).
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Invalid method parameters (unknown task id, bad cursor, …).
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// Internal error.
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// The upstream server went away before answering (implementation-defined server error range).
+    pub const UPSTREAM_GONE: i64 = -32000;
+}
+
+/// A JSON-RPC request id, kept as the exact JSON text the peer sent (`0`, `-7`, `"abc"`,
+/// `18446744073709551616`…), so that it can be echoed back with its value and type unchanged.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Id(Box<str>);
+
+impl Id {
+    /// Wraps raw JSON text (already validated as a JSON string or number).
+    pub fn from_raw(raw: &RawValue) -> Self {
+        Id(raw.get().trim().into())
+    }
+
+    /// An id from a string, encoded as a JSON string.
+    pub fn string(s: &str) -> Self {
+        Id(serde_json::to_string(s).expect("a string always serialises").into())
+    }
+
+    /// The id as JSON text, ready to splice into a message.
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the id is a JSON string (as opposed to a number).
+    pub fn is_string(&self) -> bool {
+        self.0.starts_with('"')
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a line holds, once classified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Has `method` and `id`.
+    Request,
+    /// Has `method`, no `id`.
+    Notification,
+    /// Has `id` and `result` or `error`.
+    Response,
+}
+
+/// A borrowed view of one JSON-RPC message. Payloads stay raw JSON text.
+#[derive(Debug)]
+pub struct Envelope<'a> {
+    /// Request, notification or response.
+    pub kind: Kind,
+    /// The id (requests and responses). `None` for notifications and for responses with `id: null`.
+    pub id: Option<Id>,
+    /// The method (requests and notifications).
+    pub method: Option<&'a str>,
+    /// `params`, raw.
+    pub params: Option<&'a RawValue>,
+    /// `result`, raw.
+    pub result: Option<&'a RawValue>,
+    /// `error`, raw.
+    pub error: Option<&'a RawValue>,
+}
+
+/// The top level of a message. Each field is `Some` whenever the key is present, even with a `null`
+/// value (plain `Option` would turn `"id": null` into "no id").
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    jsonrpc: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    method: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    params: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    error: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
+}
+
+/// Why a line could not be read as JSON-RPC.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not JSON at all.
+    #[error("parse error: the message is not valid JSON ({0})")]
+    NotJson(String),
+    /// JSON, but not a JSON-RPC 2.0 message.
+    #[error("invalid request: {0}")]
+    NotJsonRpc(String),
+    /// A JSON-RPC batch (an array): removed from MCP in 2025-06-18.
+    #[error(
+        "invalid request: JSON-RPC batches (arrays) are not supported by MCP since 2025-06-18; send one message per line"
+    )]
+    Batch,
+}
+
+impl ParseError {
+    /// The JSON-RPC error code to answer with.
+    pub fn code(&self) -> i64 {
+        match self {
+            ParseError::NotJson(_) => code::PARSE_ERROR,
+            ParseError::NotJsonRpc(_) | ParseError::Batch => code::INVALID_REQUEST,
+        }
+    }
+}
+
+impl<'a> Envelope<'a> {
+    /// Classifies one message. Only the top level is looked at; payloads are left raw.
+    pub fn parse(line: &'a [u8]) -> Result<Envelope<'a>, ParseError> {
+        let text =
+            std::str::from_utf8(line).map_err(|e| ParseError::NotJson(format!("invalid UTF-8: {e}")))?;
+        let first = text.trim_start().as_bytes().first().copied();
+        if first == Some(b'[') {
+            // Distinguish a batch from broken JSON: a batch must at least be valid JSON.
+            return match serde_json::from_str::<&RawValue>(text) {
+                Ok(_) => Err(ParseError::Batch),
+                Err(e) => Err(ParseError::NotJson(e.to_string())),
+            };
+        }
+        if first != Some(b'{') {
+            return match serde_json::from_str::<&RawValue>(text) {
+                Ok(_) => Err(ParseError::NotJsonRpc("a message must be a JSON object".into())),
+                Err(e) => Err(ParseError::NotJson(e.to_string())),
+            };
+        }
+        let wire: Wire<'a> = serde_json::from_str(text).map_err(|e| {
+            // A syntax error is a parse error; a type error in a known field is an invalid request.
+            if e.is_syntax() || e.is_eof() {
+                ParseError::NotJson(e.to_string())
+            } else {
+                ParseError::NotJsonRpc(e.to_string())
+            }
+        })?;
+        match wire.jsonrpc.map(|v| v.get().trim()) {
+            Some("\"2.0\"") => {}
+            Some(other) => {
+                return Err(ParseError::NotJsonRpc(format!("\"jsonrpc\" must be \"2.0\", got {other}")));
+            }
+            None => {
+                return Err(ParseError::NotJsonRpc("missing \"jsonrpc\": \"2.0\"".into()));
+            }
+        }
+        let id = match wire.id {
+            None => None,
+            Some(raw) => match raw.get().trim().as_bytes().first() {
+                Some(b'"') | Some(b'-') | Some(b'0'..=b'9') => Some(Id::from_raw(raw)),
+                Some(b'n') => None,
+                _ => {
+                    return Err(ParseError::NotJsonRpc(format!(
+                        "\"id\" must be a string or a number, got {}",
+                        raw.get().trim()
+                    )));
+                }
+            },
+        };
+        let id_is_null = wire.id.is_some() && id.is_none();
+        let method = match wire.method.map(|m| m.get().trim()) {
+            None => None,
+            // A method name with escapes is legal JSON but never a real MCP method; refusing it keeps
+            // the envelope borrowed.
+            Some(m) if m.len() >= 2 && m.starts_with('"') && !m.contains('\\') => Some(&m[1..m.len() - 1]),
+            Some(m) if m.starts_with('"') => {
+                return Err(ParseError::NotJsonRpc("\"method\" must not contain escape sequences".into()));
+            }
+            Some(m) => {
+                return Err(ParseError::NotJsonRpc(format!("\"method\" must be a string, got {m}")));
+            }
+        };
+        let kind = match (method.is_some(), wire.result.is_some() || wire.error.is_some()) {
+            (true, false) if id_is_null => {
+                return Err(ParseError::NotJsonRpc("a request's \"id\" must not be null".into()));
+            }
+            (true, false) if id.is_some() => Kind::Request,
+            (true, false) => Kind::Notification,
+            (false, true) if wire.result.is_some() && wire.error.is_some() => {
+                return Err(ParseError::NotJsonRpc(
+                    "a response has \"result\" or \"error\", not both".into(),
+                ));
+            }
+            (false, true) if id.is_some() || id_is_null => Kind::Response,
+            (false, true) => {
+                return Err(ParseError::NotJsonRpc("a response must have an \"id\"".into()));
+            }
+            (true, true) => {
+                return Err(ParseError::NotJsonRpc(
+                    "a message has \"method\" or \"result\"/\"error\", not both".into(),
+                ));
+            }
+            (false, false) => {
+                return Err(ParseError::NotJsonRpc(
+                    "a message needs \"method\" (request) or \"result\"/\"error\" (response)".into(),
+                ));
+            }
+        };
+        Ok(Envelope { kind, id, method, params: wire.params, result: wire.result, error: wire.error })
+    }
+}
+
+/// Builds a JSON-RPC error response line (without the trailing newline). `id: None` gives `id: null`.
+pub fn error_response(
+    id: Option<&Id>,
+    code: i64,
+    message: &str,
+    data: Option<&serde_json::Value>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96 + message.len());
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    out.extend_from_slice(id.map_or("null", Id::as_json).as_bytes());
+    out.extend_from_slice(b",\"error\":{\"code\":");
+    out.extend_from_slice(code.to_string().as_bytes());
+    out.extend_from_slice(b",\"message\":");
+    serde_json::to_writer(&mut out, message).expect("writing to a Vec cannot fail");
+    if let Some(data) = data {
+        out.extend_from_slice(b",\"data\":");
+        serde_json::to_writer(&mut out, data).expect("writing to a Vec cannot fail");
+    }
+    out.extend_from_slice(b"}}");
+    out
+}
+
+/// Builds a JSON-RPC success response line whose `result` is the given raw JSON.
+pub fn result_response(id: &Id, result: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40 + result.len());
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    out.extend_from_slice(id.as_json().as_bytes());
+    out.extend_from_slice(b",\"result\":");
+    out.extend_from_slice(result.as_bytes());
+    out.push(b'}');
+    out
+}
+
+/// Builds a request line with the given id, method and raw params.
+pub fn request(id: &Id, method: &str, params: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + params.map_or(0, str::len));
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    out.extend_from_slice(id.as_json().as_bytes());
+    out.extend_from_slice(b",\"method\":");
+    serde_json::to_writer(&mut out, method).expect("writing to a Vec cannot fail");
+    if let Some(params) = params {
+        out.extend_from_slice(b",\"params\":");
+        out.extend_from_slice(params.as_bytes());
+    }
+    out.push(b'}');
+    out
+}
+
+/// Builds a notification line with the given method and raw params.
+pub fn notification(method: &str, params: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + params.map_or(0, str::len));
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
+    serde_json::to_writer(&mut out, method).expect("writing to a Vec cannot fail");
+    if let Some(params) = params {
+        out.extend_from_slice(b",\"params\":");
+        out.extend_from_slice(params.as_bytes());
+    }
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_of_every_json_type_keep_their_text() {
+        for raw in ["0", "-1", "18446744073709551616", "1.5e3", "\"abc\"", "\"\""] {
+            let line = format!(r#"{{"jsonrpc":"2.0","id":{raw},"method":"ping"}}"#);
+            let env = Envelope::parse(line.as_bytes()).unwrap();
+            assert_eq!(env.kind, Kind::Request);
+            assert_eq!(env.id.unwrap().as_json(), raw);
+        }
+    }
+
+    #[test]
+    fn classifies_messages() {
+        let n = Envelope::parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
+        assert_eq!(n.kind, Kind::Notification);
+        let r = Envelope::parse(br#"{"jsonrpc":"2.0","id":3,"result":{}}"#).unwrap();
+        assert_eq!(r.kind, Kind::Response);
+        assert_eq!(r.result.unwrap().get(), "{}");
+        let e =
+            Envelope::parse(br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}"#).unwrap();
+        assert_eq!(e.kind, Kind::Response);
+        assert!(e.id.is_none());
+    }
+
+    #[test]
+    fn bad_input_gets_the_right_code() {
+        let cases: [(&[u8], i64); 9] = [
+            (b"not json", code::PARSE_ERROR),
+            (b"{\"jsonrpc\":\"2.0\",", code::PARSE_ERROR),
+            (b"\xff\xfe", code::PARSE_ERROR),
+            (b"42", code::INVALID_REQUEST),
+            (b"[{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":1}]", code::INVALID_REQUEST),
+            (br#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#, code::INVALID_REQUEST),
+            (br#"{"id":1,"method":"ping"}"#, code::INVALID_REQUEST),
+            (br#"{"jsonrpc":"2.0","id":{},"method":"ping"}"#, code::INVALID_REQUEST),
+            (br#"{"jsonrpc":"2.0","id":1}"#, code::INVALID_REQUEST),
+        ];
+        for (line, want) in cases {
+            let err = Envelope::parse(line).unwrap_err();
+            assert_eq!(err.code(), want, "{:?} → {err}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn builds_error_responses() {
+        let id = Id::string("a\"b");
+        let line = error_response(Some(&id), -32600, "bad \"x\"", None);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["id"], "a\"b");
+        assert_eq!(v["error"]["message"], "bad \"x\"");
+        let line = error_response(None, -32700, "m", Some(&serde_json::json!({"k":1})));
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert!(v["id"].is_null());
+        assert_eq!(v["error"]["data"]["k"], 1);
+    }
+}

@@ -1,0 +1,21 @@
+//! mcp-asyncify: a transparent MCP proxy that turns slow tool calls into MCP Tasks.
+//!
+//! Read this map first; each module owns one concept.
+//!
+//! * [`config`] — every option: defaults, the TOML file, environment variables and flags merged and
+//!   validated, with errors that name the key, the bad value and what is allowed.
+//! * [`jsonrpc`] — the light envelope the data path reads (`id`, `method`, raw payloads), ids of any
+//!   JSON type kept as their original text, and the builders for the few messages the proxy writes.
+//! * [`transport`] — framing (newline-delimited, size-capped) and the upstream child process.
+//! * [`proxy`] — the routing loop of a session, the in-flight tables, the internal "ask the upstream"
+//!   API, and the stdio wrapper's lifecycle (EOF, signals, upstream exit, no orphans).
+//! * [`sim`] — MCP servers we run ourselves: the test fixture server used by the end-to-end tests and
+//!   benches (and later the Notion simulator).
+//! * [`logging`] — logs to stderr, text or JSON; stdout is reserved for JSON-RPC.
+
+pub mod config;
+pub mod jsonrpc;
+pub mod logging;
+pub mod proxy;
+pub mod sim;
+pub mod transport;

@@ -1,0 +1,102 @@
+//! The `mcp-asyncify` command: parse the command line, build the configuration, run one mode.
+
+use clap::{Parser, Subcommand};
+use mcp_asyncify::config::{Config, LogFormat, Overrides};
+use std::path::PathBuf;
+
+/// A transparent MCP proxy that turns slow tool calls into MCP Tasks.
+///
+/// Wrap a stdio MCP server: `mcp-asyncify [OPTIONS] -- <command> [args…]`. Everything passes through
+/// unchanged except what the proxy is asked to change.
+#[derive(Parser, Debug)]
+#[command(name = "mcp-asyncify", version, about, long_about = None)]
+#[command(after_help = "Example:\n  mcp-asyncify -- npx -y @modelcontextprotocol/server-everything")]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    #[command(subcommand)]
+    mode: Option<Mode>,
+
+    /// The upstream MCP server to run, after `--`: `mcp-asyncify -- npx -y @notionhq/notion-mcp-server`.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// Options shared by every mode.
+#[derive(clap::Args, Debug)]
+struct CommonArgs {
+    /// A TOML configuration file (see config/default.toml for every key).
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Log level or RUST_LOG-style filter (logs go to stderr). Default: $RUST_LOG, else `info`.
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_LOG_LEVEL", value_name = "LEVEL")]
+    log_level: Option<String>,
+
+    /// Log format.
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+
+    /// The largest message accepted from either side, in bytes [default: 16777216].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    max_message_bytes: Option<usize>,
+
+    /// How long the upstream gets to exit after its stdin closes, before SIGTERM/SIGKILL [default: 3000].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_SHUTDOWN_GRACE_MS", value_name = "MS")]
+    shutdown_grace_ms: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// The test fixture MCP server (slow, failing, progress and elicitation tools) on stdio.
+    #[command(hide = true)]
+    TestServer(mcp_asyncify::sim::fixture::FixtureArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        log_level: cli
+            .common
+            .log_level
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty())),
+        log_format: cli.common.log_format,
+        max_message_bytes: cli.common.max_message_bytes,
+        shutdown_grace_ms: cli.common.shutdown_grace_ms,
+    };
+    let config = match Config::load(cli.common.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => fail(&e.to_string(), 2),
+    };
+    mcp_asyncify::logging::init(&config.log);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => fail(&format!("cannot start the async runtime: {e}"), 1),
+    };
+    let code = runtime.block_on(async move {
+        match cli.mode {
+            Some(Mode::TestServer(args)) => match mcp_asyncify::sim::fixture::run(args).await {
+                Ok(()) => 0,
+                Err(e) => fail(&format!("{e:#}"), 1),
+            },
+            None if cli.command.is_empty() => fail(
+                "no upstream server given: put its command after `--`, e.g. `mcp-asyncify -- npx -y @modelcontextprotocol/server-everything` (see --help)",
+                2,
+            ),
+            None => match mcp_asyncify::proxy::wrapper::run(&config, &cli.command).await {
+                Ok(code) => code,
+                Err(e) => fail(&format!("{e:#}"), 1),
+            },
+        }
+    });
+    // Exit at once: the runtime would otherwise wait on the blocking read of stdin.
+    std::process::exit(code);
+}
+
+fn fail(message: &str, code: i32) -> ! {
+    eprintln!("mcp-asyncify: error: {message}");
+    std::process::exit(code)
+}

@@ -1,0 +1,10 @@
+//! The proxy proper: sessions, in-flight tables, and the stdio wrapper.
+//!
+//! [`session::Router`] moves messages between a client and an upstream without ever waiting on a
+//! call; [`pending`] remembers what is in flight on each side; [`upstream::Upstream`] is the API the
+//! tasks engine uses to send requests of its own; [`wrapper`] runs the drop-in stdio mode.
+
+pub mod pending;
+pub mod session;
+pub mod upstream;
+pub mod wrapper;

@@ -1,0 +1,143 @@
+//! The in-flight tables: client requests waiting for the upstream, and the proxy's own requests.
+//!
+//! Client requests are remembered so that, if the upstream dies, each one still gets an answer (an
+//! error naming the exit status) instead of hanging. The proxy's own requests use ids from a namespace
+//! of their own (a per-process random prefix), so their responses are recognised and never reach the
+//! client, and a client id can never be mistaken for one of ours.
+
+use crate::jsonrpc::Id;
+use dashmap::DashMap;
+use serde_json::value::RawValue;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// A client request forwarded upstream and not answered yet.
+#[derive(Debug)]
+pub struct ClientRequest {
+    /// The request's method, for logs and for rewriting its response.
+    pub method: Box<str>,
+    /// When it was forwarded.
+    pub started: Instant,
+}
+
+/// The upstream's answer to one of the proxy's own requests.
+#[derive(Debug)]
+pub enum Reply {
+    /// `result`, raw.
+    Result(Box<RawValue>),
+    /// `error`, raw (the JSON-RPC error object as the upstream sent it).
+    Error(Box<RawValue>),
+}
+
+/// Both in-flight tables of one session.
+pub struct Pending {
+    client: DashMap<Id, ClientRequest>,
+    own: DashMap<Id, oneshot::Sender<Reply>>,
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl Pending {
+    /// Empty tables with a fresh random id namespace.
+    pub fn new() -> Self {
+        Pending {
+            client: DashMap::new(),
+            own: DashMap::new(),
+            prefix: format!("mcp-asyncify-{}-", uuid::Uuid::new_v4().simple()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// Remembers a client request on its way upstream. Returns `false` if a request with the same id
+    /// was already in flight (the client broke the "ids are unique" rule; both are still forwarded).
+    pub fn track_client(&self, id: Id, method: &str) -> bool {
+        self.client.insert(id, ClientRequest { method: method.into(), started: Instant::now() }).is_none()
+    }
+
+    /// Forgets a client request (answered, or cancelled by the client).
+    pub fn finish_client(&self, id: &Id) -> Option<ClientRequest> {
+        self.client.remove(id).map(|(_, r)| r)
+    }
+
+    /// Takes every client request still waiting (used when the upstream is gone).
+    pub fn drain_client(&self) -> Vec<(Id, ClientRequest)> {
+        let ids: Vec<Id> = self.client.iter().map(|e| e.key().clone()).collect();
+        ids.into_iter().filter_map(|id| self.client.remove(&id)).collect()
+    }
+
+    /// How many client requests are in flight.
+    pub fn client_len(&self) -> usize {
+        self.client.len()
+    }
+
+    /// Allocates an id in the proxy's namespace and registers a waiter for its response.
+    pub fn register_own(&self) -> (Id, oneshot::Receiver<Reply>) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = Id::string(&format!("{}{n}", self.prefix));
+        let (tx, rx) = oneshot::channel();
+        self.own.insert(id.clone(), tx);
+        (id, rx)
+    }
+
+    /// Whether an id belongs to the proxy's namespace (whether or not it is still waited for).
+    pub fn is_own(&self, id: &Id) -> bool {
+        // The prefix is inside the JSON string quotes.
+        id.is_string() && id.as_json()[1..].starts_with(&self.prefix)
+    }
+
+    /// Hands a response to the proxy's waiter. Returns `false` if nobody waits for that id.
+    pub fn resolve_own(&self, id: &Id, reply: Reply) -> bool {
+        match self.own.remove(id) {
+            Some((_, tx)) => tx.send(reply).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Forgets one of the proxy's requests (its caller gave up).
+    pub fn forget_own(&self, id: &Id) {
+        self.own.remove(id);
+    }
+
+    /// Drops every waiter of the proxy's own requests, which wakes them with "upstream gone".
+    pub fn fail_own(&self) {
+        self.own.clear();
+    }
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_ids_never_look_like_client_ids() {
+        let p = Pending::new();
+        let (id, _rx) = p.register_own();
+        assert!(p.is_own(&id));
+        for raw in ["1", "0", "\"1\"", "\"mcp-asyncify-1\""] {
+            let client = Id::from_raw(&serde_json::from_str::<Box<RawValue>>(raw).unwrap());
+            assert!(!p.is_own(&client), "{raw}");
+        }
+        // Two processes never share a namespace.
+        let other = Pending::new();
+        assert!(!other.is_own(&id));
+    }
+
+    #[test]
+    fn draining_returns_every_waiting_request() {
+        let p = Pending::new();
+        assert!(p.track_client(Id::string("a"), "tools/call"));
+        assert!(!p.track_client(Id::string("a"), "tools/call"));
+        p.track_client(Id::string("b"), "ping");
+        assert!(p.finish_client(&Id::string("b")).is_some());
+        let left = p.drain_client();
+        assert_eq!(left.len(), 1);
+        assert_eq!(p.client_len(), 0);
+    }
+}

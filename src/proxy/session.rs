@@ -1,0 +1,173 @@
+//! One proxied MCP session: the routing between a client and an upstream.
+//!
+//! Two independent loops move messages: client → upstream and upstream → client. Neither ever waits
+//! for an answer, so a slow call delays nothing else, and server-initiated requests (sampling,
+//! elicitation, roots), progress and cancellation flow while calls are in flight. Each line is
+//! classified by a light envelope parse; what is not intercepted is forwarded as its original bytes.
+
+use super::pending::{Pending, Reply};
+use super::upstream::Upstream;
+use crate::jsonrpc::{self, Envelope, Id, Kind, code};
+use crate::transport::lines::{Line, LineReader, LineSink};
+use serde_json::value::RawValue;
+use std::sync::Arc;
+use tokio::io::AsyncRead;
+
+/// The routing state shared by both directions of one session.
+pub struct Router {
+    client: LineSink,
+    upstream: LineSink,
+    pending: Arc<Pending>,
+    max_message_bytes: usize,
+}
+
+impl Router {
+    /// A router writing to the client through `client` and to the upstream through `upstream`.
+    pub fn new(
+        client: LineSink,
+        upstream: LineSink,
+        pending: Arc<Pending>,
+        max_message_bytes: usize,
+    ) -> Self {
+        Router { client, upstream, pending, max_message_bytes }
+    }
+
+    /// A handle for the proxy's own requests upstream.
+    pub fn upstream_handle(&self, exit: tokio::sync::watch::Receiver<Option<String>>) -> Upstream {
+        Upstream::new(self.upstream.clone(), self.pending.clone(), exit)
+    }
+
+    /// Reads client messages until the client's stream ends.
+    pub async fn pump_client<R: AsyncRead + Unpin>(&self, input: R) {
+        let mut reader = LineReader::new(input, self.max_message_bytes);
+        loop {
+            match reader.next_line().await {
+                Ok(Some(Line::Message(line))) => self.route_client(line).await,
+                Ok(Some(Line::TooLong { len })) => {
+                    tracing::warn!(
+                        bytes = len,
+                        max = self.max_message_bytes,
+                        "refused an oversized message from the client"
+                    );
+                    let msg = format!(
+                        "invalid request: the message is {len} bytes, over the maximum of {} bytes (proxy.max_message_bytes)",
+                        self.max_message_bytes
+                    );
+                    self.client.send(jsonrpc::error_response(None, code::INVALID_REQUEST, &msg, None)).await;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading from the client failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reads upstream messages until the upstream's stream ends.
+    pub async fn pump_upstream<R: AsyncRead + Unpin>(&self, input: R) {
+        let mut reader = LineReader::new(input, self.max_message_bytes);
+        loop {
+            match reader.next_line().await {
+                Ok(Some(Line::Message(line))) => self.route_upstream(line).await,
+                Ok(Some(Line::TooLong { len })) => {
+                    tracing::error!(
+                        bytes = len,
+                        max = self.max_message_bytes,
+                        "dropped an oversized message from the upstream; raise proxy.max_message_bytes if it was legitimate"
+                    );
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading from the upstream failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn route_client(&self, line: Vec<u8>) {
+        let env = match Envelope::parse(&line) {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a malformed message from the client");
+                self.client.send(jsonrpc::error_response(None, e.code(), &e.to_string(), None)).await;
+                return;
+            }
+        };
+        match env.kind {
+            Kind::Request => {
+                let id = env.id.clone().expect("a request has an id");
+                let method = env.method.unwrap_or_default();
+                if !self.pending.track_client(id.clone(), method) {
+                    tracing::warn!(%id, method, "the client reused the id of a request still in flight");
+                }
+            }
+            Kind::Notification if env.method == Some("notifications/cancelled") => {
+                // The upstream may never answer a cancelled request, so stop waiting for it.
+                if let Some(id) = cancelled_request_id(env.params) {
+                    self.pending.finish_client(&id);
+                }
+            }
+            Kind::Notification | Kind::Response => {}
+        }
+        drop(env);
+        self.upstream.send(line).await;
+    }
+
+    async fn route_upstream(&self, line: Vec<u8>) {
+        let env = match Envelope::parse(&line) {
+            Ok(env) => env,
+            Err(e) => {
+                let shown = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+                tracing::warn!(error = %e, line = %shown, "skipped a line from the upstream that is not JSON-RPC");
+                return;
+            }
+        };
+        if env.kind == Kind::Response
+            && let Some(id) = &env.id
+        {
+            if self.pending.is_own(id) {
+                let reply = match (env.result, env.error) {
+                    (Some(r), _) => Reply::Result(r.to_owned()),
+                    (None, Some(e)) => Reply::Error(e.to_owned()),
+                    (None, None) => unreachable!("a response has a result or an error"),
+                };
+                if !self.pending.resolve_own(id, reply) {
+                    tracing::debug!(%id, "a response to one of our requests came after its caller gave up");
+                }
+                return;
+            }
+            self.pending.finish_client(id);
+        }
+        drop(env);
+        self.client.send(line).await;
+    }
+
+    /// Answers every client request still waiting with an error saying why the upstream is gone.
+    pub async fn fail_pending(&self, why: &str) {
+        self.pending.fail_own();
+        for (id, req) in self.pending.drain_client() {
+            let msg = format!("the upstream server {why} before answering this `{}` request", req.method);
+            let data = serde_json::json!({ "upstream": why });
+            self.client
+                .send(jsonrpc::error_response(Some(&id), code::UPSTREAM_GONE, &msg, Some(&data)))
+                .await;
+        }
+    }
+
+    /// How many client requests wait for the upstream.
+    pub fn in_flight(&self) -> usize {
+        self.pending.client_len()
+    }
+}
+
+fn cancelled_request_id(params: Option<&RawValue>) -> Option<Id> {
+    #[derive(serde::Deserialize)]
+    struct Cancelled<'a> {
+        #[serde(rename = "requestId", borrow)]
+        request_id: &'a RawValue,
+    }
+    let p: Cancelled<'_> = serde_json::from_str(params?.get()).ok()?;
+    Some(Id::from_raw(p.request_id))
+}

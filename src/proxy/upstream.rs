@@ -1,0 +1,86 @@
+//! The proxy's own voice toward the upstream: send a request and await its answer, or notify.
+//!
+//! The tasks engine and the Notion adapter use [`Upstream`] to run calls and polls. Each request gets
+//! an id from the session's private namespace (see [`Pending`]), and its response is routed back here
+//! instead of to the client.
+
+use super::pending::{Pending, Reply};
+use crate::jsonrpc;
+use crate::transport::lines::LineSink;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why one of the proxy's own requests got no answer.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// The upstream went away (exited, or its stream closed) before answering.
+    #[error("the upstream server is gone: {0}")]
+    Gone(String),
+    /// No answer within the given time.
+    #[error("the upstream server did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A clonable handle to send messages upstream on the proxy's own behalf.
+#[derive(Clone)]
+pub struct Upstream {
+    sink: LineSink,
+    pending: Arc<Pending>,
+    exit: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+impl Upstream {
+    /// A handle writing to `sink`, routing answers through `pending`; `exit` carries why the upstream
+    /// ended once it has.
+    pub fn new(
+        sink: LineSink,
+        pending: Arc<Pending>,
+        exit: tokio::sync::watch::Receiver<Option<String>>,
+    ) -> Self {
+        Upstream { sink, pending, exit }
+    }
+
+    /// Sends `method` with raw JSON `params` and waits for the answer (optionally bounded by `timeout`).
+    pub async fn request(
+        &self,
+        method: &str,
+        params: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, UpstreamError> {
+        if let Some(why) = self.exit.borrow().clone() {
+            return Err(UpstreamError::Gone(why));
+        }
+        let (id, rx) = self.pending.register_own();
+        // The session marks the upstream gone before it drops the waiters; checking again after
+        // registering closes the window where a waiter could be added after that sweep.
+        if let Some(why) = self.exit.borrow().clone() {
+            self.pending.forget_own(&id);
+            return Err(UpstreamError::Gone(why));
+        }
+        let line = jsonrpc::request(&id, method, params);
+        if !self.sink.send(line).await {
+            self.pending.forget_own(&id);
+            return Err(UpstreamError::Gone(self.gone_reason()));
+        }
+        let answer = match timeout {
+            Some(t) => match tokio::time::timeout(t, rx).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    self.pending.forget_own(&id);
+                    return Err(UpstreamError::Timeout(t));
+                }
+            },
+            None => rx.await,
+        };
+        answer.map_err(|_| UpstreamError::Gone(self.gone_reason()))
+    }
+
+    /// Sends a notification upstream. Returns `false` if the upstream is gone.
+    pub async fn notify(&self, method: &str, params: Option<&str>) -> bool {
+        self.sink.send(jsonrpc::notification(method, params)).await
+    }
+
+    fn gone_reason(&self) -> String {
+        self.exit.borrow().clone().unwrap_or_else(|| "its connection closed".into())
+    }
+}

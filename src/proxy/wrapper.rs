@@ -1,0 +1,106 @@
+//! The drop-in stdio wrapper: our stdin/stdout on one side, a child process on the other.
+//!
+//! Lifecycle, as the MCP stdio transport expects: when the client closes our stdin (or we get SIGINT or
+//! SIGTERM), the upstream's stdin is closed, it gets a grace period to exit, then SIGTERM, then
+//! SIGKILL, and we keep relaying its last answers meanwhile. When the upstream exits on its own, every
+//! request still waiting gets an error naming its exit status, and we exit with the same status.
+
+use super::pending::Pending;
+use super::session::Router;
+use crate::config::Config;
+use crate::transport::lines::spawn_line_writer;
+use crate::transport::stdio::{self, UpstreamProcess};
+use std::sync::Arc;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// How many messages may queue toward one side before the other side's reader waits.
+const QUEUE: usize = 1024;
+
+/// Runs the wrapper until the session ends; returns the process exit code.
+pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
+    let (mut process, child_in, child_out) = UpstreamProcess::spawn(command)?;
+    tracing::info!(upstream = %process.description(), pid = process.pid(), "upstream started");
+
+    let (client_sink, client_closer) = spawn_line_writer(tokio::io::stdout(), QUEUE);
+    let (upstream_sink, upstream_closer) = spawn_line_writer(child_in, QUEUE);
+    let pending = Arc::new(Pending::new());
+    let router = Arc::new(Router::new(client_sink, upstream_sink, pending, config.proxy.max_message_bytes));
+    let (exit_tx, exit_rx) = tokio::sync::watch::channel::<Option<String>>(None);
+    let _upstream = router.upstream_handle(exit_rx);
+
+    let mut upstream_pump = tokio::spawn({
+        let router = router.clone();
+        async move { router.pump_upstream(child_out).await }
+    });
+    let mut client_pump = tokio::spawn({
+        let router = router.clone();
+        async move { router.pump_client(tokio::io::stdin()).await }
+    });
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+
+    enum End {
+        ClientGone,
+        Signal(i32),
+        UpstreamGone,
+    }
+    let end = tokio::select! {
+        _ = &mut client_pump => End::ClientGone,
+        _ = sigint.recv() => End::Signal(libc::SIGINT),
+        _ = sigterm.recv() => End::Signal(libc::SIGTERM),
+        _ = &mut upstream_pump => End::UpstreamGone,
+    };
+
+    let code = match end {
+        End::ClientGone | End::Signal(_) => {
+            match end {
+                End::Signal(sig) => tracing::info!(signal = sig, "shutting down on signal"),
+                _ => tracing::info!(
+                    in_flight = router.in_flight(),
+                    "client closed its input; shutting down the upstream"
+                ),
+            }
+            client_pump.abort();
+            upstream_closer.close().await;
+            // Keep relaying what the upstream still says while it winds down.
+            let (status, signalled) = process.terminate(config.shutdown_grace()).await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), &mut upstream_pump).await;
+            let why = match &status {
+                Ok(s) => format!("exited ({})", stdio::describe(s)),
+                Err(e) => format!("could not be waited for ({e})"),
+            };
+            let _ = exit_tx.send(Some(why.clone()));
+            router.fail_pending(&why).await;
+            match end {
+                End::Signal(sig) => 128 + sig,
+                _ if signalled => 0,
+                _ => status.as_ref().map(stdio::exit_code).unwrap_or(1),
+            }
+        }
+        End::UpstreamGone => {
+            // stdout closed: the upstream is exiting (or closed stdout and lingers; then make it go).
+            let status = match tokio::time::timeout(config.shutdown_grace(), process.wait()).await {
+                Ok(status) => status,
+                Err(_) => process.terminate(std::time::Duration::ZERO).await.0,
+            };
+            let (why, code) = match &status {
+                Ok(s) => (format!("exited ({})", stdio::describe(s)), stdio::exit_code(s)),
+                Err(e) => (format!("could not be waited for ({e})"), 1),
+            };
+            let _ = exit_tx.send(Some(why.clone()));
+            if code == 0 {
+                tracing::info!(upstream = %process.description(), "upstream {why}");
+            } else {
+                tracing::error!(upstream = %process.description(), in_flight = router.in_flight(), "upstream {why}");
+            }
+            router.fail_pending(&why).await;
+            client_pump.abort();
+            upstream_closer.close().await;
+            code
+        }
+    };
+    // Drop the last handles to the client writer so that close() can finish the stream.
+    drop(router);
+    client_closer.close().await;
+    Ok(code)
+}

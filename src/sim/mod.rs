@@ -1,0 +1,7 @@
+//! MCP servers we run ourselves, built with rmcp.
+//!
+//! [`fixture`] is the test upstream (slow, failing, progress-sending, elicitation-asking and crashing
+//! tools) used by the end-to-end tests and the benches; it is reachable as the hidden
+//! `mcp-asyncify test-server` command so tests need only the one binary.
+
+pub mod fixture;

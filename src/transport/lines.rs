@@ -1,0 +1,224 @@
+//! Newline-delimited framing for stdio transports, with a hard cap on a message's size.
+//!
+//! MCP's stdio transport is one JSON-RPC message per line. [`LineReader`] yields each line as bytes
+//! (so the proxy can forward them unchanged) and, when a line is longer than the configured maximum,
+//! discards it as it streams past instead of buffering it: a peer cannot exhaust our memory.
+//! [`spawn_line_writer`] owns one output stream and writes whole lines, flushing when it runs out of
+//! queued work so that bursts go out in one write.
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, oneshot};
+
+/// One framed item read from a stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A complete line, without its `\n` (or `\r\n`).
+    Message(Vec<u8>),
+    /// A line longer than the maximum; its bytes were discarded. `len` is its length.
+    TooLong {
+        /// How many bytes the line had.
+        len: usize,
+    },
+}
+
+/// Reads newline-delimited messages of at most `max` bytes.
+pub struct LineReader<R> {
+    inner: BufReader<R>,
+    buf: Vec<u8>,
+    max: usize,
+    /// Bytes seen of a line being discarded because it is too long; `None` when not discarding.
+    discarding: Option<usize>,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    /// Wraps a reader; lines over `max` bytes are reported as [`Line::TooLong`].
+    pub fn new(inner: R, max: usize) -> Self {
+        LineReader {
+            inner: BufReader::with_capacity(64 * 1024, inner),
+            buf: Vec::new(),
+            max,
+            discarding: None,
+        }
+    }
+
+    /// The next non-empty line, or `None` at end of stream. A last line without a newline counts.
+    pub async fn next_line(&mut self) -> std::io::Result<Option<Line>> {
+        loop {
+            let available = self.inner.fill_buf().await?;
+            if available.is_empty() {
+                if let Some(len) = self.discarding.take() {
+                    return Ok(Some(Line::TooLong { len }));
+                }
+                if self.buf.iter().all(u8::is_ascii_whitespace) {
+                    self.buf.clear();
+                    return Ok(None);
+                }
+                return Ok(Some(Line::Message(std::mem::take(&mut self.buf))));
+            }
+            let (chunk, found) = match memchr::memchr(b'\n', available) {
+                Some(i) => (i, true),
+                None => (available.len(), false),
+            };
+            match self.discarding.as_mut() {
+                Some(seen) => *seen += chunk,
+                None if self.buf.len() + chunk > self.max => {
+                    self.discarding = Some(self.buf.len() + chunk);
+                    self.buf = Vec::new();
+                }
+                None => self.buf.extend_from_slice(&available[..chunk]),
+            }
+            self.inner.consume(chunk + usize::from(found));
+            if !found {
+                continue;
+            }
+            if let Some(len) = self.discarding.take() {
+                return Ok(Some(Line::TooLong { len }));
+            }
+            if self.buf.last() == Some(&b'\r') {
+                self.buf.pop();
+            }
+            if self.buf.iter().all(u8::is_ascii_whitespace) {
+                self.buf.clear();
+                continue;
+            }
+            return Ok(Some(Line::Message(std::mem::take(&mut self.buf))));
+        }
+    }
+}
+
+/// A handle to a line writer task: send lines, then close to flush and end the stream.
+#[derive(Clone)]
+pub struct LineSink {
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl LineSink {
+    /// Queues one message (without newline). Returns `false` when the stream is closed.
+    pub async fn send(&self, line: impl Into<Bytes>) -> bool {
+        self.tx.send(line.into()).await.is_ok()
+    }
+}
+
+/// Closes a writer: the queued lines are written and flushed, then the stream is shut down.
+pub struct LineCloser {
+    close: Option<oneshot::Sender<()>>,
+    done: oneshot::Receiver<()>,
+}
+
+impl LineCloser {
+    /// Asks the writer to finish after what is queued, and waits until it has.
+    pub async fn close(mut self) {
+        if let Some(close) = self.close.take() {
+            let _ = close.send(());
+        }
+        let _ = self.done.await;
+    }
+
+    /// Waits until the writer ends by itself (its stream broke or every sink was dropped).
+    pub async fn closed(&mut self) {
+        let _ = (&mut self.done).await;
+    }
+}
+
+/// Starts a task that writes lines to `out`; `capacity` bounds the queue so a slow reader pushes back.
+pub fn spawn_line_writer<W>(out: W, capacity: usize) -> (LineSink, LineCloser)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Bytes>(capacity);
+    let (close_tx, mut close_rx) = oneshot::channel::<()>();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut out = BufWriter::with_capacity(64 * 1024, out);
+        let result: std::io::Result<()> = async {
+            loop {
+                let line = tokio::select! {
+                    biased;
+                    line = rx.recv() => line,
+                    _ = &mut close_rx => {
+                        // Drain what was queued before the close, then stop.
+                        while let Ok(line) = rx.try_recv() {
+                            write_line(&mut out, &line).await?;
+                        }
+                        break;
+                    }
+                };
+                let Some(line) = line else { break };
+                write_line(&mut out, &line).await?;
+                // Coalesce a burst into one flush.
+                while let Ok(line) = rx.try_recv() {
+                    write_line(&mut out, &line).await?;
+                }
+                out.flush().await?;
+            }
+            out.flush().await?;
+            out.shutdown().await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "output stream closed");
+        }
+        let _ = done_tx.send(());
+    });
+    (LineSink { tx }, LineCloser { close: Some(close_tx), done: done_rx })
+}
+
+async fn write_line<W: AsyncWrite + Unpin>(out: &mut W, line: &[u8]) -> std::io::Result<()> {
+    out.write_all(line).await?;
+    out.write_all(b"\n").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines(input: &[u8], max: usize) -> Vec<Line> {
+        let mut r = LineReader::new(input, max);
+        let mut out = Vec::new();
+        while let Some(l) = r.next_line().await.unwrap() {
+            out.push(l);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn splits_lines_and_skips_blank_ones() {
+        let got = lines(b"a\r\n\n  \nbb\ncc", 10).await;
+        assert_eq!(
+            got,
+            vec![Line::Message(b"a".to_vec()), Line::Message(b"bb".to_vec()), Line::Message(b"cc".to_vec())]
+        );
+    }
+
+    #[tokio::test]
+    async fn too_long_lines_are_discarded_and_reading_goes_on() {
+        let mut input = vec![b'x'; 200_000];
+        input.extend_from_slice(b"\nok\n");
+        input.extend(vec![b'y'; 11]);
+        let got = lines(&input, 10).await;
+        assert_eq!(
+            got,
+            vec![Line::TooLong { len: 200_000 }, Line::Message(b"ok".to_vec()), Line::TooLong { len: 11 }]
+        );
+    }
+
+    #[tokio::test]
+    async fn writer_flushes_everything_on_close() {
+        let (client, mut server) = tokio::io::duplex(1024);
+        let (sink, closer) = spawn_line_writer(client, 4);
+        for i in 0..100 {
+            assert!(sink.send(format!("m{i}")).await);
+        }
+        let reader = tokio::spawn(async move {
+            let mut s = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut server, &mut s).await.unwrap();
+            s
+        });
+        closer.close().await;
+        drop(sink);
+        let text = reader.await.unwrap();
+        assert_eq!(text.lines().count(), 100);
+        assert!(text.ends_with("m99\n"));
+    }
+}
