@@ -16,6 +16,88 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Logging (always to stderr).
     pub log: LogConfig,
+    /// MCP Tasks: which tools, lifetimes, limits, help for clients that do not speak tasks.
+    pub tasks: TasksConfig,
+}
+
+/// `[tasks]`: turning slow tool calls into MCP Tasks.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksConfig {
+    /// Whether the proxy offers tasks at all. Off: a pure passthrough.
+    pub enabled: bool,
+    /// Tools to taskify, by exact name or glob (`*` any run, `?` one character).
+    pub tools: Vec<String>,
+    /// Tools never to taskify (wins over `tools`).
+    pub exclude: Vec<String>,
+    /// Retention of a task when the client asks for none (`task: {}`), in ms from creation.
+    pub default_ttl_ms: u64,
+    /// The longest retention granted, whatever the client asks.
+    pub max_ttl_ms: u64,
+    /// The `pollInterval` suggested to clients, in ms.
+    pub poll_interval_ms: u64,
+    /// The most tasks kept at once (live or retained); past it, new tasks are refused with a clear error.
+    pub max_live_tasks: usize,
+    /// Tasks per `tasks/list` page.
+    pub list_page_size: usize,
+    /// For plain (non-task) calls with a `progressToken`: start sending progress keep-alives after this
+    /// many ms (0: never).
+    pub keepalive_after_ms: u64,
+    /// Interval between keep-alives.
+    pub keepalive_interval_ms: u64,
+    /// For plain calls still running after this many ms, answer with a normal tool result saying the work
+    /// goes on as a task, and offer tools to fetch it later (0: never).
+    pub sync_deadline_ms: u64,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig {
+            enabled: true,
+            tools: vec!["*".into()],
+            exclude: Vec::new(),
+            default_ttl_ms: 3_600_000,
+            max_ttl_ms: 86_400_000,
+            poll_interval_ms: 1000,
+            max_live_tasks: 10_000,
+            list_page_size: 50,
+            keepalive_after_ms: 5000,
+            keepalive_interval_ms: 10_000,
+            sync_deadline_ms: 0,
+        }
+    }
+}
+
+impl TasksConfig {
+    /// Whether calls of `tool` may become tasks run by the proxy.
+    pub fn taskifies(&self, tool: &str) -> bool {
+        self.enabled
+            && self.tools.iter().any(|p| glob_match(p, tool))
+            && !self.exclude.iter().any(|p| glob_match(p, tool))
+    }
+}
+
+/// Matches `*` (any run, possibly empty) and `?` (exactly one character); everything else literally.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            backtrack = Some((pi, ni));
+            pi += 1;
+        } else if let Some((bp, bn)) = backtrack {
+            pi = bp + 1;
+            ni = bn + 1;
+            backtrack = Some((bp, bn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 /// `[proxy]`: the data path.
@@ -73,6 +155,12 @@ pub struct Overrides {
     pub max_message_bytes: Option<usize>,
     /// `--shutdown-grace-ms` / `MCP_ASYNCIFY_SHUTDOWN_GRACE_MS`.
     pub shutdown_grace_ms: Option<u64>,
+    /// `--sync-deadline-ms` / `MCP_ASYNCIFY_SYNC_DEADLINE_MS`.
+    pub sync_deadline_ms: Option<u64>,
+    /// `--task-tools` / `MCP_ASYNCIFY_TASK_TOOLS` (comma-separated).
+    pub task_tools: Option<Vec<String>>,
+    /// `--no-tasks`.
+    pub no_tasks: bool,
 }
 
 /// A configuration a person has to fix.
@@ -143,6 +231,15 @@ impl Config {
         if let Some(v) = o.shutdown_grace_ms {
             self.proxy.shutdown_grace_ms = v;
         }
+        if let Some(v) = o.sync_deadline_ms {
+            self.tasks.sync_deadline_ms = v;
+        }
+        if let Some(v) = &o.task_tools {
+            self.tasks.tools = v.clone();
+        }
+        if o.no_tasks {
+            self.tasks.enabled = false;
+        }
     }
 
     /// Checks every value against its allowed range.
@@ -173,6 +270,42 @@ impl Config {
         } else {
             Err("not a level".to_string())
         };
+        let t = &self.tasks;
+        let ranges: [(&'static str, u64, u64, u64); 8] = [
+            ("tasks.default_ttl_ms", t.default_ttl_ms, 1000, t.max_ttl_ms),
+            ("tasks.max_ttl_ms", t.max_ttl_ms, 1000, 30 * 86_400_000),
+            ("tasks.poll_interval_ms", t.poll_interval_ms, 10, 600_000),
+            ("tasks.max_live_tasks", t.max_live_tasks as u64, 1, 10_000_000),
+            ("tasks.list_page_size", t.list_page_size as u64, 1, 10_000),
+            ("tasks.keepalive_after_ms", t.keepalive_after_ms, 0, 3_600_000),
+            ("tasks.keepalive_interval_ms", t.keepalive_interval_ms, 100, 3_600_000),
+            ("tasks.sync_deadline_ms", t.sync_deadline_ms, 0, 3_600_000),
+        ];
+        for (key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                let allowed = if key == "tasks.default_ttl_ms" {
+                    format!("allowed: {min} to tasks.max_ttl_ms = {max}")
+                } else {
+                    format!("allowed: {min} to {max}")
+                };
+                return Err(ConfigError::Invalid { key, value: value.to_string(), allowed });
+            }
+        }
+        if t.sync_deadline_ms != 0 && t.sync_deadline_ms < 100 {
+            return Err(ConfigError::Invalid {
+                key: "tasks.sync_deadline_ms",
+                value: t.sync_deadline_ms.to_string(),
+                allowed: "allowed: 0 (off) or 100 to 3600000".into(),
+            });
+        }
+        if let Some(bad) = t.tools.iter().chain(&t.exclude).find(|p| p.trim().is_empty()) {
+            return Err(ConfigError::Invalid {
+                key: "tasks.tools",
+                value: format!("{bad:?}"),
+                allowed: "allowed: tool names or globs such as \"notion-*\"; an empty name matches nothing"
+                    .into(),
+            });
+        }
         if let Err(e) = parsed {
             return Err(ConfigError::Invalid {
                 key: "log.level",
@@ -219,6 +352,19 @@ mod tests {
         let o = Overrides { log_level: Some("loud".into()), ..Overrides::default() };
         let err = Config::load(None, &o).unwrap_err().to_string();
         assert!(err.contains("log.level") && err.contains("loud"), "{err}");
+    }
+
+    #[test]
+    fn globs_pick_tools() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("notion-*", "notion-create-pages"));
+        assert!(!glob_match("notion-*", "search"));
+        assert!(glob_match("s?ow", "slow"));
+        assert!(glob_match("*-pages", "notion-create-pages"));
+        assert!(!glob_match("slow", "slower"));
+        let t =
+            TasksConfig { tools: vec!["*".into()], exclude: vec!["echo".into()], ..TasksConfig::default() };
+        assert!(t.taskifies("slow") && !t.taskifies("echo"));
     }
 
     #[test]

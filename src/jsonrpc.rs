@@ -264,6 +264,17 @@ pub fn result_response(id: &Id, result: &str) -> Vec<u8> {
     out
 }
 
+/// Builds an error response whose `error` is the given raw JSON object (kept exactly as received).
+pub fn error_object_response(id: &Id, error: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40 + error.len());
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    out.extend_from_slice(id.as_json().as_bytes());
+    out.extend_from_slice(b",\"error\":");
+    out.extend_from_slice(error.as_bytes());
+    out.push(b'}');
+    out
+}
+
 /// Builds a request line with the given id, method and raw params.
 pub fn request(id: &Id, method: &str, params: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + params.map_or(0, str::len));

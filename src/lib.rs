@@ -18,4 +18,5 @@ pub mod jsonrpc;
 pub mod logging;
 pub mod proxy;
 pub mod sim;
+pub mod tasks;
 pub mod transport;

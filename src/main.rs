@@ -45,6 +45,19 @@ struct CommonArgs {
     /// How long the upstream gets to exit after its stdin closes, before SIGTERM/SIGKILL [default: 3000].
     #[arg(long, global = true, env = "MCP_ASYNCIFY_SHUTDOWN_GRACE_MS", value_name = "MS")]
     shutdown_grace_ms: Option<u64>,
+
+    /// Tools that may run as tasks, by name or glob, comma-separated [default: *].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_TASK_TOOLS", value_name = "GLOBS", value_delimiter = ',')]
+    task_tools: Option<Vec<String>>,
+
+    /// Answer plain tool calls still running after this many ms with a hand-off result; the work goes
+    /// on as a task (0: never) [default: 0].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_SYNC_DEADLINE_MS", value_name = "MS")]
+    sync_deadline_ms: Option<u64>,
+
+    /// Do not offer tasks at all: a pure passthrough.
+    #[arg(long, global = true)]
+    no_tasks: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,6 +78,9 @@ fn main() {
         log_format: cli.common.log_format,
         max_message_bytes: cli.common.max_message_bytes,
         shutdown_grace_ms: cli.common.shutdown_grace_ms,
+        sync_deadline_ms: cli.common.sync_deadline_ms,
+        task_tools: cli.common.task_tools.clone(),
+        no_tasks: cli.common.no_tasks,
     };
     let config = match Config::load(cli.common.config.as_deref(), &overrides) {
         Ok(c) => c,

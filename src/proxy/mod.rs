@@ -4,6 +4,7 @@
 //! call; [`pending`] remembers what is in flight on each side; [`upstream::Upstream`] is the API the
 //! tasks engine uses to send requests of its own; [`wrapper`] runs the drop-in stdio mode.
 
+pub mod intercept;
 pub mod pending;
 pub mod session;
 pub mod upstream;

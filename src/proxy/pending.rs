@@ -5,6 +5,7 @@
 //! of their own (a per-process random prefix), so their responses are recognised and never reach the
 //! client, and a client id can never be mistaken for one of ours.
 
+use super::intercept::Rewrite;
 use crate::jsonrpc::Id;
 use dashmap::DashMap;
 use serde_json::value::RawValue;
@@ -19,6 +20,8 @@ pub struct ClientRequest {
     pub method: Box<str>,
     /// When it was forwarded.
     pub started: Instant,
+    /// What to do with its response.
+    pub rewrite: Rewrite,
 }
 
 /// The upstream's answer to one of the proxy's own requests.
@@ -51,8 +54,27 @@ impl Pending {
 
     /// Remembers a client request on its way upstream. Returns `false` if a request with the same id
     /// was already in flight (the client broke the "ids are unique" rule; both are still forwarded).
-    pub fn track_client(&self, id: Id, method: &str) -> bool {
-        self.client.insert(id, ClientRequest { method: method.into(), started: Instant::now() }).is_none()
+    pub fn track_client(&self, id: Id, method: &str, rewrite: Rewrite) -> bool {
+        self.client
+            .insert(id, ClientRequest { method: method.into(), started: Instant::now(), rewrite })
+            .is_none()
+    }
+
+    /// Changes what to do with a pending request's response. Returns `false` if it is no longer
+    /// pending (answered meanwhile): the check and the change are one atomic step.
+    pub fn set_rewrite(&self, id: &Id, rewrite: Rewrite) -> bool {
+        match self.client.get_mut(id) {
+            Some(mut entry) => {
+                entry.rewrite = rewrite;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a client request is still waiting for the upstream.
+    pub fn is_client_pending(&self, id: &Id) -> bool {
+        self.client.contains_key(id)
     }
 
     /// Forgets a client request (answered, or cancelled by the client).
@@ -64,6 +86,11 @@ impl Pending {
     pub fn drain_client(&self) -> Vec<(Id, ClientRequest)> {
         let ids: Vec<Id> = self.client.iter().map(|e| e.key().clone()).collect();
         ids.into_iter().filter_map(|id| self.client.remove(&id)).collect()
+    }
+
+    /// How many client requests in flight match `pred`.
+    pub fn count_client(&self, pred: impl Fn(&ClientRequest) -> bool) -> usize {
+        self.client.iter().filter(|e| pred(e.value())).count()
     }
 
     /// How many client requests are in flight.
@@ -132,9 +159,9 @@ mod tests {
     #[test]
     fn draining_returns_every_waiting_request() {
         let p = Pending::new();
-        assert!(p.track_client(Id::string("a"), "tools/call"));
-        assert!(!p.track_client(Id::string("a"), "tools/call"));
-        p.track_client(Id::string("b"), "ping");
+        assert!(p.track_client(Id::string("a"), "tools/call", Rewrite::None));
+        assert!(!p.track_client(Id::string("a"), "tools/call", Rewrite::None));
+        p.track_client(Id::string("b"), "ping", Rewrite::None);
         assert!(p.finish_client(&Id::string("b")).is_some());
         let left = p.drain_client();
         assert_eq!(left.len(), 1);

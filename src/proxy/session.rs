@@ -5,8 +5,8 @@
 //! elicitation, roots), progress and cancellation flow while calls are in flight. Each line is
 //! classified by a light envelope parse; what is not intercepted is forwarded as its original bytes.
 
+use super::intercept::{Decision, Interceptor, Rewrite};
 use super::pending::{Pending, Reply};
-use super::upstream::Upstream;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
 use crate::transport::lines::{Line, LineReader, LineSink};
 use serde_json::value::RawValue;
@@ -18,23 +18,21 @@ pub struct Router {
     client: LineSink,
     upstream: LineSink,
     pending: Arc<Pending>,
+    intercept: Arc<Interceptor>,
     max_message_bytes: usize,
 }
 
 impl Router {
-    /// A router writing to the client through `client` and to the upstream through `upstream`.
+    /// A router writing to the client through `client` and to the upstream through `upstream`, with
+    /// `intercept` deciding what changes.
     pub fn new(
         client: LineSink,
         upstream: LineSink,
         pending: Arc<Pending>,
+        intercept: Arc<Interceptor>,
         max_message_bytes: usize,
     ) -> Self {
-        Router { client, upstream, pending, max_message_bytes }
-    }
-
-    /// A handle for the proxy's own requests upstream.
-    pub fn upstream_handle(&self, exit: tokio::sync::watch::Receiver<Option<String>>) -> Upstream {
-        Upstream::new(self.upstream.clone(), self.pending.clone(), exit)
+        Router { client, upstream, pending, intercept, max_message_bytes }
     }
 
     /// Reads client messages until the client's stream ends.
@@ -99,17 +97,33 @@ impl Router {
             Kind::Request => {
                 let id = env.id.clone().expect("a request has an id");
                 let method = env.method.unwrap_or_default();
-                if !self.pending.track_client(id.clone(), method) {
+                let rewrite = match self.intercept.on_client_request(&id, method, env.params).await {
+                    Decision::Forward(rewrite) => rewrite,
+                    Decision::Handled => return,
+                };
+                if !self.pending.track_client(id.clone(), method, rewrite) {
                     tracing::warn!(%id, method, "the client reused the id of a request still in flight");
                 }
             }
             Kind::Notification if env.method == Some("notifications/cancelled") => {
-                // The upstream may never answer a cancelled request, so stop waiting for it.
-                if let Some(id) = cancelled_request_id(env.params) {
-                    self.pending.finish_client(&id);
+                // The upstream may never answer a cancelled request, so stop waiting for it. A call
+                // already handed off as a task is not cancelled this way (the spec keeps
+                // notifications/cancelled away from tasks): its response still completes the task.
+                if let Some(id) = cancelled_request_id(env.params)
+                    && let Some(req) = self.pending.finish_client(&id)
+                    && let Rewrite::HandedOff { task_id } = &req.rewrite
+                {
+                    tracing::debug!(%id, task_id, "ignored notifications/cancelled for a handed-off call");
+                    self.pending.track_client(id, &req.method, req.rewrite.clone());
+                    return;
                 }
             }
-            Kind::Notification | Kind::Response => {}
+            Kind::Response => {
+                if let Some(id) = &env.id {
+                    self.intercept.on_client_response(id);
+                }
+            }
+            Kind::Notification => {}
         }
         drop(env);
         self.upstream.send(line).await;
@@ -124,21 +138,48 @@ impl Router {
                 return;
             }
         };
-        if env.kind == Kind::Response
-            && let Some(id) = &env.id
-        {
-            if self.pending.is_own(id) {
-                let reply = match (env.result, env.error) {
-                    (Some(r), _) => Reply::Result(r.to_owned()),
-                    (None, Some(e)) => Reply::Error(e.to_owned()),
-                    (None, None) => unreachable!("a response has a result or an error"),
+        match env.kind {
+            Kind::Response => {
+                let Some(id) = &env.id else {
+                    drop(env);
+                    self.client.send(line).await;
+                    return;
                 };
-                if !self.pending.resolve_own(id, reply) {
-                    tracing::debug!(%id, "a response to one of our requests came after its caller gave up");
+                if self.pending.is_own(id) {
+                    let reply = match (env.result, env.error) {
+                        (Some(r), _) => Reply::Result(r.to_owned()),
+                        (None, Some(e)) => Reply::Error(e.to_owned()),
+                        (None, None) => unreachable!("a response has a result or an error"),
+                    };
+                    if !self.pending.resolve_own(id, reply) {
+                        tracing::debug!(%id, "a response to one of our requests came after its caller gave up");
+                    }
+                    return;
                 }
-                return;
+                if let Some(req) = self.pending.finish_client(id)
+                    && let Some(rewritten) =
+                        self.intercept.on_upstream_response(id, req.rewrite, env.result, env.error)
+                {
+                    if let Some(rewritten) = rewritten {
+                        self.client.send(rewritten).await;
+                    }
+                    return;
+                }
             }
-            self.pending.finish_client(id);
+            Kind::Request => {
+                let id = env.id.clone().expect("a request has an id");
+                if let Some(tagged) =
+                    self.intercept.on_server_request(&id, env.method.unwrap_or_default(), env.params)
+                {
+                    self.client.send(tagged).await;
+                    return;
+                }
+            }
+            Kind::Notification => {
+                if env.method == Some("notifications/progress") {
+                    self.intercept.on_upstream_progress(env.params);
+                }
+            }
         }
         drop(env);
         self.client.send(line).await;
@@ -147,7 +188,12 @@ impl Router {
     /// Answers every client request still waiting with an error saying why the upstream is gone.
     pub async fn fail_pending(&self, why: &str) {
         self.pending.fail_own();
+        let mut handed_off = Vec::new();
         for (id, req) in self.pending.drain_client() {
+            if let Rewrite::HandedOff { task_id } = req.rewrite {
+                handed_off.push(task_id);
+                continue;
+            }
             let msg = format!("the upstream server {why} before answering this `{}` request", req.method);
             let data = serde_json::json!({ "upstream": why });
             self.client

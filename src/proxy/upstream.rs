@@ -47,6 +47,11 @@ impl Upstream {
         params: Option<&str>,
         timeout: Option<Duration>,
     ) -> Result<Reply, UpstreamError> {
+        self.send(method, params).await?.reply(timeout).await
+    }
+
+    /// Sends `method` and returns the request in flight: its id (to cancel it) and its future answer.
+    pub async fn send(&self, method: &str, params: Option<&str>) -> Result<InFlight, UpstreamError> {
         if let Some(why) = self.exit.borrow().clone() {
             return Err(UpstreamError::Gone(why));
         }
@@ -62,17 +67,7 @@ impl Upstream {
             self.pending.forget_own(&id);
             return Err(UpstreamError::Gone(self.gone_reason()));
         }
-        let answer = match timeout {
-            Some(t) => match tokio::time::timeout(t, rx).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    self.pending.forget_own(&id);
-                    return Err(UpstreamError::Timeout(t));
-                }
-            },
-            None => rx.await,
-        };
-        answer.map_err(|_| UpstreamError::Gone(self.gone_reason()))
+        Ok(InFlight { id, rx, upstream: self.clone() })
     }
 
     /// Sends a notification upstream. Returns `false` if the upstream is gone.
@@ -80,7 +75,48 @@ impl Upstream {
         self.sink.send(jsonrpc::notification(method, params)).await
     }
 
-    fn gone_reason(&self) -> String {
+    /// Stops waiting for the answer to one of our requests (it will be dropped when it comes).
+    pub fn forget(&self, id: &jsonrpc::Id) {
+        self.pending.forget_own(id);
+    }
+
+    /// Why the upstream is gone, once it is.
+    pub fn gone_reason(&self) -> String {
         self.exit.borrow().clone().unwrap_or_else(|| "its connection closed".into())
+    }
+}
+
+/// One of the proxy's requests, sent and not yet answered.
+pub struct InFlight {
+    id: jsonrpc::Id,
+    rx: tokio::sync::oneshot::Receiver<Reply>,
+    upstream: Upstream,
+}
+
+impl InFlight {
+    /// The request's id (in the proxy's namespace), e.g. for `notifications/cancelled`.
+    pub fn id(&self) -> &jsonrpc::Id {
+        &self.id
+    }
+
+    /// Waits for the answer (optionally bounded by `timeout`).
+    pub async fn reply(self, timeout: Option<Duration>) -> Result<Reply, UpstreamError> {
+        let InFlight { id, rx, upstream } = self;
+        let answer = match timeout {
+            Some(t) => match tokio::time::timeout(t, rx).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    upstream.pending.forget_own(&id);
+                    return Err(UpstreamError::Timeout(t));
+                }
+            },
+            None => rx.await,
+        };
+        answer.map_err(|_| UpstreamError::Gone(upstream.gone_reason()))
+    }
+
+    /// Gives up on the answer (it will be dropped when it comes).
+    pub fn abandon(self) {
+        self.upstream.pending.forget_own(&self.id);
     }
 }

@@ -5,9 +5,13 @@
 //! SIGKILL, and we keep relaying its last answers meanwhile. When the upstream exits on its own, every
 //! request still waiting gets an error naming its exit status, and we exit with the same status.
 
+use super::intercept::Interceptor;
 use super::pending::Pending;
 use super::session::Router;
+use super::upstream::Upstream;
 use crate::config::Config;
+use crate::tasks::engine::TaskEngine;
+use crate::tasks::store::memory::MemoryStore;
 use crate::transport::lines::spawn_line_writer;
 use crate::transport::stdio::{self, UpstreamProcess};
 use std::sync::Arc;
@@ -24,9 +28,16 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
     let (client_sink, client_closer) = spawn_line_writer(tokio::io::stdout(), QUEUE);
     let (upstream_sink, upstream_closer) = spawn_line_writer(child_in, QUEUE);
     let pending = Arc::new(Pending::new());
-    let router = Arc::new(Router::new(client_sink, upstream_sink, pending, config.proxy.max_message_bytes));
     let (exit_tx, exit_rx) = tokio::sync::watch::channel::<Option<String>>(None);
-    let _upstream = router.upstream_handle(exit_rx);
+    let upstream = Upstream::new(upstream_sink.clone(), pending.clone(), exit_rx);
+    let engine = TaskEngine::new(config.tasks.clone(), Arc::new(MemoryStore::new()));
+    let _sweeper = engine.spawn_sweeper(std::time::Duration::from_secs(1));
+    // In stdio the auth context is the process: one client, one owner.
+    let owner = format!("stdio:{}", uuid::Uuid::new_v4());
+    let intercept = Interceptor::new(engine, owner, client_sink.clone(), upstream, pending.clone());
+    let _notifier = intercept.spawn_status_notifier();
+    let router =
+        Arc::new(Router::new(client_sink, upstream_sink, pending, intercept, config.proxy.max_message_bytes));
 
     let mut upstream_pump = tokio::spawn({
         let router = router.clone();

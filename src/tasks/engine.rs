@@ -1,0 +1,401 @@
+//! The task engine: creates tasks, moves them through the spec's status machine, answers waiters, and
+//! expires them.
+//!
+//! It knows nothing of transports or of what runs a task: a runner reports transitions through
+//! [`TaskEngine::set_status`] and [`TaskEngine::finish`], and learns of cancellation through the
+//! receiver [`TaskEngine::create`] hands it. Every transition is broadcast as a [`StatusEvent`] so
+//! that each session can send `notifications/tasks/status` to its own client.
+
+use super::model::{Origin, Outcome, TaskRecord, TaskStatus};
+use super::store::{StoreError, TaskStore};
+use crate::config::TasksConfig;
+use dashmap::DashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{broadcast, oneshot, watch};
+
+/// A transition, for the sessions to notify their clients.
+#[derive(Debug, Clone)]
+pub struct StatusEvent {
+    /// Whose task it is.
+    pub owner: String,
+    /// The task after the transition.
+    pub task: TaskRecord,
+}
+
+/// Why `tasks/cancel` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelError {
+    /// No such task for this owner (or it expired).
+    #[error("Failed to cancel task: Task not found")]
+    NotFound,
+    /// The task already ended.
+    #[error("Cannot cancel task: already in terminal status '{0}'")]
+    Terminal(&'static str),
+}
+
+/// A `tasks/list` cursor that is not one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Invalid cursor: {0:?} was not returned by tasks/list")]
+pub struct BadCursor(pub String);
+
+/// The task engine. Shared (`Arc`) by every session of the process.
+pub struct TaskEngine {
+    config: TasksConfig,
+    store: Arc<dyn TaskStore>,
+    seq: AtomicU64,
+    /// One watch per live task: waiters of `tasks/result` subscribe, transitions publish.
+    watchers: DashMap<String, watch::Sender<TaskStatus>>,
+    /// How to stop the work of a running task.
+    cancels: DashMap<String, oneshot::Sender<()>>,
+    events: broadcast::Sender<StatusEvent>,
+}
+
+impl TaskEngine {
+    /// An engine over `store`.
+    pub fn new(config: TasksConfig, store: Arc<dyn TaskStore>) -> Arc<Self> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(TaskEngine {
+            config,
+            store,
+            seq: AtomicU64::new(1),
+            watchers: DashMap::new(),
+            cancels: DashMap::new(),
+            events,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TasksConfig {
+        &self.config
+    }
+
+    /// Creates a `working` task. The ttl is the requested one capped at `max_ttl_ms` (the default when
+    /// none is asked). The returned receiver fires when the task is cancelled or expires while working.
+    pub fn create(
+        &self,
+        owner: &str,
+        tool: &str,
+        origin: Origin,
+        requested_ttl_ms: Option<u64>,
+    ) -> Result<(TaskRecord, oneshot::Receiver<()>), StoreError> {
+        let now = SystemTime::now();
+        let ttl_ms = requested_ttl_ms.unwrap_or(self.config.default_ttl_ms).clamp(1, self.config.max_ttl_ms);
+        let record = TaskRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            owner: owner.into(),
+            tool: tool.into(),
+            origin,
+            status: TaskStatus::Working,
+            status_message: None,
+            created_at: now,
+            last_updated_at: now,
+            ttl_ms,
+            poll_interval_ms: self.config.poll_interval_ms,
+            outcome: None,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+        };
+        self.store.insert(record.clone(), self.config.max_live_tasks)?;
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        self.watchers.insert(record.id.clone(), watch::channel(TaskStatus::Working).0);
+        self.cancels.insert(record.id.clone(), cancel_tx);
+        tracing::info!(
+            task_id = %record.id, tool, origin = origin.as_str(), owner = %owner_hash(owner),
+            status = "working", ttl_ms, "task created"
+        );
+        Ok((record, cancel_rx))
+    }
+
+    /// The task, if it exists and belongs to `owner`.
+    pub fn get(&self, owner: &str, id: &str) -> Option<TaskRecord> {
+        self.store.get(id).filter(|r| r.owner == owner)
+    }
+
+    /// Moves a live task between `working` and `input_required`, with an optional message.
+    pub fn set_status(&self, id: &str, status: TaskStatus, message: Option<String>) -> Option<TaskRecord> {
+        debug_assert!(!status.is_terminal());
+        self.transition(id, status, message, None)
+    }
+
+    /// Ends a task with its outcome. Does nothing if it already ended (a cancelled task stays cancelled
+    /// even if its work completes).
+    pub fn finish(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        message: Option<String>,
+        outcome: Option<Outcome>,
+    ) -> Option<TaskRecord> {
+        debug_assert!(status.is_terminal());
+        let record = self.transition(id, status, message, outcome)?;
+        self.cancels.remove(id);
+        Some(record)
+    }
+
+    fn transition(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        message: Option<String>,
+        outcome: Option<Outcome>,
+    ) -> Option<TaskRecord> {
+        let mut outcome = outcome;
+        let record = self.store.update(id, &mut |r| {
+            if !r.status.can_become(status) {
+                return false;
+            }
+            r.status = status;
+            r.status_message = message.clone();
+            r.last_updated_at = SystemTime::now().max(r.created_at);
+            if status.is_terminal() {
+                r.outcome = outcome.take();
+            }
+            true
+        })?;
+        let elapsed_ms =
+            record.last_updated_at.duration_since(record.created_at).unwrap_or_default().as_millis() as u64;
+        tracing::info!(
+            task_id = %record.id, tool = %record.tool, origin = record.origin.as_str(),
+            owner = %owner_hash(&record.owner), status = status.as_str(), elapsed_ms,
+            message = record.status_message.as_deref().unwrap_or(""), "task status"
+        );
+        if status.is_terminal() {
+            if let Some((_, w)) = self.watchers.remove(id) {
+                w.send_replace(status);
+            }
+        } else if let Some(w) = self.watchers.get(id) {
+            w.send_replace(status);
+        }
+        let _ = self.events.send(StatusEvent { owner: record.owner.clone(), task: record.clone() });
+        Some(record)
+    }
+
+    /// Deletes a task that turned out not to be needed (never seen by a client).
+    pub fn discard(&self, id: &str) {
+        self.store.remove(id);
+        self.watchers.remove(id);
+        self.cancels.remove(id);
+    }
+
+    /// `tasks/cancel`: marks the task cancelled (before answering, as the spec requires) and stops its
+    /// work.
+    pub fn cancel(&self, owner: &str, id: &str) -> Result<TaskRecord, CancelError> {
+        let current = self.get(owner, id).ok_or(CancelError::NotFound)?;
+        if current.status.is_terminal() {
+            return Err(CancelError::Terminal(current.status.as_str()));
+        }
+        // Take the stop signal first: finishing the task drops it.
+        let stop = self.cancels.remove(id).map(|(_, stop)| stop);
+        match self.finish(id, TaskStatus::Cancelled, Some("The task was cancelled by request.".into()), None)
+        {
+            Some(record) => {
+                if let Some(stop) = stop {
+                    let _ = stop.send(());
+                }
+                Ok(record)
+            }
+            // It ended between the two looks.
+            None => match self.get(owner, id) {
+                Some(r) => Err(CancelError::Terminal(r.status.as_str())),
+                None => Err(CancelError::NotFound),
+            },
+        }
+    }
+
+    fn stop_work(&self, id: &str) {
+        if let Some((_, stop)) = self.cancels.remove(id) {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits until the task is terminal and returns it; `None` if it does not exist for `owner` or
+    /// expires meanwhile.
+    pub async fn wait_terminal(&self, owner: &str, id: &str) -> Option<TaskRecord> {
+        let mut rx = self.watchers.get(id).map(|w| w.subscribe());
+        loop {
+            let record = self.get(owner, id)?;
+            if record.status.is_terminal() {
+                return Some(record);
+            }
+            match rx.as_mut() {
+                Some(rx) => {
+                    if rx.changed().await.is_err() {
+                        // The watch is gone: the task ended or was removed; one more look tells.
+                        let record = self.get(owner, id)?;
+                        return record.status.is_terminal().then_some(record);
+                    }
+                }
+                // Live task without a watcher (cannot happen with one engine per store): poll gently.
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// A page of the owner's tasks, oldest first, and the cursor of the next page.
+    pub fn list(
+        &self,
+        owner: &str,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<TaskRecord>, Option<String>), BadCursor> {
+        let after = match cursor {
+            None => None,
+            Some(c) => Some(
+                c.strip_prefix("seq-")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .ok_or_else(|| BadCursor(c.to_string()))?,
+            ),
+        };
+        let page = self.config.list_page_size;
+        let mut tasks = self.store.list(owner, after, page + 1);
+        let next = if tasks.len() > page {
+            tasks.truncate(page);
+            tasks.last().map(|t| format!("seq-{}", t.seq))
+        } else {
+            None
+        };
+        Ok((tasks, next))
+    }
+
+    /// Status events of every owner.
+    pub fn subscribe(&self) -> broadcast::Receiver<StatusEvent> {
+        self.events.subscribe()
+    }
+
+    /// How many tasks exist (live or retained).
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    /// Whether no task exists.
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    /// Deletes every task whose ttl has elapsed, stopping the work of those still running. Returns how
+    /// many were removed.
+    pub fn sweep(&self, now: SystemTime) -> usize {
+        let expired = self.store.expired(now);
+        for id in &expired {
+            if let Some(record) = self.store.remove(id) {
+                if !record.status.is_terminal() {
+                    self.stop_work(id);
+                }
+                tracing::info!(
+                    task_id = %record.id, tool = %record.tool, owner = %owner_hash(&record.owner),
+                    status = record.status.as_str(), "task expired (ttl {} ms) and was deleted", record.ttl_ms
+                );
+            }
+            self.cancels.remove(id);
+            // Dropping the watch wakes every waiter, which then finds the task gone.
+            self.watchers.remove(id);
+        }
+        expired.len()
+    }
+
+    /// Runs [`Self::sweep`] whenever the next task expires (checking at least every `max_sleep`).
+    pub fn spawn_sweeper(self: &Arc<Self>, max_sleep: Duration) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(e) = engine.upgrade() else { return };
+                let now = SystemTime::now();
+                e.sweep(now);
+                let wait = e
+                    .store
+                    .next_expiry()
+                    .map(|at| at.duration_since(now).unwrap_or_default())
+                    .unwrap_or(max_sleep)
+                    .clamp(Duration::from_millis(5), max_sleep);
+                drop(e);
+                tokio::time::sleep(wait).await;
+            }
+        })
+    }
+}
+
+/// A short, stable, non-reversible tag of an owner for logs (never the credential itself).
+pub fn owner_hash(owner: &str) -> String {
+    // FNV-1a: stable across runs and platforms, unlike std's SipHash with random keys.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in owner.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::store::memory::MemoryStore;
+
+    fn engine(page: usize) -> Arc<TaskEngine> {
+        let config = TasksConfig { list_page_size: page, ..TasksConfig::default() };
+        TaskEngine::new(config, Arc::new(MemoryStore::new()))
+    }
+
+    #[tokio::test]
+    async fn several_waiters_all_get_the_result() {
+        let e = engine(10);
+        let (t, _stop) = e.create("me", "slow", Origin::Local, None).unwrap();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let (e, id) = (e.clone(), t.id.clone());
+                tokio::spawn(async move { e.wait_terminal("me", &id).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let raw = serde_json::value::RawValue::from_string("{\"content\":[]}".into()).unwrap();
+        e.finish(&t.id, TaskStatus::Completed, None, Some(Outcome::Result(raw)));
+        for w in waiters {
+            let r = w.await.unwrap().unwrap();
+            assert_eq!(r.status, TaskStatus::Completed);
+        }
+    }
+
+    #[tokio::test]
+    async fn cancel_is_refused_for_terminal_tasks_and_strangers() {
+        let e = engine(10);
+        let (t, stop) = e.create("me", "slow", Origin::Local, Some(5000)).unwrap();
+        assert_eq!(e.cancel("someone else", &t.id).unwrap_err(), CancelError::NotFound);
+        let c = e.cancel("me", &t.id).unwrap();
+        assert_eq!(c.status, TaskStatus::Cancelled);
+        assert!(stop.await.is_ok(), "the runner is told to stop");
+        assert_eq!(e.cancel("me", &t.id).unwrap_err(), CancelError::Terminal("cancelled"));
+        // Work that completes after the cancel does not change the status.
+        assert!(e.finish(&t.id, TaskStatus::Completed, None, None).is_none());
+    }
+
+    #[tokio::test]
+    async fn ttl_is_capped_and_expiry_deletes() {
+        let e = engine(10);
+        let (t, _stop) = e.create("me", "slow", Origin::Local, Some(u64::MAX)).unwrap();
+        assert_eq!(t.ttl_ms, TasksConfig::default().max_ttl_ms);
+        let (short, stop) = e.create("me", "slow", Origin::Local, Some(1)).unwrap();
+        let waiter = {
+            let (e, id) = (e.clone(), short.id.clone());
+            tokio::spawn(async move { e.wait_terminal("me", &id).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(e.sweep(SystemTime::now()), 1);
+        assert!(e.get("me", &short.id).is_none());
+        assert!(stop.await.is_ok(), "running work is stopped at expiry");
+        assert!(waiter.await.unwrap().is_none(), "a waiter learns the task is gone");
+    }
+
+    #[tokio::test]
+    async fn list_pages_with_opaque_cursors() {
+        let e = engine(2);
+        for _ in 0..5 {
+            e.create("me", "t", Origin::Local, None).unwrap();
+        }
+        e.create("other", "t", Origin::Local, None).unwrap();
+        let (p1, c1) = e.list("me", None).unwrap();
+        let (p2, c2) = e.list("me", c1.as_deref()).unwrap();
+        let (p3, c3) = e.list("me", c2.as_deref()).unwrap();
+        assert_eq!((p1.len(), p2.len(), p3.len()), (2, 2, 1));
+        assert!(c3.is_none());
+        assert!(e.list("me", Some("garbage")).is_err());
+    }
+}
