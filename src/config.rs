@@ -18,6 +18,58 @@ pub struct Config {
     pub log: LogConfig,
     /// MCP Tasks: which tools, lifetimes, limits, help for clients that do not speak tasks.
     pub tasks: TasksConfig,
+    /// Notion's async protocol (`allow_async` → `async_task` → `notion-get-async-task`).
+    pub notion: NotionConfig,
+}
+
+/// Whether the Notion adapter runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotionMode {
+    /// On when the upstream lists the poll tool.
+    Auto,
+    /// Always on (the `notion` profile).
+    On,
+    /// Never: Notion's tools are plain tools.
+    Off,
+}
+
+/// `[notion]`: Notion's async tasks as MCP tasks, polled within Notion's rate limit.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotionConfig {
+    /// `auto`, `on` or `off`.
+    pub mode: NotionMode,
+    /// Tools that accept `allow_async: true`.
+    pub async_tools: Vec<String>,
+    /// The polling tool.
+    pub poll_tool: String,
+    /// Requests per second the proxy allows itself toward one Notion upstream (polls, task starts, and
+    /// the client's own calls, which are counted but never delayed).
+    pub budget_per_second: u32,
+    /// First poll delay when Notion suggests none, in ms.
+    pub default_backoff_ms: u64,
+    /// Growth of the delay between polls of one task.
+    pub backoff_factor: f64,
+    /// The longest delay between polls of one task, in ms.
+    pub max_backoff_ms: u64,
+    /// How long to hold back after a rate_limited answer that names no retry-after, in ms.
+    pub default_retry_after_ms: u64,
+}
+
+impl Default for NotionConfig {
+    fn default() -> Self {
+        NotionConfig {
+            mode: NotionMode::Auto,
+            async_tools: vec!["notion-create-pages".into(), "notion-duplicate-page".into()],
+            poll_tool: "notion-get-async-task".into(),
+            budget_per_second: 3,
+            default_backoff_ms: 1000,
+            backoff_factor: 1.5,
+            max_backoff_ms: 10_000,
+            default_retry_after_ms: 1000,
+        }
+    }
 }
 
 /// `[tasks]`: turning slow tool calls into MCP Tasks.
@@ -144,6 +196,9 @@ impl Default for LogConfig {
     }
 }
 
+/// The built-in Notion profile.
+pub const NOTION_PROFILE: &str = include_str!("../config/notion.toml");
+
 /// Values given on the command line or in the environment; each one, when present, wins over the file.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -161,6 +216,8 @@ pub struct Overrides {
     pub task_tools: Option<Vec<String>>,
     /// `--no-tasks`.
     pub no_tasks: bool,
+    /// `--profile` / `MCP_ASYNCIFY_PROFILE`: a built-in base configuration (used when no file is given).
+    pub profile: Option<String>,
 }
 
 /// A configuration a person has to fix.
@@ -197,13 +254,52 @@ pub enum ConfigError {
 impl Config {
     /// Reads the optional file, applies the overrides and validates the result.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let mut config = match file {
-            Some(path) => Self::from_file(path)?,
-            None => Config::default(),
+        let mut config = match (file, overrides.profile.as_deref()) {
+            (Some(path), None) => Self::from_file(path)?,
+            (None, Some(profile)) => Self::profile(profile)?,
+            (Some(path), Some(profile)) => Self::profile_and_file(profile, path)?,
+            (None, None) => Config::default(),
         };
         config.apply(overrides);
         config.validate()?;
         Ok(config)
+    }
+
+    /// A built-in profile by name (`notion`).
+    pub fn profile(name: &str) -> Result<Config, ConfigError> {
+        match name {
+            "notion" => Self::from_toml(NOTION_PROFILE).map_err(|message| ConfigError::Parse {
+                path: "config/notion.toml (built in)".into(),
+                message,
+            }),
+            other => Err(ConfigError::Invalid {
+                key: "profile",
+                value: format!("{other:?}"),
+                allowed: "allowed: notion".into(),
+            }),
+        }
+    }
+
+    /// A profile with a file's keys on top (tables merge key by key).
+    fn profile_and_file(profile: &str, path: &Path) -> Result<Config, ConfigError> {
+        let base = match profile {
+            "notion" => NOTION_PROFILE,
+            _ => return Self::profile(profile),
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let parse_err = |message: String| ConfigError::Parse { path: path.into(), message };
+        let mut merged: toml::Table = toml::from_str(base).map_err(|e| parse_err(e.to_string()))?;
+        let top: toml::Table = toml::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
+        for (key, value) in top {
+            match (merged.get_mut(&key), value) {
+                (Some(toml::Value::Table(into)), toml::Value::Table(from)) => into.extend(from),
+                (_, value) => {
+                    merged.insert(key, value);
+                }
+            }
+        }
+        merged.try_into().map_err(|e: toml::de::Error| parse_err(e.to_string().trim_end().to_string()))
     }
 
     /// Parses a TOML file (no overrides, no validation).
@@ -306,6 +402,41 @@ impl Config {
                     .into(),
             });
         }
+        let n = &self.notion;
+        if !(1..=1000).contains(&n.budget_per_second) {
+            return Err(ConfigError::Invalid {
+                key: "notion.budget_per_second",
+                value: n.budget_per_second.to_string(),
+                allowed: "allowed: 1 to 1000 requests per second (Notion allows 3)".into(),
+            });
+        }
+        if !(1.0..=10.0).contains(&n.backoff_factor) {
+            return Err(ConfigError::Invalid {
+                key: "notion.backoff_factor",
+                value: n.backoff_factor.to_string(),
+                allowed: "allowed: 1.0 to 10.0".into(),
+            });
+        }
+        for (key, value) in [
+            ("notion.default_backoff_ms", n.default_backoff_ms),
+            ("notion.max_backoff_ms", n.max_backoff_ms),
+            ("notion.default_retry_after_ms", n.default_retry_after_ms),
+        ] {
+            if !(10..=600_000).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    value: value.to_string(),
+                    allowed: "allowed: 10 to 600000".into(),
+                });
+            }
+        }
+        if n.poll_tool.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "notion.poll_tool",
+                value: "\"\"".into(),
+                allowed: "allowed: a tool name such as \"notion-get-async-task\"".into(),
+            });
+        }
         if let Err(e) = parsed {
             return Err(ConfigError::Invalid {
                 key: "log.level",
@@ -332,6 +463,16 @@ mod tests {
     fn default_toml_documents_the_defaults() {
         let text = include_str!("../config/default.toml");
         assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_notion_profile_is_valid() {
+        let c = Config::load(None, &Overrides { profile: Some("notion".into()), ..Overrides::default() })
+            .unwrap();
+        assert_eq!(c.notion.mode, NotionMode::On);
+        assert!(
+            Config::load(None, &Overrides { profile: Some("slack".into()), ..Overrides::default() }).is_err()
+        );
     }
 
     #[test]

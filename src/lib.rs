@@ -16,6 +16,7 @@
 pub mod config;
 pub mod jsonrpc;
 pub mod logging;
+pub mod notion;
 pub mod proxy;
 pub mod sim;
 pub mod tasks;

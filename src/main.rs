@@ -30,6 +30,10 @@ struct CommonArgs {
     #[arg(long, global = true, env = "MCP_ASYNCIFY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
+    /// A built-in profile to start from: `notion` (see config/notion.toml); a --config file goes on top.
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_PROFILE", value_name = "NAME")]
+    profile: Option<String>,
+
     /// Log level or RUST_LOG-style filter (logs go to stderr). Default: $RUST_LOG, else `info`.
     #[arg(long, global = true, env = "MCP_ASYNCIFY_LOG_LEVEL", value_name = "LEVEL")]
     log_level: Option<String>,
@@ -65,6 +69,9 @@ enum Mode {
     /// The test fixture MCP server (slow, failing, progress and elicitation tools) on stdio.
     #[command(hide = true)]
     TestServer(mcp_asyncify::sim::fixture::FixtureArgs),
+
+    /// A simulator of Notion's hosted MCP server (async tasks, statuses, 3 requests/s limit) on stdio.
+    NotionSim(mcp_asyncify::sim::notion::NotionSimArgs),
 }
 
 fn main() {
@@ -81,6 +88,7 @@ fn main() {
         sync_deadline_ms: cli.common.sync_deadline_ms,
         task_tools: cli.common.task_tools.clone(),
         no_tasks: cli.common.no_tasks,
+        profile: cli.common.profile.clone(),
     };
     let config = match Config::load(cli.common.config.as_deref(), &overrides) {
         Ok(c) => c,
@@ -95,6 +103,10 @@ fn main() {
     let code = runtime.block_on(async move {
         match cli.mode {
             Some(Mode::TestServer(args)) => match mcp_asyncify::sim::fixture::run(args).await {
+                Ok(()) => 0,
+                Err(e) => fail(&format!("{e:#}"), 1),
+            },
+            Some(Mode::NotionSim(args)) => match mcp_asyncify::sim::notion::run(args).await {
                 Ok(()) => 0,
                 Err(e) => fail(&format!("{e:#}"), 1),
             },

@@ -15,6 +15,7 @@
 use super::pending::{Pending, Reply};
 use super::upstream::{Upstream, UpstreamError};
 use crate::jsonrpc::{self, Id, code};
+use crate::notion::adapter::NotionAdapter;
 use crate::tasks::engine::{CancelError, TaskEngine};
 use crate::tasks::model::{Origin, Outcome, RELATED_TASK, TaskRecord, TaskStatus, with_related_task};
 use crate::transport::lines::LineSink;
@@ -92,6 +93,8 @@ pub struct Interceptor {
     progress_seen: DashMap<String, f64>,
     /// Whether the client speaks tasks (declared them, or used them): then it gets status notifications.
     client_speaks_tasks: AtomicBool,
+    /// Notion's async protocol on this upstream.
+    notion: Arc<NotionAdapter>,
 }
 
 impl Interceptor {
@@ -102,6 +105,7 @@ impl Interceptor {
         client: LineSink,
         upstream: Upstream,
         pending: Arc<Pending>,
+        notion: Arc<NotionAdapter>,
     ) -> Arc<Self> {
         Arc::new(Interceptor {
             engine,
@@ -115,6 +119,7 @@ impl Interceptor {
             running: DashMap::new(),
             progress_seen: DashMap::new(),
             client_speaks_tasks: AtomicBool::new(false),
+            notion,
         })
     }
 
@@ -174,6 +179,12 @@ impl Interceptor {
         let Some(tool) = call.get("name").and_then(Value::as_str).map(str::to_owned) else {
             return Decision::Forward(Rewrite::PlainCall);
         };
+        let own_async = call.get("arguments").and_then(|a| a.get("allow_async")).is_some();
+        if own_async || tool == self.notion.poll_tool() {
+            // The client drives Notion's protocol itself: hands off, but it spends the same budget.
+            self.notion.note_client_call();
+            return Decision::Forward(Rewrite::None);
+        }
         let sync_deadline = self.engine.config().sync_deadline_ms;
         if sync_deadline > 0
             && (tool == STATUS_TOOL || tool == RESULT_TOOL)
@@ -185,6 +196,7 @@ impl Interceptor {
             return Decision::Handled;
         }
         let Some(task) = call.remove("task") else {
+            self.notion.note_client_call();
             if self.engine.config().taskifies(&tool) {
                 let token = call.get("_meta").and_then(|m| m.get("progressToken")).map(Value::to_string);
                 self.watch_plain_call(id.clone(), tool, token);
@@ -195,7 +207,8 @@ impl Interceptor {
         if self.facts().native_tools.contains(&tool) {
             return Decision::Forward(Rewrite::NativeTaskCall);
         }
-        if !self.engine.config().taskifies(&tool) {
+        let notion = self.notion.handles(&tool);
+        if !notion && !self.engine.config().taskifies(&tool) {
             let msg = format!(
                 "Tool '{tool}' does not support task-augmented execution (taskSupport is forbidden); call it without params.task"
             );
@@ -218,7 +231,8 @@ impl Interceptor {
                 return self.reply_error(id, code::INVALID_PARAMS, &msg).await;
             }
         };
-        let (record, stop) = match self.engine.create(&self.owner, &tool, Origin::Local, ttl) {
+        let origin = if notion { Origin::Notion } else { Origin::Local };
+        let (record, stop) = match self.engine.create(&self.owner, &tool, origin, ttl) {
             Ok(created) => created,
             Err(e) => return self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
         };
@@ -231,9 +245,15 @@ impl Interceptor {
         );
         // The answer goes out before the work starts, so no status notification can overtake it.
         self.reply_result(id, &Value::Object(result)).await;
-        let params = Value::Object(call).to_string();
         let this = self.clone();
-        tokio::spawn(async move { this.run_local_task(record.id, params, stop).await });
+        if notion {
+            tokio::spawn(async move {
+                this.notion.run_task(&this.engine, &this.upstream, &record.id, call, stop).await;
+            });
+        } else {
+            let params = Value::Object(call).to_string();
+            tokio::spawn(async move { this.run_local_task(record.id, params, stop).await });
+        }
         Decision::Handled
     }
 
@@ -479,6 +499,7 @@ impl Interceptor {
     fn rewrite_tools_list(&self, id: &Id, result: &RawValue, first_page: bool) -> Option<Vec<u8>> {
         let mut r: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
         let tools = r.get_mut("tools")?.as_array_mut()?;
+        self.notion.detect(tools.iter().filter_map(|t| t.get("name").and_then(Value::as_str)));
         let mut facts = self.facts();
         for tool in tools.iter_mut() {
             let Some(tool) = tool.as_object_mut() else { continue };
@@ -488,7 +509,7 @@ impl Interceptor {
                 .is_some_and(|s| s == "optional" || s == "required");
             if native && facts.tools_call {
                 facts.native_tools.insert(name);
-            } else if self.engine.config().taskifies(&name) {
+            } else if self.engine.config().taskifies(&name) || self.notion.handles(&name) {
                 let execution = tool.entry("execution").or_insert_with(|| json!({}));
                 if let Some(execution) = execution.as_object_mut() {
                     execution.insert("taskSupport".into(), Value::String("optional".into()));

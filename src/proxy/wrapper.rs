@@ -10,6 +10,8 @@ use super::pending::Pending;
 use super::session::Router;
 use super::upstream::Upstream;
 use crate::config::Config;
+use crate::notion::adapter::NotionAdapter;
+use crate::notion::poll::PollScheduler;
 use crate::tasks::engine::TaskEngine;
 use crate::tasks::store::memory::MemoryStore;
 use crate::transport::lines::spawn_line_writer;
@@ -34,7 +36,9 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
     let _sweeper = engine.spawn_sweeper(std::time::Duration::from_secs(1));
     // In stdio the auth context is the process: one client, one owner.
     let owner = format!("stdio:{}", uuid::Uuid::new_v4());
-    let intercept = Interceptor::new(engine, owner, client_sink.clone(), upstream, pending.clone());
+    let scheduler = Arc::new(PollScheduler::new(config.notion.budget_per_second));
+    let notion = Arc::new(NotionAdapter::new(config.notion.clone(), scheduler));
+    let intercept = Interceptor::new(engine, owner, client_sink.clone(), upstream, pending.clone(), notion);
     let _notifier = intercept.spawn_status_notifier();
     let router =
         Arc::new(Router::new(client_sink, upstream_sink, pending, intercept, config.proxy.max_message_bytes));

@@ -5,3 +5,6 @@
 //! `mcp-asyncify test-server` command so tests need only the one binary.
 
 pub mod fixture;
+
+/// The Notion simulator: Notion's hosted tools with their async protocol and rate limit.
+pub mod notion;

@@ -118,6 +118,38 @@ impl TaskEngine {
         self.transition(id, status, message, None)
     }
 
+    /// Updates what a working task says about itself (its message and the real polling cadence); a new
+    /// message is announced like a transition.
+    pub fn update_working(
+        &self,
+        id: &str,
+        message: Option<String>,
+        poll_interval_ms: Option<u64>,
+    ) -> Option<TaskRecord> {
+        let mut announce = false;
+        let record = self.store.update(id, &mut |r| {
+            if r.status.is_terminal() {
+                return false;
+            }
+            announce = r.status_message != message;
+            r.status_message = message.clone();
+            if let Some(ms) = poll_interval_ms {
+                r.poll_interval_ms = ms;
+            }
+            r.last_updated_at = SystemTime::now().max(r.created_at);
+            true
+        })?;
+        if announce {
+            tracing::info!(
+                task_id = %record.id, tool = %record.tool, origin = record.origin.as_str(),
+                owner = %owner_hash(&record.owner), status = record.status.as_str(),
+                message = record.status_message.as_deref().unwrap_or(""), "task progress"
+            );
+            let _ = self.events.send(StatusEvent { owner: record.owner.clone(), task: record.clone() });
+        }
+        Some(record)
+    }
+
     /// Ends a task with its outcome. Does nothing if it already ended (a cancelled task stays cancelled
     /// even if its work completes).
     pub fn finish(

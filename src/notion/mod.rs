@@ -1,0 +1,6 @@
+//! Notion's own async protocol, made invisible: [`adapter`] turns `allow_async` → `async_task` →
+//! `notion-get-async-task` into a standard MCP task; [`poll`] keeps every request to one Notion
+//! upstream within one shared budget (3 requests/s), with per-task backoff and retry-after pauses.
+
+pub mod adapter;
+pub mod poll;
