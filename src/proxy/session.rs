@@ -7,11 +7,98 @@
 
 use super::intercept::{Decision, Interceptor, Rewrite};
 use super::pending::{Pending, Reply};
+use super::upstream::Upstream;
+use crate::config::Config;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
+use crate::notion::adapter::NotionAdapter;
+use crate::notion::poll::PollScheduler;
+use crate::tasks::engine::TaskEngine;
+use crate::tasks::store::memory::MemoryStore;
 use crate::transport::lines::{Line, LineReader, LineSink};
+use crate::transport::lines::{LineCloser, spawn_line_writer};
 use serde_json::value::RawValue;
 use std::sync::Arc;
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// How many messages may queue toward one side before the other side's reader waits.
+const QUEUE: usize = 1024;
+
+/// What sessions toward one upstream share: the task engine and the Notion request budget.
+#[derive(Clone)]
+pub struct Shared {
+    /// Tasks of every session (each sees only its owner's).
+    pub engine: Arc<TaskEngine>,
+    /// Notion's shared poll budget.
+    pub scheduler: Arc<PollScheduler>,
+}
+
+impl Shared {
+    /// A memory-backed engine (with its expiry sweeper) and a scheduler, as configured.
+    pub fn new(config: &Config) -> Self {
+        let engine = TaskEngine::new(config.tasks.clone(), Arc::new(MemoryStore::new()));
+        engine.spawn_sweeper(std::time::Duration::from_secs(1));
+        Shared { engine, scheduler: Arc::new(PollScheduler::new(config.notion.budget_per_second)) }
+    }
+}
+
+/// One session, wired: a router between a client and an upstream, with its writers and interceptor.
+pub struct Session {
+    /// The routing state; run [`Router::pump_client`] and [`Router::pump_upstream`] on the two inputs.
+    pub router: Arc<Router>,
+    /// Flushes and closes the output toward the client.
+    pub client_closer: LineCloser,
+    /// Flushes and closes the output toward the upstream (its stdin).
+    pub upstream_closer: LineCloser,
+    /// The interceptor (for the demo's and the tests' eyes).
+    pub intercept: Arc<Interceptor>,
+    exit: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl Session {
+    /// Wires a session writing to `client_out` and `upstream_in`, owned by `owner` (its auth context).
+    pub fn new<C, U>(
+        config: &Config,
+        shared: &Shared,
+        owner: String,
+        client_out: C,
+        upstream_in: U,
+    ) -> Session
+    where
+        C: AsyncWrite + Unpin + Send + 'static,
+        U: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (client_sink, client_closer) = spawn_line_writer(client_out, QUEUE);
+        let (upstream_sink, upstream_closer) = spawn_line_writer(upstream_in, QUEUE);
+        let pending = Arc::new(Pending::new());
+        let (exit, exit_rx) = tokio::sync::watch::channel::<Option<String>>(None);
+        let upstream = Upstream::new(upstream_sink.clone(), pending.clone(), exit_rx);
+        let notion = Arc::new(NotionAdapter::new(config.notion.clone(), shared.scheduler.clone()));
+        let intercept = Interceptor::new(
+            shared.engine.clone(),
+            owner,
+            client_sink.clone(),
+            upstream,
+            pending.clone(),
+            notion,
+        );
+        intercept.spawn_status_notifier();
+        let router = Arc::new(Router::new(
+            client_sink,
+            upstream_sink,
+            pending,
+            intercept.clone(),
+            config.proxy.max_message_bytes,
+        ));
+        Session { router, client_closer, upstream_closer, intercept, exit }
+    }
+
+    /// The upstream is gone: our own requests fail, every waiting client request is answered with an
+    /// error saying `why`, and tasks still running end `failed`.
+    pub async fn upstream_gone(&self, why: &str) {
+        let _ = self.exit.send(Some(why.to_string()));
+        self.router.fail_pending(why).await;
+    }
+}
 
 /// The routing state shared by both directions of one session.
 pub struct Router {

@@ -5,44 +5,20 @@
 //! SIGKILL, and we keep relaying its last answers meanwhile. When the upstream exits on its own, every
 //! request still waiting gets an error naming its exit status, and we exit with the same status.
 
-use super::intercept::Interceptor;
-use super::pending::Pending;
-use super::session::Router;
-use super::upstream::Upstream;
+use super::session::{Session, Shared};
 use crate::config::Config;
-use crate::notion::adapter::NotionAdapter;
-use crate::notion::poll::PollScheduler;
-use crate::tasks::engine::TaskEngine;
-use crate::tasks::store::memory::MemoryStore;
-use crate::transport::lines::spawn_line_writer;
 use crate::transport::stdio::{self, UpstreamProcess};
-use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
-
-/// How many messages may queue toward one side before the other side's reader waits.
-const QUEUE: usize = 1024;
 
 /// Runs the wrapper until the session ends; returns the process exit code.
 pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
     let (mut process, child_in, child_out) = UpstreamProcess::spawn(command)?;
     tracing::info!(upstream = %process.description(), pid = process.pid(), "upstream started");
 
-    let (client_sink, client_closer) = spawn_line_writer(tokio::io::stdout(), QUEUE);
-    let (upstream_sink, upstream_closer) = spawn_line_writer(child_in, QUEUE);
-    let pending = Arc::new(Pending::new());
-    let (exit_tx, exit_rx) = tokio::sync::watch::channel::<Option<String>>(None);
-    let upstream = Upstream::new(upstream_sink.clone(), pending.clone(), exit_rx);
-    let engine = TaskEngine::new(config.tasks.clone(), Arc::new(MemoryStore::new()));
-    let _sweeper = engine.spawn_sweeper(std::time::Duration::from_secs(1));
     // In stdio the auth context is the process: one client, one owner.
     let owner = format!("stdio:{}", uuid::Uuid::new_v4());
-    let scheduler = Arc::new(PollScheduler::new(config.notion.budget_per_second));
-    let notion = Arc::new(NotionAdapter::new(config.notion.clone(), scheduler));
-    let intercept = Interceptor::new(engine, owner, client_sink.clone(), upstream, pending.clone(), notion);
-    let _notifier = intercept.spawn_status_notifier();
-    let router =
-        Arc::new(Router::new(client_sink, upstream_sink, pending, intercept, config.proxy.max_message_bytes));
-
+    let mut session = Session::new(config, &Shared::new(config), owner, tokio::io::stdout(), child_in);
+    let router = session.router.clone();
     let mut upstream_pump = tokio::spawn({
         let router = router.clone();
         async move { router.pump_upstream(child_out).await }
@@ -76,7 +52,7 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
                 ),
             }
             client_pump.abort();
-            upstream_closer.close().await;
+            session.upstream_closer.close().await;
             // Keep relaying what the upstream still says while it winds down.
             let (status, signalled) = process.terminate(config.shutdown_grace()).await;
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), &mut upstream_pump).await;
@@ -84,8 +60,7 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
                 Ok(s) => format!("exited ({})", stdio::describe(s)),
                 Err(e) => format!("could not be waited for ({e})"),
             };
-            let _ = exit_tx.send(Some(why.clone()));
-            router.fail_pending(&why).await;
+            session.upstream_gone(&why).await;
             match end {
                 End::Signal(sig) => 128 + sig,
                 _ if signalled => 0,
@@ -102,20 +77,17 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
                 Ok(s) => (format!("exited ({})", stdio::describe(s)), stdio::exit_code(s)),
                 Err(e) => (format!("could not be waited for ({e})"), 1),
             };
-            let _ = exit_tx.send(Some(why.clone()));
             if code == 0 {
                 tracing::info!(upstream = %process.description(), "upstream {why}");
             } else {
                 tracing::error!(upstream = %process.description(), in_flight = router.in_flight(), "upstream {why}");
             }
-            router.fail_pending(&why).await;
+            session.upstream_gone(&why).await;
             client_pump.abort();
-            upstream_closer.close().await;
+            session.upstream_closer.close().await;
             code
         }
     };
-    // Drop the last handles to the client writer so that close() can finish the stream.
-    drop(router);
-    client_closer.close().await;
+    session.client_closer.close().await;
     Ok(code)
 }

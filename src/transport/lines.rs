@@ -108,11 +108,11 @@ pub struct LineCloser {
 
 impl LineCloser {
     /// Asks the writer to finish after what is queued, and waits until it has.
-    pub async fn close(mut self) {
+    pub async fn close(&mut self) {
         if let Some(close) = self.close.take() {
             let _ = close.send(());
         }
-        let _ = self.done.await;
+        let _ = (&mut self.done).await;
     }
 
     /// Waits until the writer ends by itself (its stream broke or every sink was dropped).
@@ -206,7 +206,7 @@ mod tests {
     #[tokio::test]
     async fn writer_flushes_everything_on_close() {
         let (client, mut server) = tokio::io::duplex(1024);
-        let (sink, closer) = spawn_line_writer(client, 4);
+        let (sink, mut closer) = spawn_line_writer(client, 4);
         for i in 0..100 {
             assert!(sink.send(format!("m{i}")).await);
         }
