@@ -232,7 +232,7 @@ impl Interceptor {
             }
         };
         let origin = if notion { Origin::Notion } else { Origin::Local };
-        let (record, stop) = match self.engine.create(&self.owner, &tool, origin, ttl) {
+        let record = match self.engine.create(&self.owner, &tool, origin, ttl) {
             Ok(created) => created,
             Err(e) => return self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
         };
@@ -245,51 +245,51 @@ impl Interceptor {
         );
         // The answer goes out before the work starts, so no status notification can overtake it.
         self.reply_result(id, &Value::Object(result)).await;
-        let this = self.clone();
         if notion {
+            let stop = self.engine.stop_signal(&record.id);
+            let this = self.clone();
             tokio::spawn(async move {
                 this.notion.run_task(&this.engine, &this.upstream, &record.id, call, stop).await;
             });
         } else {
-            let params = Value::Object(call).to_string();
-            tokio::spawn(async move { this.run_local_task(record.id, params, stop).await });
+            self.start_local_task(&record.id, &Value::Object(call).to_string()).await;
         }
         Decision::Handled
     }
 
-    /// Runs a task's call upstream and records how it ended.
-    async fn run_local_task(
-        self: Arc<Self>,
-        task_id: String,
-        params: String,
-        stop: tokio::sync::oneshot::Receiver<()>,
-    ) {
-        self.running.insert(task_id.clone(), ());
-        let inflight = match self.upstream.send("tools/call", Some(&params)).await {
-            Ok(f) => f,
-            Err(e) => {
-                self.running.remove(&task_id);
-                self.finish_with_reply(&task_id, Err(e));
-                return;
+    /// Sends a task's call upstream. No future waits for it: the router hands the answer to
+    /// [`Self::task_call_answered`], and cancelling the task cancels the call upstream.
+    async fn start_local_task(self: &Arc<Self>, task_id: &str, params: &str) {
+        self.running.insert(task_id.to_owned(), ());
+        match self.upstream.send_for_task("tools/call", params, task_id).await {
+            Ok(request_id) => {
+                let this = Arc::downgrade(self);
+                let task = task_id.to_owned();
+                self.engine.on_stop(
+                    task_id,
+                    Box::new(move || {
+                        let Some(this) = this.upgrade() else { return };
+                        this.running.remove(&task);
+                        this.upstream.forget(&request_id);
+                        tokio::spawn(async move {
+                            this.cancel_upstream(&request_id, "the task was cancelled").await
+                        });
+                    }),
+                );
             }
-        };
-        let upstream_id = inflight.id().clone();
-        let stopped = async {
-            if stop.await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            reply = inflight.reply(None) => {
-                self.running.remove(&task_id);
-                self.finish_with_reply(&task_id, reply);
-            }
-            _ = stopped => {
-                self.running.remove(&task_id);
-                self.upstream.forget(&upstream_id);
-                self.cancel_upstream(&upstream_id, "the task was cancelled").await;
-            }
+            Err(e) => self.task_call_failed(task_id, e),
         }
+    }
+
+    /// The upstream answered a task's call.
+    pub fn task_call_answered(&self, task_id: &str, reply: Reply) {
+        self.running.remove(task_id);
+        self.finish_with_reply(task_id, Ok(reply));
+    }
+
+    fn task_call_failed(&self, task_id: &str, error: UpstreamError) {
+        self.running.remove(task_id);
+        self.finish_with_reply(task_id, Err(error));
     }
 
     async fn cancel_upstream(&self, request_id: &Id, reason: &str) {
@@ -642,7 +642,7 @@ impl Interceptor {
 
     /// The sync deadline passed: answer the client now and let the work go on as a task.
     async fn hand_off(self: &Arc<Self>, id: &Id, tool: &str, started: Instant) {
-        let (record, stop) = match self.engine.create(&self.owner, tool, Origin::Local, None) {
+        let record = match self.engine.create(&self.owner, tool, Origin::Local, None) {
             Ok(created) => created,
             Err(e) => {
                 tracing::warn!(%id, tool, error = %e, "cannot hand off a call past the sync deadline; it stays synchronous");
@@ -668,13 +668,15 @@ impl Interceptor {
         });
         self.client.send(jsonrpc::result_response(id, &result.to_string())).await;
         // Cancelling the task cancels the call upstream, which knows it by the client's id.
-        let this = self.clone();
+        let this = Arc::downgrade(self);
         let id = id.clone();
-        tokio::spawn(async move {
-            if stop.await.is_ok() {
-                this.cancel_upstream(&id, "the task was cancelled").await;
-            }
-        });
+        self.engine.on_stop(
+            &record.id,
+            Box::new(move || {
+                let Some(this) = this.upgrade() else { return };
+                tokio::spawn(async move { this.cancel_upstream(&id, "the task was cancelled").await });
+            }),
+        );
     }
 
     async fn run_handoff_tool(&self, id: &Id, tool: &str, arguments: Option<&Value>) {
@@ -768,9 +770,9 @@ impl Interceptor {
 
     /// The upstream is gone: handed-off calls end `failed`; then wait (briefly) until every running task
     /// has recorded its end, so waiters get their answers before the session closes.
-    pub async fn settle(&self, handed_off: Vec<String>, why: &str) {
-        for task_id in handed_off {
-            self.finish_with_reply(&task_id, Err(UpstreamError::Gone(why.to_string())));
+    pub async fn settle(&self, orphaned: Vec<String>, why: &str) {
+        for task_id in orphaned {
+            self.task_call_failed(&task_id, UpstreamError::Gone(why.to_string()));
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         while !self.running.is_empty() && Instant::now() < deadline {

@@ -33,10 +33,20 @@ pub enum Reply {
     Error(Box<RawValue>),
 }
 
+/// Who waits for the answer to one of the proxy's requests.
+#[derive(Debug)]
+pub enum OwnWaiter {
+    /// A caller awaiting it.
+    Caller(oneshot::Sender<Reply>),
+    /// A task whose call it is: the answer completes the task directly, so a running task costs no
+    /// waiting future of its own (100,000 live tasks stay cheap).
+    Task(Box<str>),
+}
+
 /// Both in-flight tables of one session.
 pub struct Pending {
     client: DashMap<Id, ClientRequest>,
-    own: DashMap<Id, oneshot::Sender<Reply>>,
+    own: DashMap<Id, OwnWaiter>,
     prefix: String,
     next: AtomicU64,
 }
@@ -98,13 +108,24 @@ impl Pending {
         self.client.len()
     }
 
+    fn next_own_id(&self) -> Id {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        Id::string(&format!("{}{n}", self.prefix))
+    }
+
     /// Allocates an id in the proxy's namespace and registers a waiter for its response.
     pub fn register_own(&self) -> (Id, oneshot::Receiver<Reply>) {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = Id::string(&format!("{}{n}", self.prefix));
+        let id = self.next_own_id();
         let (tx, rx) = oneshot::channel();
-        self.own.insert(id.clone(), tx);
+        self.own.insert(id.clone(), OwnWaiter::Caller(tx));
         (id, rx)
+    }
+
+    /// Allocates an id whose answer belongs to the task `task_id`.
+    pub fn register_own_task(&self, task_id: &str) -> Id {
+        let id = self.next_own_id();
+        self.own.insert(id.clone(), OwnWaiter::Task(task_id.into()));
+        id
     }
 
     /// Whether an id belongs to the proxy's namespace (whether or not it is still waited for).
@@ -113,12 +134,9 @@ impl Pending {
         id.is_string() && id.as_json()[1..].starts_with(&self.prefix)
     }
 
-    /// Hands a response to the proxy's waiter. Returns `false` if nobody waits for that id.
-    pub fn resolve_own(&self, id: &Id, reply: Reply) -> bool {
-        match self.own.remove(id) {
-            Some((_, tx)) => tx.send(reply).is_ok(),
-            None => false,
-        }
+    /// Takes the waiter of one of our requests (when its answer comes).
+    pub fn take_own(&self, id: &Id) -> Option<OwnWaiter> {
+        self.own.remove(id).map(|(_, w)| w)
     }
 
     /// Forgets one of the proxy's requests (its caller gave up).
@@ -126,9 +144,16 @@ impl Pending {
         self.own.remove(id);
     }
 
-    /// Drops every waiter of the proxy's own requests, which wakes them with "upstream gone".
-    pub fn fail_own(&self) {
-        self.own.clear();
+    /// Drops every waiter of the proxy's own requests, which wakes callers with "upstream gone", and
+    /// returns the tasks whose calls will never be answered.
+    pub fn fail_own(&self) -> Vec<Box<str>> {
+        let ids: Vec<Id> = self.own.iter().map(|e| e.key().clone()).collect();
+        ids.iter()
+            .filter_map(|id| match self.own.remove(id) {
+                Some((_, OwnWaiter::Task(task))) => Some(task),
+                _ => None,
+            })
+            .collect()
     }
 }
 

@@ -6,7 +6,7 @@
 //! classified by a light envelope parse; what is not intercepted is forwarded as its original bytes.
 
 use super::intercept::{Decision, Interceptor, Rewrite};
-use super::pending::{Pending, Reply};
+use super::pending::{OwnWaiter, Pending, Reply};
 use super::upstream::Upstream;
 use crate::config::Config;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
@@ -238,8 +238,14 @@ impl Router {
                         (None, Some(e)) => Reply::Error(e.to_owned()),
                         (None, None) => unreachable!("a response has a result or an error"),
                     };
-                    if !self.pending.resolve_own(id, reply) {
-                        tracing::debug!(%id, "a response to one of our requests came after its caller gave up");
+                    match self.pending.take_own(id) {
+                        Some(OwnWaiter::Caller(tx)) => {
+                            let _ = tx.send(reply);
+                        }
+                        Some(OwnWaiter::Task(task_id)) => self.intercept.task_call_answered(&task_id, reply),
+                        None => {
+                            tracing::debug!(%id, "a response to one of our requests came after its caller gave up")
+                        }
                     }
                     return;
                 }
@@ -274,11 +280,10 @@ impl Router {
 
     /// Answers every client request still waiting with an error saying why the upstream is gone.
     pub async fn fail_pending(&self, why: &str) {
-        self.pending.fail_own();
-        let mut handed_off = Vec::new();
+        let mut orphaned: Vec<String> = self.pending.fail_own().into_iter().map(String::from).collect();
         for (id, req) in self.pending.drain_client() {
             if let Rewrite::HandedOff { task_id } = req.rewrite {
-                handed_off.push(task_id);
+                orphaned.push(task_id);
                 continue;
             }
             let msg = format!("the upstream server {why} before answering this `{}` request", req.method);

@@ -70,6 +70,29 @@ impl Upstream {
         Ok(InFlight { id, rx, upstream: self.clone() })
     }
 
+    /// Sends `method` on behalf of a task: its answer completes the task (through the router) instead of
+    /// waking a caller. Returns the request's id, e.g. to cancel it.
+    pub async fn send_for_task(
+        &self,
+        method: &str,
+        params: &str,
+        task_id: &str,
+    ) -> Result<jsonrpc::Id, UpstreamError> {
+        if let Some(why) = self.exit.borrow().clone() {
+            return Err(UpstreamError::Gone(why));
+        }
+        let id = self.pending.register_own_task(task_id);
+        if let Some(why) = self.exit.borrow().clone() {
+            self.pending.forget_own(&id);
+            return Err(UpstreamError::Gone(why));
+        }
+        if !self.sink.send(jsonrpc::request(&id, method, Some(params))).await {
+            self.pending.forget_own(&id);
+            return Err(UpstreamError::Gone(self.gone_reason()));
+        }
+        Ok(id)
+    }
+
     /// Sends a notification upstream. Returns `false` if the upstream is gone.
     pub async fn notify(&self, method: &str, params: Option<&str>) -> bool {
         self.sink.send(jsonrpc::notification(method, params)).await

@@ -13,7 +13,10 @@ use dashmap::DashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{Notify, broadcast, oneshot};
+
+/// What stops a running task's work: called once, when it is cancelled or expires while running.
+pub type StopHook = Box<dyn FnOnce() + Send + Sync>;
 
 /// A transition, for the sessions to notify their clients.
 #[derive(Debug, Clone)]
@@ -45,10 +48,11 @@ pub struct TaskEngine {
     config: TasksConfig,
     store: Arc<dyn TaskStore>,
     seq: AtomicU64,
-    /// One watch per live task: waiters of `tasks/result` subscribe, transitions publish.
-    watchers: DashMap<String, watch::Sender<TaskStatus>>,
-    /// How to stop the work of a running task.
-    cancels: DashMap<String, oneshot::Sender<()>>,
+    /// Waiters of `tasks/result`, by task: created only while someone waits (most tasks never have
+    /// one), woken on every transition and when the task is removed.
+    watchers: DashMap<String, Arc<Notify>>,
+    /// How to stop the work of a running task (called once, on cancel or expiry).
+    cancels: DashMap<String, StopHook>,
     events: broadcast::Sender<StatusEvent>,
 }
 
@@ -72,14 +76,14 @@ impl TaskEngine {
     }
 
     /// Creates a `working` task. The ttl is the requested one capped at `max_ttl_ms` (the default when
-    /// none is asked). The returned receiver fires when the task is cancelled or expires while working.
+    /// none is asked). Register how to stop its work with [`Self::on_stop`] or [`Self::stop_signal`].
     pub fn create(
         &self,
         owner: &str,
         tool: &str,
         origin: Origin,
         requested_ttl_ms: Option<u64>,
-    ) -> Result<(TaskRecord, oneshot::Receiver<()>), StoreError> {
+    ) -> Result<TaskRecord, StoreError> {
         let now = SystemTime::now();
         let ttl_ms = requested_ttl_ms.unwrap_or(self.config.default_ttl_ms).clamp(1, self.config.max_ttl_ms);
         let record = TaskRecord {
@@ -97,14 +101,33 @@ impl TaskEngine {
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
         };
         self.store.insert(record.clone(), self.config.max_live_tasks)?;
-        let (cancel_tx, cancel_rx) = oneshot::channel();
-        self.watchers.insert(record.id.clone(), watch::channel(TaskStatus::Working).0);
-        self.cancels.insert(record.id.clone(), cancel_tx);
         tracing::info!(
             task_id = %record.id, tool, origin = origin.as_str(), owner = %owner_hash(owner),
             status = "working", ttl_ms, "task created"
         );
-        Ok((record, cancel_rx))
+        Ok(record)
+    }
+
+    /// Registers how to stop the task's work. If the task already ended (or is gone), the hook runs now.
+    pub fn on_stop(&self, id: &str, hook: StopHook) {
+        match self.store.get(id) {
+            Some(r) if !r.status.is_terminal() => {
+                self.cancels.insert(id.to_owned(), hook);
+            }
+            _ => hook(),
+        }
+    }
+
+    /// A receiver that fires when the task is cancelled or expires while running.
+    pub fn stop_signal(&self, id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.on_stop(
+            id,
+            Box::new(move || {
+                let _ = tx.send(());
+            }),
+        );
+        rx
     }
 
     /// The task, if it exists and belongs to `owner`.
@@ -192,13 +215,7 @@ impl TaskEngine {
             owner = %owner_hash(&record.owner), status = status.as_str(), elapsed_ms,
             message = record.status_message.as_deref().unwrap_or(""), "task status"
         );
-        if status.is_terminal() {
-            if let Some((_, w)) = self.watchers.remove(id) {
-                w.send_replace(status);
-            }
-        } else if let Some(w) = self.watchers.get(id) {
-            w.send_replace(status);
-        }
+        self.wake(id, status.is_terminal());
         let _ = self.events.send(StatusEvent { owner: record.owner.clone(), task: record.clone() });
         Some(record)
     }
@@ -206,8 +223,8 @@ impl TaskEngine {
     /// Deletes a task that turned out not to be needed (never seen by a client).
     pub fn discard(&self, id: &str) {
         self.store.remove(id);
-        self.watchers.remove(id);
         self.cancels.remove(id);
+        self.wake(id, true);
     }
 
     /// `tasks/cancel`: marks the task cancelled (before answering, as the spec requires) and stops its
@@ -223,7 +240,7 @@ impl TaskEngine {
         {
             Some(record) => {
                 if let Some(stop) = stop {
-                    let _ = stop.send(());
+                    stop();
                 }
                 Ok(record)
             }
@@ -237,30 +254,40 @@ impl TaskEngine {
 
     fn stop_work(&self, id: &str) {
         if let Some((_, stop)) = self.cancels.remove(id) {
-            let _ = stop.send(());
+            stop();
+        }
+    }
+
+    fn wake(&self, id: &str, forget: bool) {
+        let notify = if forget {
+            self.watchers.remove(id).map(|(_, n)| n)
+        } else {
+            self.watchers.get(id).map(|n| n.clone())
+        };
+        if let Some(n) = notify {
+            n.notify_waiters();
         }
     }
 
     /// Waits until the task is terminal and returns it; `None` if it does not exist for `owner` or
     /// expires meanwhile.
     pub async fn wait_terminal(&self, owner: &str, id: &str) -> Option<TaskRecord> {
-        let mut rx = self.watchers.get(id).map(|w| w.subscribe());
         loop {
-            let record = self.get(owner, id)?;
+            let notify = self.watchers.entry(id.to_owned()).or_default().clone();
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            // Register before looking, so a transition between the look and the wait is not missed.
+            notified.as_mut().enable();
+            let Some(record) = self.get(owner, id) else {
+                self.watchers.remove(id);
+                return None;
+            };
             if record.status.is_terminal() {
+                // No transition will come any more; nobody needs the entry.
+                self.watchers.remove(id);
                 return Some(record);
             }
-            match rx.as_mut() {
-                Some(rx) => {
-                    if rx.changed().await.is_err() {
-                        // The watch is gone: the task ended or was removed; one more look tells.
-                        let record = self.get(owner, id)?;
-                        return record.status.is_terminal().then_some(record);
-                    }
-                }
-                // Live task without a watcher (cannot happen with one engine per store): poll gently.
-                None => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
+            notified.await;
         }
     }
 
@@ -319,8 +346,8 @@ impl TaskEngine {
                 );
             }
             self.cancels.remove(id);
-            // Dropping the watch wakes every waiter, which then finds the task gone.
-            self.watchers.remove(id);
+            // Every waiter wakes and finds the task gone.
+            self.wake(id, true);
         }
         expired.len()
     }
@@ -370,7 +397,7 @@ mod tests {
     #[tokio::test]
     async fn several_waiters_all_get_the_result() {
         let e = engine(10);
-        let (t, _stop) = e.create("me", "slow", Origin::Local, None).unwrap();
+        let t = e.create("me", "slow", Origin::Local, None).unwrap();
         let waiters: Vec<_> = (0..3)
             .map(|_| {
                 let (e, id) = (e.clone(), t.id.clone());
@@ -389,7 +416,8 @@ mod tests {
     #[tokio::test]
     async fn cancel_is_refused_for_terminal_tasks_and_strangers() {
         let e = engine(10);
-        let (t, stop) = e.create("me", "slow", Origin::Local, Some(5000)).unwrap();
+        let t = e.create("me", "slow", Origin::Local, Some(5000)).unwrap();
+        let stop = e.stop_signal(&t.id);
         assert_eq!(e.cancel("someone else", &t.id).unwrap_err(), CancelError::NotFound);
         let c = e.cancel("me", &t.id).unwrap();
         assert_eq!(c.status, TaskStatus::Cancelled);
@@ -402,9 +430,10 @@ mod tests {
     #[tokio::test]
     async fn ttl_is_capped_and_expiry_deletes() {
         let e = engine(10);
-        let (t, _stop) = e.create("me", "slow", Origin::Local, Some(u64::MAX)).unwrap();
+        let t = e.create("me", "slow", Origin::Local, Some(u64::MAX)).unwrap();
         assert_eq!(t.ttl_ms, TasksConfig::default().max_ttl_ms);
-        let (short, stop) = e.create("me", "slow", Origin::Local, Some(1)).unwrap();
+        let short = e.create("me", "slow", Origin::Local, Some(1)).unwrap();
+        let stop = e.stop_signal(&short.id);
         let waiter = {
             let (e, id) = (e.clone(), short.id.clone());
             tokio::spawn(async move { e.wait_terminal("me", &id).await })
