@@ -10,10 +10,15 @@
 //! * [`proxy`] — the routing loop of a session, the in-flight tables, the internal "ask the upstream"
 //!   API, and the stdio wrapper's lifecycle (EOF, signals, upstream exit, no orphans).
 //! * [`sim`] — MCP servers we run ourselves: the test fixture server used by the end-to-end tests and
-//!   benches (and later the Notion simulator).
+//!   benches, and the Notion simulator.
+//! * [`demo`] — `mcp-asyncify demo`: the proxy, the Notion simulator and a scripted client in one run.
+//! * [`notion`] — Notion's async protocol (`allow_async` → `async_task` → polling) as standard tasks,
+//!   within one shared request budget per upstream.
+//! * [`tasks`] — the Tasks engine: model, store, lifecycle (creation, waits, cancel, paging, expiry).
 //! * [`logging`] — logs to stderr, text or JSON; stdout is reserved for JSON-RPC.
 
 pub mod config;
+pub mod demo;
 pub mod jsonrpc;
 pub mod logging;
 pub mod notion;

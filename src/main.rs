@@ -66,6 +66,9 @@ struct CommonArgs {
 
 #[derive(Subcommand, Debug)]
 enum Mode {
+    /// Proxy + Notion simulator + a scripted client: a slow call becoming a task, its polls, its metrics.
+    Demo(mcp_asyncify::demo::DemoArgs),
+
     /// The test fixture MCP server (slow, failing, progress and elicitation tools) on stdio.
     #[command(hide = true)]
     TestServer(mcp_asyncify::sim::fixture::FixtureArgs),
@@ -105,6 +108,10 @@ fn main() {
             Some(Mode::TestServer(args)) => match mcp_asyncify::sim::fixture::run(args).await {
                 Ok(()) => 0,
                 Err(e) => fail(&format!("{e:#}"), 1),
+            },
+            Some(Mode::Demo(args)) => match mcp_asyncify::demo::run(args).await {
+                Ok(()) => 0,
+                Err(e) => fail(&format!("demo failed: {e:#}"), 1),
             },
             Some(Mode::NotionSim(args)) => match mcp_asyncify::sim::notion::run(args).await {
                 Ok(()) => 0,
