@@ -1,0 +1,225 @@
+//! Help for clients that do not speak tasks: progress keep-alives, and the sync-deadline hand-off with
+//! the two tools that fetch handed-off work.
+
+use super::{Interceptor, Rewrite, lookup};
+use crate::jsonrpc::{self, Id};
+use crate::tasks::model::{Origin, Outcome, RELATED_TASK, TaskStatus, with_related_task};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The tool a model calls to check on work handed off at the sync deadline.
+pub const STATUS_TOOL: &str = "asyncify_task_status";
+/// The tool a model calls to fetch the result of work handed off at the sync deadline.
+pub const RESULT_TOOL: &str = "asyncify_task_result";
+
+impl Interceptor {
+    /// Notes the progress an upstream reported, so keep-alives for the same token keep increasing.
+    pub fn on_upstream_progress(&self, params: Option<&RawValue>) {
+        if self.progress_seen.is_empty() {
+            return;
+        }
+        let Some(params) = params else { return };
+        let (Some(token), Some(progress)) = (
+            lookup(params.get(), &["progressToken"]),
+            lookup(params.get(), &["progress"]).and_then(|p| p.as_f64()),
+        ) else {
+            return;
+        };
+        if let Some(mut seen) = self.progress_seen.get_mut(&token.to_string()) {
+            *seen = seen.max(progress);
+        }
+    }
+
+    pub(super) fn watch_plain_call(self: &Arc<Self>, id: Id, tool: String, token: Option<String>) {
+        let config = self.engine.config();
+        let deadline = (config.sync_deadline_ms > 0).then(|| Duration::from_millis(config.sync_deadline_ms));
+        let keepalive = token.filter(|_| config.keepalive_after_ms > 0).map(|t| {
+            (
+                t,
+                Duration::from_millis(config.keepalive_after_ms),
+                Duration::from_millis(config.keepalive_interval_ms),
+            )
+        });
+        if deadline.is_none() && keepalive.is_none() {
+            return;
+        }
+        if let Some((token, _, _)) = &keepalive {
+            self.progress_seen.insert(token.clone(), 0.0);
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let deadline = deadline.map(|d| start + d);
+            let mut next_keepalive = keepalive.as_ref().map(|(_, after, _)| start + *after);
+            loop {
+                let wake = match (deadline, next_keepalive) {
+                    (Some(d), Some(k)) => d.min(k),
+                    (Some(d), None) => d,
+                    (None, Some(k)) => k,
+                    (None, None) => break,
+                };
+                tokio::time::sleep_until(wake).await;
+                if !this.pending.is_client_pending(&id) {
+                    break;
+                }
+                if Some(wake) == deadline {
+                    this.hand_off(&id, &tool, start.into_std()).await;
+                    break;
+                }
+                if let (Some((token, _, every)), Some(k)) = (&keepalive, next_keepalive.as_mut()) {
+                    this.send_keepalive(token, &tool, start.elapsed()).await;
+                    *k += *every;
+                }
+            }
+            if let Some((token, _, _)) = &keepalive {
+                this.progress_seen.remove(token);
+            }
+        });
+    }
+
+    async fn send_keepalive(&self, token: &str, tool: &str, elapsed: Duration) {
+        // Progress must increase; stay just above the last value the upstream reported.
+        let value = match self.progress_seen.get_mut(token) {
+            Some(mut seen) => {
+                *seen += 0.001;
+                *seen
+            }
+            None => return,
+        };
+        let params = format!(
+            "{{\"progressToken\":{token},\"progress\":{value},\"message\":{}}}",
+            serde_json::to_string(&format!("`{tool}` is still running ({} s)", elapsed.as_secs()))
+                .expect("string")
+        );
+        self.client.send(jsonrpc::notification("notifications/progress", Some(&params))).await;
+    }
+
+    /// The sync deadline passed: answer the client now and let the work go on as a task.
+    async fn hand_off(self: &Arc<Self>, id: &Id, tool: &str, started: Instant) {
+        let record = match self.engine.create(&self.owner, tool, Origin::Local, None) {
+            Ok(created) => created,
+            Err(e) => {
+                tracing::warn!(%id, tool, error = %e, "cannot hand off a call past the sync deadline; it stays synchronous");
+                return;
+            }
+        };
+        if !self.pending.set_rewrite(id, Rewrite::HandedOff { task_id: record.id.clone() }) {
+            // The answer came in the meantime: no task needed.
+            self.engine.discard(&record.id);
+            return;
+        }
+        tracing::info!(%id, tool, task_id = %record.id, waited_ms = started.elapsed().as_millis() as u64, "handed off a slow call as a task");
+        let text = format!(
+            "`{tool}` is taking longer than {:.0} s, so it goes on in the background as task {id_}. Nothing is lost: \
+             call `{RESULT_TOOL}` with {{\"taskId\": \"{id_}\"}} to get its result when it is done (or `{STATUS_TOOL}` to check on it).",
+            started.elapsed().as_secs_f64(),
+            id_ = record.id
+        );
+        let result = json!({
+            "content": [{ "type": "text", "text": text }],
+            "isError": false,
+            "_meta": { RELATED_TASK: { "taskId": record.id } },
+        });
+        self.client.send(jsonrpc::result_response(id, &result.to_string())).await;
+        // Cancelling the task cancels the call upstream, which knows it by the client's id.
+        let this = Arc::downgrade(self);
+        let id = id.clone();
+        self.engine.on_stop(
+            &record.id,
+            Box::new(move || {
+                let Some(this) = this.upgrade() else { return };
+                tokio::spawn(async move { this.cancel_upstream(&id, "the task was cancelled").await });
+            }),
+        );
+    }
+
+    pub(super) async fn run_handoff_tool(&self, id: &Id, tool: &str, arguments: Option<&Value>) {
+        let task_id =
+            arguments.and_then(|a| a.get("taskId")).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let Some(record) = self.engine.get(&self.owner, &task_id) else {
+            let text = format!(
+                "No task with id {task_id:?}: the id is wrong, or the task expired and its result is gone."
+            );
+            self.client.send(jsonrpc::result_response(id, &tool_text(&text, true).to_string())).await;
+            return;
+        };
+        let record = if tool == RESULT_TOOL {
+            let wait = arguments
+                .and_then(|a| a.get("waitSeconds"))
+                .and_then(Value::as_f64)
+                .unwrap_or(20.0)
+                .clamp(0.0, 50.0);
+            let waited = tokio::time::timeout(
+                Duration::from_secs_f64(wait),
+                self.engine.wait_terminal(&self.owner, &task_id),
+            )
+            .await;
+            match waited {
+                Ok(Some(done)) => done,
+                Ok(None) => record,
+                Err(_) => self.engine.get(&self.owner, &task_id).unwrap_or(record),
+            }
+        } else {
+            record
+        };
+        let line = match (tool, record.status, &record.outcome) {
+            (RESULT_TOOL, TaskStatus::Completed | TaskStatus::Failed, Some(Outcome::Result(raw))) => {
+                let body = with_related_task(raw.get(), &record.id).unwrap_or_else(|_| raw.get().to_owned());
+                jsonrpc::result_response(id, &body)
+            }
+            (RESULT_TOOL, TaskStatus::Failed, Some(Outcome::Error(raw))) => {
+                let text = format!("Task {} failed: {}", record.id, raw.get());
+                jsonrpc::result_response(id, &tool_text(&text, true).to_string())
+            }
+            _ => {
+                let secs =
+                    record.last_updated_at.duration_since(record.created_at).unwrap_or_default().as_secs();
+                let mut text =
+                    format!("Task {} (`{}`) is {}", record.id, record.tool, record.status.as_str());
+                if !record.status.is_terminal() {
+                    text.push_str(&format!(
+                        "; started {} s ago. Call `{RESULT_TOOL}` again to wait for its result.",
+                        record.created_at.elapsed().unwrap_or_default().as_secs()
+                    ));
+                } else {
+                    text.push_str(&format!(" after {secs} s."));
+                }
+                if let Some(m) = &record.status_message {
+                    text.push_str(&format!(" {m}"));
+                }
+                let mut result = tool_text(&text, record.status == TaskStatus::Cancelled);
+                result["structuredContent"] = Value::Object(record.to_wire());
+                jsonrpc::result_response(id, &result.to_string())
+            }
+        };
+        self.client.send(line).await;
+    }
+}
+
+fn tool_text(text: &str, is_error: bool) -> Value {
+    json!({ "content": [{ "type": "text", "text": text }], "isError": is_error })
+}
+
+pub(super) fn handoff_tools() -> [Value; 2] {
+    let schema = |wait: bool| {
+        let mut props = json!({ "taskId": { "type": "string", "description": "The task id given when the call was handed off." } });
+        if wait {
+            props["waitSeconds"] = json!({ "type": "number", "description": "How long to wait for the result (0 to 50 s, default 20)." });
+        }
+        json!({ "type": "object", "properties": props, "required": ["taskId"] })
+    };
+    [
+        json!({
+            "name": STATUS_TOOL,
+            "description": "Check on a tool call that was still running at the proxy's deadline and goes on in the background as a task.",
+            "inputSchema": schema(false),
+        }),
+        json!({
+            "name": RESULT_TOOL,
+            "description": "Get the result of a tool call that goes on in the background as a task (waits up to waitSeconds for it to finish).",
+            "inputSchema": schema(true),
+        }),
+    ]
+}

@@ -1,0 +1,157 @@
+//! The `tasks/*` methods, each answered from the engine (or passed to an upstream with tasks of its own).
+
+use super::{Decision, Interceptor, Rewrite, lookup};
+use crate::jsonrpc::{self, Id, code};
+use crate::proxy::pending::Reply;
+use crate::tasks::engine::CancelError;
+use crate::tasks::model::{Outcome, RELATED_TASK, TaskRecord, with_related_task};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `tasks/result` of a cancelled task: it has no result (the spec leaves the payload open).
+const CANCELLED_CODE: i64 = -32800;
+
+impl Interceptor {
+    pub(super) async fn on_tasks_method(
+        self: &Arc<Self>,
+        id: &Id,
+        method: &str,
+        params: Option<&RawValue>,
+    ) -> Decision {
+        if method == "tasks/list" {
+            return self.on_tasks_list(id, params).await;
+        }
+        let task_id = match params.and_then(|p| lookup(p.get(), &["taskId"])) {
+            Some(Value::String(t)) => t,
+            _ => {
+                return self
+                    .reply_error(
+                        id,
+                        code::INVALID_PARAMS,
+                        &format!("{method} needs params.taskId (a string)"),
+                    )
+                    .await;
+            }
+        };
+        let local = self.engine.get(&self.owner, &task_id);
+        if local.is_none() && (self.native_tasks.contains_key(&task_id) || self.facts().tools_call) {
+            return Decision::Forward(Rewrite::None);
+        }
+        let not_found =
+            |verb: &str| format!("Failed to {verb} task: Task not found (unknown id, or it expired)");
+        match method {
+            "tasks/get" => match local {
+                Some(record) => self.reply_result(id, &Value::Object(record.to_wire())).await,
+                None => self.reply_error(id, code::INVALID_PARAMS, &not_found("retrieve")).await,
+            },
+            "tasks/cancel" => match self.engine.cancel(&self.owner, &task_id) {
+                Ok(record) => self.reply_result(id, &Value::Object(record.to_wire())).await,
+                Err(e @ CancelError::Terminal(_)) => {
+                    self.reply_error(id, code::INVALID_PARAMS, &e.to_string()).await
+                }
+                Err(CancelError::NotFound) => {
+                    self.reply_error(id, code::INVALID_PARAMS, &not_found("cancel")).await
+                }
+            },
+            _ => {
+                if local.is_none() {
+                    return self.reply_error(id, code::INVALID_PARAMS, &not_found("retrieve")).await;
+                }
+                // tasks/result blocks until the task ends: wait off the routing loop.
+                let this = self.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    let line = match this.engine.wait_terminal(&this.owner, &task_id).await {
+                        Some(record) => task_payload(&id, &record),
+                        None => jsonrpc::error_response(
+                            Some(&id),
+                            code::INVALID_PARAMS,
+                            &not_found("retrieve"),
+                            None,
+                        ),
+                    };
+                    this.client.send(line).await;
+                });
+                Decision::Handled
+            }
+        }
+    }
+
+    async fn on_tasks_list(self: &Arc<Self>, id: &Id, params: Option<&RawValue>) -> Decision {
+        let cursor = match params.and_then(|p| lookup(p.get(), &["cursor"])) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(c)) => Some(c),
+            Some(other) => {
+                return self
+                    .reply_error(
+                        id,
+                        code::INVALID_PARAMS,
+                        &format!("params.cursor must be a string, got {other}"),
+                    )
+                    .await;
+            }
+        };
+        let upstream_lists = self.facts().list;
+        // Our tasks first, then the upstream's own (cursors prefixed so we know whose page is next).
+        if let Some(upstream_cursor) = cursor.as_deref().and_then(|c| c.strip_prefix("upstream:")) {
+            let params = match upstream_cursor {
+                "" => "{}".to_string(),
+                c => json!({ "cursor": c }).to_string(),
+            };
+            let this = self.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                let line = match this
+                    .upstream
+                    .request("tasks/list", Some(&params), Some(Duration::from_secs(30)))
+                    .await
+                {
+                    Ok(Reply::Result(raw)) => {
+                        let mut page: Map<String, Value> =
+                            serde_json::from_str(raw.get()).unwrap_or_default();
+                        if let Some(Value::String(next)) = page.get("nextCursor") {
+                            let next = format!("upstream:{next}");
+                            page.insert("nextCursor".into(), Value::String(next));
+                        }
+                        jsonrpc::result_response(&id, &Value::Object(page).to_string())
+                    }
+                    Ok(Reply::Error(raw)) => jsonrpc::error_object_response(&id, raw.get()),
+                    Err(e) => jsonrpc::error_response(Some(&id), code::INTERNAL_ERROR, &e.to_string(), None),
+                };
+                this.client.send(line).await;
+            });
+            return Decision::Handled;
+        }
+        match self.engine.list(&self.owner, cursor.as_deref()) {
+            Ok((tasks, next)) => {
+                let tasks: Vec<Value> = tasks.into_iter().map(|t| Value::Object(t.to_wire())).collect();
+                let mut result = json!({ "tasks": tasks });
+                match (next, upstream_lists) {
+                    (Some(next), _) => result["nextCursor"] = Value::String(next),
+                    (None, true) => result["nextCursor"] = Value::String("upstream:".into()),
+                    (None, false) => {}
+                }
+                self.reply_result(id, &result).await
+            }
+            Err(e) => self.reply_error(id, code::INVALID_PARAMS, &e.to_string()).await,
+        }
+    }
+}
+
+/// The payload of `tasks/result` for a terminal task.
+fn task_payload(id: &Id, record: &TaskRecord) -> Vec<u8> {
+    match &record.outcome {
+        Some(Outcome::Result(raw)) => match with_related_task(raw.get(), &record.id) {
+            Ok(body) => jsonrpc::result_response(id, &body),
+            Err(_) => jsonrpc::result_response(id, raw.get()),
+        },
+        Some(Outcome::Error(raw)) => jsonrpc::error_object_response(id, raw.get()),
+        None => {
+            let msg = format!("Task {} was cancelled; it has no result.", record.id);
+            let data = json!({ RELATED_TASK: { "taskId": record.id } });
+            jsonrpc::error_response(Some(id), CANCELLED_CODE, &msg, Some(&data))
+        }
+    }
+}
