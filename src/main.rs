@@ -93,6 +93,11 @@ fn main() {
         no_tasks: cli.common.no_tasks,
         profile: cli.common.profile.clone(),
     };
+    let mut overrides = overrides;
+    if matches!(cli.mode, Some(Mode::Demo(_))) && cli.common.log_level.is_none() {
+        // The demo's own output tells the story; logs only for trouble unless asked.
+        overrides.log_level = Some("warn".into());
+    }
     let config = match Config::load(cli.common.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(e) => fail(&e.to_string(), 2),

@@ -44,6 +44,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let sim: Vec<String> = [
         exe.to_str().unwrap_or("mcp-asyncify"),
         "notion-sim",
+        "--log-level",
+        "warn",
         "--work-ms",
         &work,
         "--rate-limit",

@@ -330,7 +330,19 @@ fn finish_result(engine: &TaskEngine, task_id: &str, raw: Box<RawValue>) {
         .and_then(|m| m.get("isError").and_then(Value::as_bool))
         .unwrap_or(false);
     let (status, message) = match failed {
-        true => (TaskStatus::Failed, Some("The tool returned an error result (isError: true).".to_owned())),
+        true => {
+            let error =
+                payload(&raw).map(|p| p.get("error").and_then(Value::as_object).cloned().unwrap_or(p));
+            let message = match error {
+                Some(e) => format!(
+                    "Notion error {}: {}",
+                    e.get("code").and_then(Value::as_str).unwrap_or("unknown"),
+                    e.get("message").and_then(Value::as_str).unwrap_or("")
+                ),
+                None => "The tool returned an error result (isError: true).".to_owned(),
+            };
+            (TaskStatus::Failed, Some(message))
+        }
         false => (TaskStatus::Completed, None),
     };
     engine.finish(task_id, status, message, Some(Outcome::Result(raw)));

@@ -132,11 +132,17 @@ where
     tokio::spawn(async move {
         let mut out = BufWriter::with_capacity(64 * 1024, out);
         let result: std::io::Result<()> = async {
+            // Dropping the closer without closing leaves the writer to end with its last sink.
+            let mut closer_alive = true;
             loop {
                 let line = tokio::select! {
                     biased;
                     line = rx.recv() => line,
-                    _ = &mut close_rx => {
+                    closed = &mut close_rx, if closer_alive => {
+                        if closed.is_err() {
+                            closer_alive = false;
+                            continue;
+                        }
                         // Drain what was queued before the close, then stop.
                         while let Ok(line) = rx.try_recv() {
                             write_line(&mut out, &line).await?;
