@@ -128,17 +128,24 @@ impl Router {
         loop {
             match reader.next_line().await {
                 Ok(Some(Line::Message(line))) => self.route_client(line).await,
-                Ok(Some(Line::TooLong { len })) => {
+                Ok(Some(Line::TooLong { len, head })) => {
+                    let (id, is_call) = jsonrpc::sniff_head(&head);
                     tracing::warn!(
                         bytes = len,
                         max = self.max_message_bytes,
+                        id = ?id,
                         "refused an oversized message from the client"
                     );
+                    // A request gets its answer under its own id, so it does not wait forever; a
+                    // notification or a response (or an id past the cut) gets one with id null.
                     let msg = format!(
                         "invalid request: the message is {len} bytes, over the maximum of {} bytes (proxy.max_message_bytes)",
                         self.max_message_bytes
                     );
-                    self.client.send(jsonrpc::error_response(None, code::INVALID_REQUEST, &msg, None)).await;
+                    let id = id.filter(|_| is_call);
+                    self.client
+                        .send(jsonrpc::error_response(id.as_ref(), code::INVALID_REQUEST, &msg, None))
+                        .await;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -155,12 +162,26 @@ impl Router {
         loop {
             match reader.next_line().await {
                 Ok(Some(Line::Message(line))) => self.route_upstream(line).await,
-                Ok(Some(Line::TooLong { len })) => {
+                Ok(Some(Line::TooLong { len, head })) => {
+                    let (id, is_call) = jsonrpc::sniff_head(&head);
                     tracing::error!(
                         bytes = len,
                         max = self.max_message_bytes,
+                        id = ?id,
                         "dropped an oversized message from the upstream; raise proxy.max_message_bytes if it was legitimate"
                     );
+                    // A response too large to relay still ends its request: the upstream's answer
+                    // becomes an error saying so, routed like any answer (to the client or a task).
+                    if let (Some(id), false) = (id, is_call) {
+                        let msg = format!(
+                            "the upstream's response is {len} bytes, over the maximum of {} bytes (proxy.max_message_bytes)",
+                            self.max_message_bytes
+                        );
+                        let data = serde_json::json!({ "bytes": len, "max": self.max_message_bytes });
+                        let line =
+                            jsonrpc::error_response(Some(&id), code::INTERNAL_ERROR, &msg, Some(&data));
+                        self.route_upstream(line).await;
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {

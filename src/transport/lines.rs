@@ -15,12 +15,18 @@ use tokio::sync::{mpsc, oneshot};
 pub enum Line {
     /// A complete line, without its `\n` (or `\r\n`).
     Message(Vec<u8>),
-    /// A line longer than the maximum; its bytes were discarded. `len` is its length.
+    /// A line longer than the maximum; its bytes were discarded but the first [`HEAD_BYTES`], kept so
+    /// the message's id can still be answered. `len` is its length.
     TooLong {
         /// How many bytes the line had.
         len: usize,
+        /// Its first bytes (at most [`HEAD_BYTES`]).
+        head: Vec<u8>,
     },
 }
+
+/// How much of an oversized line is kept (enough for `jsonrpc`, `id` and `method`).
+pub const HEAD_BYTES: usize = 4096;
 
 /// Reads newline-delimited messages of at most `max` bytes.
 pub struct LineReader<R> {
@@ -29,6 +35,8 @@ pub struct LineReader<R> {
     max: usize,
     /// Bytes seen of a line being discarded because it is too long; `None` when not discarding.
     discarding: Option<usize>,
+    /// The first bytes of the line being discarded.
+    head: Vec<u8>,
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
@@ -39,6 +47,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             buf: Vec::new(),
             max,
             discarding: None,
+            head: Vec::new(),
         }
     }
 
@@ -48,7 +57,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             let available = self.inner.fill_buf().await?;
             if available.is_empty() {
                 if let Some(len) = self.discarding.take() {
-                    return Ok(Some(Line::TooLong { len }));
+                    return Ok(Some(Line::TooLong { len, head: std::mem::take(&mut self.head) }));
                 }
                 if self.buf.iter().all(u8::is_ascii_whitespace) {
                     self.buf.clear();
@@ -64,7 +73,10 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 Some(seen) => *seen += chunk,
                 None if self.buf.len() + chunk > self.max => {
                     self.discarding = Some(self.buf.len() + chunk);
-                    self.buf = Vec::new();
+                    let mut head = std::mem::take(&mut self.buf);
+                    head.extend_from_slice(&available[..chunk.min(HEAD_BYTES)]);
+                    head.truncate(HEAD_BYTES);
+                    self.head = head;
                 }
                 None => self.buf.extend_from_slice(&available[..chunk]),
             }
@@ -73,7 +85,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 continue;
             }
             if let Some(len) = self.discarding.take() {
-                return Ok(Some(Line::TooLong { len }));
+                return Ok(Some(Line::TooLong { len, head: std::mem::take(&mut self.head) }));
             }
             if self.buf.last() == Some(&b'\r') {
                 self.buf.pop();
@@ -205,7 +217,11 @@ mod tests {
         let got = lines(&input, 10).await;
         assert_eq!(
             got,
-            vec![Line::TooLong { len: 200_000 }, Line::Message(b"ok".to_vec()), Line::TooLong { len: 11 }]
+            vec![
+                Line::TooLong { len: 200_000, head: vec![b'x'; HEAD_BYTES] },
+                Line::Message(b"ok".to_vec()),
+                Line::TooLong { len: 11, head: vec![b'y'; 11] }
+            ]
         );
     }
 

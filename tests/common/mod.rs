@@ -1,0 +1,256 @@
+//! A line-level JSON-RPC peer that drives the built binary: what a client writes and reads, byte for
+//! byte, with timeouts everywhere so a failing test never hangs.
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_mcp-asyncify");
+
+/// How long any single wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A running `mcp-asyncify` (or any stdio MCP process) and the lines it wrote.
+pub struct Peer {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    /// Lines read but not yet claimed by `response`/`next_matching`.
+    pub backlog: VecDeque<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Peer {
+    /// Starts `BIN args…` with piped stdio.
+    pub fn start(args: &[&str]) -> Peer {
+        Self::start_cmd(Command::new(BIN).args(args))
+    }
+
+    /// Starts any command with piped stdio.
+    pub fn start_cmd(cmd: &mut Command) -> Peer {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the binary under test");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            loop {
+                let mut line = Vec::new();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&line).trim_end_matches('\n').to_owned();
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let mut err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let chunk = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if std::env::var_os("ASYNCIFY_TEST_STDERR").is_some() {
+                    eprint!("{chunk}");
+                }
+                sink.lock().unwrap().push_str(&chunk);
+            }
+        });
+        Peer { stdin: child.stdin.take(), child, lines: rx, backlog: VecDeque::new(), stderr }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Writes one line (a newline is added).
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Writes a JSON value as one line.
+    pub fn send_json(&mut self, v: &Value) {
+        self.send(&v.to_string());
+    }
+
+    /// Sends a request.
+    pub fn request(&mut self, id: impl Into<Value>, method: &str, params: Value) {
+        self.send_json(&json!({"jsonrpc": "2.0", "id": id.into(), "method": method, "params": params}));
+    }
+
+    /// Sends a notification.
+    pub fn notify(&mut self, method: &str, params: Value) {
+        self.send_json(&json!({"jsonrpc": "2.0", "method": method, "params": params}));
+    }
+
+    /// Closes our end of its stdin (client EOF).
+    pub fn close_stdin(&mut self) {
+        self.stdin.take();
+    }
+
+    /// The next line written (from the backlog first), or None after `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        if let Some(l) = self.backlog.pop_front() {
+            return Some(l);
+        }
+        match self.lines.recv_timeout(timeout) {
+            Ok(l) => Some(l),
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// The first line (raw) for which `pred` holds on its JSON, keeping the others in the backlog.
+    pub fn next_matching_raw(&mut self, what: &str, mut pred: impl FnMut(&Value) -> bool) -> String {
+        if let Some(i) = self
+            .backlog
+            .iter()
+            .position(|l| serde_json::from_str::<Value>(l).map(|v| pred(&v)).unwrap_or(false))
+        {
+            return self.backlog.remove(i).unwrap();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if serde_json::from_str::<Value>(&l).map(|v| pred(&v)).unwrap_or(false) {
+                        return l;
+                    }
+                    self.backlog.push_back(l);
+                }
+                Err(_) => panic!(
+                    "timed out waiting for {what}; seen meanwhile: {:?}\nstderr:\n{}",
+                    self.backlog,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// The first message for which `pred` holds.
+    pub fn next_matching(&mut self, what: &str, pred: impl FnMut(&Value) -> bool) -> Value {
+        serde_json::from_str(&self.next_matching_raw(what, pred)).unwrap()
+    }
+
+    /// The response to request `id` (raw line).
+    pub fn response_raw(&mut self, id: &Value) -> String {
+        let id = id.clone();
+        self.next_matching_raw(&format!("the response to id {id}"), |v| {
+            v.get("method").is_none() && v.get("id") == Some(&id)
+        })
+    }
+
+    /// The response to request `id`.
+    pub fn response(&mut self, id: impl Into<Value>) -> Value {
+        serde_json::from_str(&self.response_raw(&id.into())).unwrap()
+    }
+
+    /// Sends a request and waits for its response.
+    pub fn call(&mut self, id: impl Into<Value>, method: &str, params: Value) -> Value {
+        let id = id.into();
+        self.request(id.clone(), method, params);
+        self.response(id)
+    }
+
+    /// The result of a request, failing the test on a JSON-RPC error.
+    pub fn ok(&mut self, id: impl Into<Value>, method: &str, params: Value) -> Value {
+        let r = self.call(id, method, params);
+        assert!(r.get("error").is_none(), "{method} failed: {r}");
+        r["result"].clone()
+    }
+
+    /// `initialize` + `notifications/initialized`, as a client with the given capabilities.
+    pub fn initialize(&mut self, capabilities: Value) -> Value {
+        let r = self.ok(
+            "init",
+            "initialize",
+            json!({
+                "protocolVersion": "2025-11-25",
+                "capabilities": capabilities,
+                "clientInfo": {"name": "asyncify-tests", "version": "1"}
+            }),
+        );
+        self.notify("notifications/initialized", json!({}));
+        r
+    }
+
+    /// A plain `tools/call`.
+    pub fn tool(&mut self, id: impl Into<Value>, name: &str, args: Value) -> Value {
+        self.call(id, "tools/call", json!({"name": name, "arguments": args}))
+    }
+
+    /// Waits for the process to exit, failing after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the process did not exit; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every line still to come until the process closes stdout (bounded by `timeout`).
+    pub fn drain(&mut self, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut out: Vec<String> = self.backlog.drain(..).collect();
+        while let Ok(l) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            out.push(l);
+        }
+        out
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The text of the first content block of a tool result.
+pub fn text_of(result: &Value) -> &str {
+    result["content"][0]["text"].as_str().unwrap_or_else(|| panic!("no text content in {result}"))
+}
+
+/// Whether a process id is alive (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `pid` is gone.
+pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    !alive(pid)
+}
