@@ -313,6 +313,8 @@ impl Router {
                 .send(jsonrpc::error_response(Some(&id), code::UPSTREAM_GONE, &msg, Some(&data)))
                 .await;
         }
+        // Tasks whose call was in flight end `failed`; their waiters and status notices go out first.
+        self.intercept.settle(orphaned, why).await;
     }
 
     /// How many client requests wait for the upstream.

@@ -254,3 +254,12 @@ pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
     }
     !alive(pid)
 }
+
+/// Writes a TOML configuration file for one test and returns its path.
+pub fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("asyncify-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
