@@ -216,6 +216,8 @@ pub struct Overrides {
     pub task_tools: Option<Vec<String>>,
     /// `--no-tasks`.
     pub no_tasks: bool,
+    /// `--notion-budget` / `MCP_ASYNCIFY_NOTION_BUDGET`.
+    pub notion_budget: Option<u32>,
     /// `--profile` / `MCP_ASYNCIFY_PROFILE`: a built-in base configuration (used when no file is given).
     pub profile: Option<String>,
 }
@@ -335,6 +337,9 @@ impl Config {
         }
         if o.no_tasks {
             self.tasks.enabled = false;
+        }
+        if let Some(v) = o.notion_budget {
+            self.notion.budget_per_second = v;
         }
     }
 

@@ -59,6 +59,11 @@ struct CommonArgs {
     #[arg(long, global = true, env = "MCP_ASYNCIFY_SYNC_DEADLINE_MS", value_name = "MS")]
     sync_deadline_ms: Option<u64>,
 
+    /// Requests per second toward the Notion upstream, shared by polls, task starts and the client's own
+    /// calls (Notion allows 3) [default: 3].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_NOTION_BUDGET", value_name = "N")]
+    notion_budget: Option<u32>,
+
     /// Do not offer tasks at all: a pure passthrough.
     #[arg(long, global = true)]
     no_tasks: bool,
@@ -91,6 +96,7 @@ fn main() {
         sync_deadline_ms: cli.common.sync_deadline_ms,
         task_tools: cli.common.task_tools.clone(),
         no_tasks: cli.common.no_tasks,
+        notion_budget: cli.common.notion_budget,
         profile: cli.common.profile.clone(),
     };
     let mut overrides = overrides;

@@ -197,7 +197,7 @@ impl NotionAdapter {
         // Start the operation (retrying while Notion says rate_limited).
         let (notion_id, backoff, envelope) = loop {
             let reply = tokio::select! {
-                r = self.call(upstream, "tools/call", &params) => r,
+                r = self.call(upstream, "tools/call", &params, true) => r,
                 _ = stopped(&mut stop) => return,
             };
             match reply {
@@ -247,7 +247,7 @@ impl NotionAdapter {
                 }
             }
             let reply = tokio::select! {
-                r = self.call(upstream, "tools/call", &poll_params) => r,
+                r = self.call(upstream, "tools/call", &poll_params, false) => r,
                 _ = stopped(&mut stop) => return,
             };
             let raw = match reply {
@@ -312,8 +312,17 @@ impl NotionAdapter {
         self.scheduler.cadence(backoff.current()).as_millis() as u64
     }
 
-    async fn call(&self, upstream: &Upstream, method: &str, params: &str) -> Result<Reply, UpstreamError> {
-        self.scheduler.acquire().await;
+    async fn call(
+        &self,
+        upstream: &Upstream,
+        method: &str,
+        params: &str,
+        start: bool,
+    ) -> Result<Reply, UpstreamError> {
+        match start {
+            true => self.scheduler.acquire_start().await,
+            false => self.scheduler.acquire().await,
+        }
         upstream.request(method, Some(params), None).await
     }
 }

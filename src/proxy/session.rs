@@ -231,6 +231,12 @@ impl Router {
                     self.intercept.on_client_response(id);
                 }
             }
+            Kind::Notification if env.method == Some("notifications/initialized") => {
+                drop(env);
+                self.upstream.send(line).await;
+                self.intercept.on_initialized();
+                return;
+            }
             Kind::Notification => {}
         }
         drop(env);

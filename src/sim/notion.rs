@@ -446,7 +446,7 @@ impl NotionSim {
             tool,
             args,
             "async_task",
-            json!({ "task_id": task_id, "fails": fails, "retries": retries }),
+            json!({ "task_id": task_id, "fails": fails, "retries": retries, "work_ms": work.as_millis() as u64 }),
         );
         match self.state.args.envelope {
             Envelope::Both => CallToolResult::structured(body),

@@ -24,6 +24,7 @@ pub struct Peer {
     /// Lines read but not yet claimed by `response`/`next_matching`.
     pub backlog: VecDeque<String>,
     stderr: Arc<Mutex<String>>,
+    stderr_done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Peer {
@@ -59,6 +60,8 @@ impl Peer {
         });
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = stderr.clone();
+        let stderr_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = stderr_done.clone();
         let mut err = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -72,8 +75,9 @@ impl Peer {
                 }
                 sink.lock().unwrap().push_str(&chunk);
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
-        Peer { stdin: child.stdin.take(), child, lines: rx, backlog: VecDeque::new(), stderr }
+        Peer { stdin: child.stdin.take(), child, lines: rx, backlog: VecDeque::new(), stderr, stderr_done }
     }
 
     /// Everything the process wrote to stderr so far.
@@ -205,6 +209,11 @@ impl Peer {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader catch up with what it wrote last (bounded: a child may hold stderr).
+                let until = Instant::now() + Duration::from_secs(2);
+                while !self.stderr_done.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return status;
             }
             assert!(Instant::now() < deadline, "the process did not exit; stderr:\n{}", self.stderr());

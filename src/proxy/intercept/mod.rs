@@ -3,6 +3,9 @@
 //! * `initialize` result: `capabilities.tasks` (list, cancel, requests.tools.call) is added.
 //! * `tools/list` result: taskified tools get `execution.taskSupport: "optional"`; with a sync deadline,
 //!   two tools to fetch handed-off work are added.
+//! * After `notifications/initialized`, the proxy lists the upstream's tools itself (its own requests,
+//!   never seen by the client) to learn which tools already have tasks and whether the upstream speaks
+//!   Notion's async protocol, so a task-run call is right even if the client never lists tools.
 //! * `tools/call` with `params.task`: a task is created and answered at once (`CreateTaskResult`); the
 //!   call runs upstream without `params.task`. Tools the upstream runs as tasks itself pass through.
 //! * `tasks/*`: answered from the [`TaskEngine`]; ids the engine does not know go to an upstream that
@@ -72,6 +75,8 @@ struct UpstreamFacts {
     list: bool,
     /// Tools the upstream runs as tasks itself (`taskSupport` optional or required).
     native_tools: HashSet<String>,
+    /// `capabilities.tools` present (the upstream has tools to list).
+    has_tools: bool,
 }
 
 /// The task-aware interception of one session.
@@ -94,6 +99,10 @@ pub struct Interceptor {
     client_speaks_tasks: AtomicBool,
     /// Notion's async protocol on this upstream.
     notion: Arc<NotionAdapter>,
+    /// Becomes true once the upstream's tools are known (listed by the proxy itself, or it gave up).
+    tools_known: tokio::sync::watch::Sender<bool>,
+    /// Whether the proxy is listing the upstream's tools (it started after the handshake).
+    discovering: AtomicBool,
 }
 
 impl Interceptor {
@@ -119,6 +128,8 @@ impl Interceptor {
             progress_seen: DashMap::new(),
             client_speaks_tasks: AtomicBool::new(false),
             notion,
+            tools_known: tokio::sync::watch::channel(false).0,
+            discovering: AtomicBool::new(false),
         })
     }
 
@@ -203,6 +214,7 @@ impl Interceptor {
             return Decision::Forward(Rewrite::PlainCall);
         };
         self.client_speaks_tasks.store(true, Ordering::Relaxed);
+        self.tools_known().await;
         if self.facts().native_tools.contains(&tool) {
             return Decision::Forward(Rewrite::NativeTaskCall);
         }
@@ -364,6 +376,7 @@ impl Interceptor {
             let mut facts = self.facts();
             facts.tools_call = lookup_value(caps, &["tasks", "requests", "tools", "call"]).is_some();
             facts.list = lookup_value(caps, &["tasks", "list"]).is_some();
+            facts.has_tools = caps.contains_key("tools");
         }
         let tasks = caps.entry("tasks").or_insert_with(|| json!({}));
         let tasks = tasks.as_object_mut()?;
@@ -378,17 +391,15 @@ impl Interceptor {
     fn rewrite_tools_list(&self, id: &Id, result: &RawValue, first_page: bool) -> Option<Vec<u8>> {
         let mut r: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
         let tools = r.get_mut("tools")?.as_array_mut()?;
-        self.notion.detect(tools.iter().filter_map(|t| t.get("name").and_then(Value::as_str)));
-        let mut facts = self.facts();
+        self.learn_tools(tools);
+        let facts = self.facts();
         for tool in tools.iter_mut() {
             let Some(tool) = tool.as_object_mut() else { continue };
-            let Some(name) = tool.get("name").and_then(Value::as_str).map(str::to_owned) else { continue };
-            let native = lookup_value(tool, &["execution", "taskSupport"])
-                .and_then(Value::as_str)
-                .is_some_and(|s| s == "optional" || s == "required");
-            if native && facts.tools_call {
-                facts.native_tools.insert(name);
-            } else if self.engine.config().taskifies(&name) || self.notion.handles(&name) {
+            let Some(name) = tool.get("name").and_then(Value::as_str) else { continue };
+            if facts.native_tools.contains(name) {
+                continue;
+            }
+            if self.engine.config().taskifies(name) || self.notion.handles(name) {
                 let execution = tool.entry("execution").or_insert_with(|| json!({}));
                 if let Some(execution) = execution.as_object_mut() {
                     execution.insert("taskSupport".into(), Value::String("optional".into()));
@@ -400,6 +411,74 @@ impl Interceptor {
         }
         drop(facts);
         Some(jsonrpc::result_response(id, &Value::Object(r).to_string()))
+    }
+
+    /// Notes what a page of the upstream's tools tells: Notion's protocol, tools with tasks of their own.
+    fn learn_tools(&self, tools: &[Value]) {
+        self.notion.detect(tools.iter().filter_map(|t| t.get("name").and_then(Value::as_str)));
+        let mut facts = self.facts();
+        for tool in tools {
+            let Some(name) = tool.get("name").and_then(Value::as_str) else { continue };
+            let native = tool
+                .pointer("/execution/taskSupport")
+                .and_then(Value::as_str)
+                .is_some_and(|s| s == "optional" || s == "required");
+            if native && facts.tools_call {
+                facts.native_tools.insert(name.to_owned());
+            }
+        }
+    }
+
+    /// The client finished the handshake: list the upstream's tools on our own behalf (every page).
+    pub fn on_initialized(self: &Arc<Self>) {
+        if !self.enabled() || !self.facts().has_tools {
+            self.tools_known.send_replace(true);
+            return;
+        }
+        self.discovering.store(true, Ordering::Relaxed);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut cursor: Option<String> = None;
+            for _ in 0..100 {
+                let params =
+                    cursor.as_ref().map_or_else(|| "{}".to_owned(), |c| json!({ "cursor": c }).to_string());
+                let page = match this
+                    .upstream
+                    .request("tools/list", Some(&params), Some(Duration::from_secs(30)))
+                    .await
+                {
+                    Ok(Reply::Result(raw)) => {
+                        serde_json::from_str::<Map<String, Value>>(raw.get()).unwrap_or_default()
+                    }
+                    Ok(Reply::Error(e)) => {
+                        tracing::warn!(error = %e.get(), "the upstream refused to list its tools to the proxy");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not list the upstream's tools");
+                        break;
+                    }
+                };
+                if let Some(Value::Array(tools)) = page.get("tools") {
+                    this.learn_tools(tools);
+                }
+                match page.get("nextCursor") {
+                    Some(Value::String(next)) => cursor = Some(next.clone()),
+                    _ => break,
+                }
+            }
+            this.tools_known.send_replace(true);
+        });
+    }
+
+    /// Waits (a bounded time) until the upstream's tools are known, so a task-run call made right after
+    /// the handshake is routed as well as a later one.
+    async fn tools_known(&self) {
+        if !self.discovering.load(Ordering::Relaxed) {
+            return; // no handshake seen (a bare client): nothing to wait for
+        }
+        let mut known = self.tools_known.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), known.wait_for(|k| *k)).await;
     }
 
     /// An upstream request to the client. When it is made on behalf of a task, the task becomes
