@@ -1,2 +1,430 @@
-//! Load bench: placeholder until it lands.
-fn main() {}
+//! Load: a 1 KB `tools/call` round trip direct to the upstream, through a plain byte relay, and through
+//! mcp-asyncify (tasks on, and `--no-tasks`), measured in one run on the same machine.
+//!
+//! The upstream is the built binary's fixture server (`mcp-asyncify test-server`); the call is `echo`
+//! with a 1,000-character text, so the request and the answer are each about 1 KB. The relay is
+//! `sh -c 'cat | <upstream> | cat'`: the floor any stdio proxy pays for two extra pipes and processes.
+//! Each path gets a fresh process, an MCP `initialize`, a warm-up, then a closed loop keeping 1, 8 or 64
+//! calls in flight (a new request as soon as one answers, matched by id, requests serialised up front)
+//! for a fixed number of calls; each configuration runs 3 times with the paths in rotating order and
+//! the table shows the medians. The proxy's RSS is read from /proc: idle (after initialize, one call
+//! and 300 ms) and right after the 64-in-flight load. Goals are reported, never asserted.
+//!
+//! `cargo bench --bench load` (env `LOAD_CALLS=n`: calls at 64 in flight, default 20,000; half that at
+//! 8, a quarter at 1).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mcp-asyncify");
+const TEXT_LEN: usize = 1000;
+const TIMEOUT: Duration = Duration::from_secs(30);
+const REPS: usize = 3;
+const LEVELS: [usize; 3] = [1, 8, 64];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    Direct,
+    Relay,
+    Proxy,
+    ProxyNoTasks,
+}
+
+impl Path {
+    const ALL: [Path; 4] = [Path::Direct, Path::Relay, Path::Proxy, Path::ProxyNoTasks];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Relay => "byte relay (2× cat)",
+            Path::Proxy => "mcp-asyncify",
+            Path::ProxyNoTasks => "mcp-asyncify --no-tasks",
+        }
+    }
+
+    fn command(self) -> Command {
+        let upstream = [BIN, "--log-level", "error", "test-server"];
+        match self {
+            Path::Direct => {
+                let mut c = Command::new(BIN);
+                c.args(&upstream[1..]);
+                c
+            }
+            Path::Relay => {
+                let mut c = Command::new("sh");
+                c.args(["-c", "cat | \"$0\" --log-level error test-server | cat", BIN]);
+                c
+            }
+            Path::Proxy | Path::ProxyNoTasks => {
+                let mut c = Command::new(BIN);
+                c.args(["--log-level", "error"]);
+                if self == Path::ProxyNoTasks {
+                    c.arg("--no-tasks");
+                }
+                c.arg("--").args(upstream);
+                c
+            }
+        }
+    }
+}
+
+/// Aborts the bench (killing the current child's process group) when nothing is read for 30 s.
+struct Watchdog {
+    progress: AtomicU64,
+    pgid: AtomicU64,
+    stage: Mutex<String>,
+}
+
+impl Watchdog {
+    fn start() -> Arc<Watchdog> {
+        let dog = Arc::new(Watchdog {
+            progress: AtomicU64::new(0),
+            pgid: AtomicU64::new(0),
+            stage: Mutex::new(String::from("start")),
+        });
+        let watched = dog.clone();
+        std::thread::spawn(move || {
+            let mut last = u64::MAX;
+            let mut since = Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = watched.progress.load(Ordering::Relaxed);
+                if now != last {
+                    last = now;
+                    since = Instant::now();
+                } else if since.elapsed() > TIMEOUT {
+                    let stage = watched.stage.lock().map(|s| s.clone()).unwrap_or_default();
+                    eprintln!("load bench: no answer in {} s during {stage}; aborting", TIMEOUT.as_secs());
+                    kill_group(watched.pgid.load(Ordering::Relaxed));
+                    std::process::exit(1);
+                }
+            }
+        });
+        dog
+    }
+
+    fn tick(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn stage(&self, stage: String) {
+        if let Ok(mut s) = self.stage.lock() {
+            *s = stage;
+        }
+        self.tick();
+    }
+}
+
+fn kill_group(pgid: u64) {
+    if pgid != 0 {
+        let _ =
+            Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).stderr(Stdio::null()).status();
+    }
+}
+
+/// One spawned path (in its own process group), initialized.
+struct Session {
+    child: Child,
+    input: Option<ChildStdin>,
+    output: BufReader<ChildStdout>,
+    line: Vec<u8>,
+    next_id: u64,
+    dog: Arc<Watchdog>,
+}
+
+impl Session {
+    fn start(path: Path, dog: &Arc<Watchdog>) -> Session {
+        dog.stage(format!("start of {}", path.name()));
+        let mut child = path
+            .command()
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", path.name()));
+        dog.pgid.store(u64::from(child.id()), Ordering::Relaxed);
+        let input = child.stdin.take();
+        let output = BufReader::with_capacity(256 * 1024, child.stdout.take().unwrap());
+        let mut s = Session { child, input, output, line: Vec::new(), next_id: 1, dog: dog.clone() };
+        s.write(
+            br#"{"jsonrpc":"2.0","id":"init","method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"load-bench","version":"0"}}}
+"#,
+        );
+        loop {
+            s.read_line();
+            if contains(&s.line, br#""id":"init""#) {
+                break;
+            }
+        }
+        assert!(contains(&s.line, b"\"result\""), "initialize failed: {}", String::from_utf8_lossy(&s.line));
+        s.write(b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n");
+        s
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let input = self.input.as_mut().expect("stdin open");
+        if let Err(e) = input.write_all(bytes) {
+            panic!("load bench: writing to the path failed: {e}");
+        }
+    }
+
+    fn read_line(&mut self) {
+        self.line.clear();
+        match self.output.read_until(b'\n', &mut self.line) {
+            Ok(0) => panic!("load bench: the path closed its output (exited?)"),
+            Ok(_) => self.dog.tick(),
+            Err(e) => panic!("load bench: reading from the path failed: {e}"),
+        }
+    }
+
+    /// Reads until a response with a numeric id; returns the id.
+    fn read_response(&mut self) -> u64 {
+        loop {
+            self.read_line();
+            let Some(at) = find(&self.line, b"\"id\":") else { continue };
+            let digits = &self.line[at + 5..];
+            let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
+            if end == 0 {
+                continue; // a string id: a request from the server, not ours
+            }
+            if self.line.len() < TEXT_LEN || !contains(&self.line, b"\"result\"") {
+                if contains(&self.line, b"\"method\"") {
+                    continue;
+                }
+                panic!("load bench: unexpected answer: {}", String::from_utf8_lossy(&self.line));
+            }
+            return std::str::from_utf8(&digits[..end]).unwrap().parse().unwrap();
+        }
+    }
+
+    /// A closed loop of `count` echo calls with `in_flight` outstanding; latencies (ns) and elapsed.
+    fn run(&mut self, count: usize, in_flight: usize) -> (Vec<u64>, Duration) {
+        let first = self.next_id;
+        self.next_id += count as u64;
+        let text = "abcdefghijklmnopqrstuvwxyz0123456789".repeat(TEXT_LEN / 36 + 1);
+        let text = &text[..TEXT_LEN];
+        let requests: Vec<Vec<u8>> = (0..count as u64)
+            .map(|i| {
+                format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":{},\"method\":\"tools/call\",\"params\":{{\"name\":\"echo\",\"arguments\":{{\"text\":\"{text}\"}}}}}}\n",
+                    first + i
+                )
+                .into_bytes()
+            })
+            .collect();
+        let started = Instant::now();
+        let mut sent_at = vec![started; count];
+        let mut latencies = Vec::with_capacity(count);
+        let mut out = Vec::with_capacity(in_flight * (TEXT_LEN + 200));
+        let mut next = 0;
+        while next < count.min(in_flight) {
+            sent_at[next] = Instant::now();
+            out.extend_from_slice(&requests[next]);
+            next += 1;
+        }
+        self.write(&out);
+        out.clear();
+        while latencies.len() < count {
+            // Every answer already buffered, then one write for the requests they free.
+            loop {
+                let id = self.read_response();
+                let now = Instant::now();
+                let idx = id.checked_sub(first).filter(|i| *i < count as u64).expect("id in range") as usize;
+                latencies.push((now - sent_at[idx]).as_nanos() as u64);
+                if next < count {
+                    sent_at[next] = now;
+                    out.extend_from_slice(&requests[next]);
+                    next += 1;
+                }
+                if latencies.len() == count || !self.output.buffer().contains(&b'\n') {
+                    break;
+                }
+            }
+            if !out.is_empty() {
+                self.write(&out);
+                out.clear();
+            }
+        }
+        (latencies, started.elapsed())
+    }
+
+    /// Closes stdin and waits (5 s at most) for the path to exit.
+    fn finish(&mut self) {
+        self.dog.stage("shutdown".into());
+        drop(self.input.take());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        drop(self.input.take());
+        kill_group(u64::from(self.child.id()));
+        let _ = self.child.wait();
+        self.dog.pgid.store(0, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Stats {
+    p50_us: f64,
+    p99_us: f64,
+    rate: f64,
+}
+
+fn main() {
+    let calls64: usize = std::env::var("LOAD_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let calls_at = |level: usize| match level {
+        1 => (calls64 / 4).max(10),
+        8 => (calls64 / 2).max(10),
+        _ => calls64.max(10),
+    };
+    let dog = Watchdog::start();
+    let started = Instant::now();
+
+    // Idle RSS: initialize, one call, 300 ms.
+    let mut idle = Vec::new();
+    for path in [Path::Direct, Path::Proxy, Path::ProxyNoTasks] {
+        let mut s = Session::start(path, &dog);
+        dog.stage(format!("idle call on {}", path.name()));
+        s.run(1, 1);
+        std::thread::sleep(Duration::from_millis(300));
+        idle.push((path, rss_kib(s.pid())));
+        s.finish();
+    }
+
+    let mut results: Vec<(Path, usize, Vec<Stats>)> = Vec::new();
+    for path in Path::ALL {
+        for level in LEVELS {
+            results.push((path, level, Vec::new()));
+        }
+    }
+    let mut rss_loaded: Vec<(Path, u64)> = vec![(Path::Proxy, 0), (Path::ProxyNoTasks, 0)];
+    for rep in 0..REPS {
+        for (li, level) in LEVELS.into_iter().enumerate() {
+            for k in 0..Path::ALL.len() {
+                let path = Path::ALL[(k + rep + li) % Path::ALL.len()];
+                let count = calls_at(level);
+                let mut s = Session::start(path, &dog);
+                dog.stage(format!("warm-up of {} at {level} in flight", path.name()));
+                s.run((count / 10).max(200), level);
+                dog.stage(format!("run {} of {} at {level} in flight", rep + 1, path.name()));
+                let (mut lat, elapsed) = s.run(count, level);
+                if level == 64 {
+                    for (p, rss) in rss_loaded.iter_mut() {
+                        if *p == path {
+                            *rss = (*rss).max(rss_kib(s.pid()));
+                        }
+                    }
+                }
+                s.finish();
+                drop(s);
+                lat.sort_unstable();
+                let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1e3;
+                let stats = Stats {
+                    p50_us: pct(0.50),
+                    p99_us: pct(0.99),
+                    rate: count as f64 / elapsed.as_secs_f64(),
+                };
+                results.iter_mut().find(|r| r.0 == path && r.1 == level).unwrap().2.push(stats);
+            }
+        }
+    }
+
+    let median = |path: Path, level: usize| -> Stats {
+        let runs = &results.iter().find(|r| r.0 == path && r.1 == level).unwrap().2;
+        let med = |f: fn(&Stats) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        Stats { p50_us: med(|s| s.p50_us), p99_us: med(|s| s.p99_us), rate: med(|s| s.rate) }
+    };
+
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!(
+        "1 KB `tools/call` (echo), {cores} cores, calls at 1/8/64 in flight: {}/{}/{}, median of {REPS} runs\n",
+        calls_at(1),
+        calls_at(8),
+        calls_at(64)
+    );
+    println!("| path | in flight | p50 µs | p99 µs | calls/s | p50 vs direct | calls/s vs direct |");
+    println!("|---|---|---|---|---|---|---|");
+    for level in LEVELS {
+        let direct = median(Path::Direct, level);
+        for path in Path::ALL {
+            let m = median(path, level);
+            println!(
+                "| {} | {level} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+                path.name(),
+                m.p50_us,
+                m.p99_us,
+                m.rate,
+                m.p50_us / direct.p50_us,
+                m.rate / direct.rate
+            );
+        }
+    }
+    println!();
+    let mb = |kib: u64| kib as f64 / 1024.0;
+    let idle_of = |p: Path| idle.iter().find(|i| i.0 == p).map(|i| i.1).unwrap_or(0);
+    let loaded_of = |p: Path| rss_loaded.iter().find(|i| i.0 == p).map(|i| i.1).unwrap_or(0);
+    println!(
+        "idle RSS of mcp-asyncify: {:.1} MB (--no-tasks: {:.1} MB; the upstream alone: {:.1} MB)",
+        mb(idle_of(Path::Proxy)),
+        mb(idle_of(Path::ProxyNoTasks)),
+        mb(idle_of(Path::Direct))
+    );
+    println!(
+        "RSS of mcp-asyncify after the 64-in-flight load: {:.1} MB (--no-tasks: {:.1} MB)",
+        mb(loaded_of(Path::Proxy)),
+        mb(loaded_of(Path::ProxyNoTasks))
+    );
+    let p50_ratio = |p: Path| median(p, 1).p50_us / median(Path::Direct, 1).p50_us;
+    let rate_ratio = |p: Path| median(p, 64).rate / median(Path::Direct, 64).rate;
+    println!(
+        "p50 at 1 in flight: proxy/direct = {:.2} (goal ≤ 1.10) (--no-tasks: {:.2}; byte relay: {:.2})",
+        p50_ratio(Path::Proxy),
+        p50_ratio(Path::ProxyNoTasks),
+        p50_ratio(Path::Relay)
+    );
+    println!(
+        "throughput at 64 in flight: proxy/direct = {:.2} (goal ≥ 0.90) (--no-tasks: {:.2}; byte relay: {:.2})",
+        rate_ratio(Path::Proxy),
+        rate_ratio(Path::ProxyNoTasks),
+        rate_ratio(Path::Relay)
+    );
+    println!("(bench took {:.0} s)", started.elapsed().as_secs_f64());
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -20,6 +20,23 @@ pub struct Config {
     pub tasks: TasksConfig,
     /// Notion's async protocol (`allow_async` → `async_task` → `notion-get-async-task`).
     pub notion: NotionConfig,
+    /// OpenTelemetry export (OTLP itself is configured by the standard `OTEL_*` variables).
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: where metrics are served.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Serve Prometheus text at `http://ADDR/metrics` (and `/healthz`); empty: off.
+    pub metrics_listen: String,
+}
+
+impl TelemetryConfig {
+    /// The parsed address, if any.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_listen.trim().parse().ok()
+    }
 }
 
 /// Whether the Notion adapter runs.
@@ -218,6 +235,8 @@ pub struct Overrides {
     pub no_tasks: bool,
     /// `--notion-budget` / `MCP_ASYNCIFY_NOTION_BUDGET`.
     pub notion_budget: Option<u32>,
+    /// `--metrics-listen` / `MCP_ASYNCIFY_METRICS_LISTEN`.
+    pub metrics_listen: Option<String>,
     /// `--profile` / `MCP_ASYNCIFY_PROFILE`: a built-in base configuration (used when no file is given).
     pub profile: Option<String>,
 }
@@ -341,6 +360,9 @@ impl Config {
         if let Some(v) = o.notion_budget {
             self.notion.budget_per_second = v;
         }
+        if let Some(v) = &o.metrics_listen {
+            self.telemetry.metrics_listen = v.clone();
+        }
     }
 
     /// Checks every value against its allowed range.
@@ -449,6 +471,16 @@ impl Config {
                 allowed: format!(
                     "allowed: error, warn, info, debug, trace, or a RUST_LOG filter such as `mcp_asyncify=debug` ({e})"
                 ),
+            });
+        }
+        let listen = self.telemetry.metrics_listen.trim();
+        if !listen.is_empty() && self.telemetry.metrics_addr().is_none() {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.metrics_listen",
+                value: listen.to_string(),
+                allowed:
+                    "allowed: an IP address and port such as 127.0.0.1:9464 or [::1]:9464, or empty for off"
+                        .into(),
             });
         }
         Ok(())

@@ -15,6 +15,8 @@
 //! * [`notion`] — Notion's async protocol (`allow_async` → `async_task` → polling) as standard tasks,
 //!   within one shared request budget per upstream.
 //! * [`tasks`] — the Tasks engine: model, store, lifecycle (creation, waits, cancel, paging, expiry).
+//! * [`telemetry`] — OpenTelemetry metrics and traces of every request and every task's life, exported
+//!   as Prometheus text (`--metrics-listen`) and OTLP (the standard `OTEL_*` variables).
 //! * [`logging`] — logs to stderr, text or JSON; stdout is reserved for JSON-RPC.
 
 pub mod config;
@@ -25,4 +27,5 @@ pub mod notion;
 pub mod proxy;
 pub mod sim;
 pub mod tasks;
+pub mod telemetry;
 pub mod transport;

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use mcp_asyncify::config::{Config, LogFormat, Overrides};
+use mcp_asyncify::telemetry::{Telemetry, TelemetryOptions};
 use std::path::PathBuf;
 
 /// A transparent MCP proxy that turns slow tool calls into MCP Tasks.
@@ -64,6 +65,11 @@ struct CommonArgs {
     #[arg(long, global = true, env = "MCP_ASYNCIFY_NOTION_BUDGET", value_name = "N")]
     notion_budget: Option<u32>,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). OTLP export is set by the
+    /// standard OTEL_EXPORTER_OTLP_* variables.
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
+
     /// Do not offer tasks at all: a pure passthrough.
     #[arg(long, global = true)]
     no_tasks: bool,
@@ -97,6 +103,7 @@ fn main() {
         task_tools: cli.common.task_tools.clone(),
         no_tasks: cli.common.no_tasks,
         notion_budget: cli.common.notion_budget,
+        metrics_listen: cli.common.metrics_listen.clone(),
         profile: cli.common.profile.clone(),
     };
     let mut overrides = overrides;
@@ -110,7 +117,13 @@ fn main() {
     };
     mcp_asyncify::logging::init(&config.log);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The wrapper runs on one thread: a message then crosses the proxy without a single thread
+    // hand-off (the upstream and the client have the other cores). The other modes use them all.
+    let mut builder = match cli.mode {
+        None => tokio::runtime::Builder::new_current_thread(),
+        Some(_) => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => fail(&format!("cannot start the async runtime: {e}"), 1),
     };
@@ -132,10 +145,19 @@ fn main() {
                 "no upstream server given: put its command after `--`, e.g. `mcp-asyncify -- npx -y @modelcontextprotocol/server-everything` (see --help)",
                 2,
             ),
-            None => match mcp_asyncify::proxy::wrapper::run(&config, &cli.command).await {
-                Ok(code) => code,
-                Err(e) => fail(&format!("{e:#}"), 1),
-            },
+            None => {
+                let options = TelemetryOptions { metrics_listen: config.telemetry.metrics_addr() };
+                let telemetry = match Telemetry::init(&options).await {
+                    Ok(t) => t,
+                    Err(e) => fail(&format!("{e:#}"), 2),
+                };
+                let code = match mcp_asyncify::proxy::wrapper::run(&config, &cli.command).await {
+                    Ok(code) => code,
+                    Err(e) => fail(&format!("{e:#}"), 1),
+                };
+                telemetry.shutdown().await;
+                code
+            }
         }
     });
     // Exit at once: the runtime would otherwise wait on the blocking read of stdin.

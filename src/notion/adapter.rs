@@ -200,8 +200,13 @@ impl NotionAdapter {
                 r = self.call(upstream, "tools/call", &params, true) => r,
                 _ = stopped(&mut stop) => return,
             };
+            let answer = match &reply {
+                Ok(Reply::Result(raw)) => Some(classify(raw, default_wait)),
+                _ => None,
+            };
+            count_request(task_id, "start", start_outcome(answer.as_ref()));
             match reply {
-                Ok(Reply::Result(raw)) => match classify(&raw, default_wait) {
+                Ok(Reply::Result(raw)) => match answer.expect("classified above") {
                     NotionAnswer::RateLimited(wait) => {
                         tracing::info!(
                             task_id,
@@ -252,9 +257,14 @@ impl NotionAdapter {
             };
             let raw = match reply {
                 Ok(Reply::Result(raw)) => raw,
-                other => return finish_other(engine, task_id, other),
+                other => {
+                    count_request(task_id, "poll", "error");
+                    return finish_other(engine, task_id, other);
+                }
             };
-            match classify(&raw, default_wait) {
+            let answer = classify(&raw, default_wait);
+            count_request(task_id, "poll", poll_outcome(&answer));
+            match answer {
                 NotionAnswer::RateLimited(wait) => {
                     tracing::info!(
                         task_id,
@@ -324,6 +334,44 @@ impl NotionAdapter {
             false => self.scheduler.acquire().await,
         }
         upstream.request(method, Some(params), None).await
+    }
+}
+
+/// Counts one of the proxy's requests to Notion, and marks it on the task's span.
+fn count_request(task_id: &str, request: &'static str, outcome: &'static str) {
+    let attrs = [
+        opentelemetry::KeyValue::new("asyncify.notion.request", request),
+        opentelemetry::KeyValue::new("asyncify.notion.outcome", outcome),
+    ];
+    crate::telemetry::metrics().notion_requests.add(1, &attrs);
+    crate::telemetry::trace::task_event(
+        task_id,
+        if request == "poll" { "poll" } else { "start" },
+        attrs.to_vec(),
+    );
+}
+
+fn start_outcome(answer: Option<&NotionAnswer>) -> &'static str {
+    match answer {
+        None => "error",
+        Some(NotionAnswer::RateLimited(_)) => "rate_limited",
+        Some(NotionAnswer::AsyncTask { .. }) => "async_task",
+        Some(_) => "sync",
+    }
+}
+
+fn poll_outcome(answer: &NotionAnswer) -> &'static str {
+    match answer {
+        NotionAnswer::RateLimited(_) => "rate_limited",
+        NotionAnswer::Status { status, .. } => match status.as_str() {
+            "queued" => "queued",
+            "running" => "running",
+            "retrying" => "retrying",
+            "succeeded" => "succeeded",
+            "failed" => "failed",
+            _ => "other",
+        },
+        _ => "unreadable",
     }
 }
 

@@ -107,6 +107,7 @@ impl PollScheduler {
     /// Notion said `rate_limited`: hold every request back for `wait`.
     pub fn pause_for(&self, wait: Duration) {
         self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::metrics().notion_wait.record(wait.as_secs_f64(), &[]);
         let until = Instant::now() + wait;
         let mut paused = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
         if paused.is_none_or(|p| p < until) {

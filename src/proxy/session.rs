@@ -14,8 +14,9 @@ use crate::notion::adapter::NotionAdapter;
 use crate::notion::poll::PollScheduler;
 use crate::tasks::engine::TaskEngine;
 use crate::tasks::store::memory::MemoryStore;
+use crate::telemetry::trace::Operations;
 use crate::transport::lines::{Line, LineReader, LineSink};
-use crate::transport::lines::{LineCloser, spawn_line_writer};
+use crate::transport::lines::{LineCloser, spawn_line_writer, spawn_observed_line_writer};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -67,7 +68,12 @@ impl Session {
         C: AsyncWrite + Unpin + Send + 'static,
         U: AsyncWrite + Unpin + Send + 'static,
     {
-        let (client_sink, client_closer) = spawn_line_writer(client_out, QUEUE);
+        // With telemetry on, the answers going to the client end their requests' measurements.
+        let ops = Operations::active().then(|| Arc::new(Operations::default()));
+        let observer = ops.clone().map(|ops| {
+            Arc::new(move |line: &[u8]| ops.observe_client_line(line)) as crate::transport::lines::Observer
+        });
+        let (client_sink, client_closer) = spawn_observed_line_writer(client_out, QUEUE, observer);
         let (upstream_sink, upstream_closer) = spawn_line_writer(upstream_in, QUEUE);
         let pending = Arc::new(Pending::new());
         let (exit, exit_rx) = tokio::sync::watch::channel::<Option<String>>(None);
@@ -88,6 +94,7 @@ impl Session {
             pending,
             intercept.clone(),
             config.proxy.max_message_bytes,
+            ops,
         ));
         Session { router, client_closer, upstream_closer, intercept, exit }
     }
@@ -107,6 +114,7 @@ pub struct Router {
     pending: Arc<Pending>,
     intercept: Arc<Interceptor>,
     max_message_bytes: usize,
+    ops: Option<Arc<Operations>>,
 }
 
 impl Router {
@@ -118,8 +126,9 @@ impl Router {
         pending: Arc<Pending>,
         intercept: Arc<Interceptor>,
         max_message_bytes: usize,
+        ops: Option<Arc<Operations>>,
     ) -> Self {
-        Router { client, upstream, pending, intercept, max_message_bytes }
+        Router { client, upstream, pending, intercept, max_message_bytes, ops }
     }
 
     /// Reads client messages until the client's stream ends.
@@ -205,12 +214,21 @@ impl Router {
             Kind::Request => {
                 let id = env.id.clone().expect("a request has an id");
                 let method = env.method.unwrap_or_default();
+                if let Some(ops) = &self.ops {
+                    ops.started(&id, method, env.params);
+                }
                 let rewrite = match self.intercept.on_client_request(&id, method, env.params).await {
                     Decision::Forward(rewrite) => rewrite,
                     Decision::Handled => return,
                 };
                 if !self.pending.track_client(id.clone(), method, rewrite) {
                     tracing::warn!(%id, method, "the client reused the id of a request still in flight");
+                }
+                // With traces on, the request carries our CLIENT span's traceparent upstream.
+                if let Some(traced) = self.ops.as_ref().and_then(|ops| ops.forwarded(&id, &line)) {
+                    drop(env);
+                    self.upstream.send(traced).await;
+                    return;
                 }
             }
             Kind::Notification if env.method == Some("notifications/cancelled") => {
@@ -275,6 +293,9 @@ impl Router {
                         }
                     }
                     return;
+                }
+                if let Some(ops) = &self.ops {
+                    ops.upstream_answered(id, env.error.map(crate::telemetry::trace::error_code));
                 }
                 if let Some(req) = self.pending.finish_client(id)
                     && let Some(rewritten) =

@@ -67,7 +67,13 @@ impl Upstream {
             self.pending.forget_own(&id);
             return Err(UpstreamError::Gone(self.gone_reason()));
         }
-        Ok(InFlight { id, rx, upstream: self.clone() })
+        Ok(InFlight {
+            id,
+            rx,
+            upstream: self.clone(),
+            method: method.to_owned(),
+            sent: std::time::Instant::now(),
+        })
     }
 
     /// Sends `method` on behalf of a task: its answer completes the task (through the router) instead of
@@ -114,6 +120,8 @@ pub struct InFlight {
     id: jsonrpc::Id,
     rx: tokio::sync::oneshot::Receiver<Reply>,
     upstream: Upstream,
+    method: String,
+    sent: std::time::Instant,
 }
 
 impl InFlight {
@@ -124,7 +132,7 @@ impl InFlight {
 
     /// Waits for the answer (optionally bounded by `timeout`).
     pub async fn reply(self, timeout: Option<Duration>) -> Result<Reply, UpstreamError> {
-        let InFlight { id, rx, upstream } = self;
+        let InFlight { id, rx, upstream, method, sent } = self;
         let answer = match timeout {
             Some(t) => match tokio::time::timeout(t, rx).await {
                 Ok(answer) => answer,
@@ -135,7 +143,21 @@ impl InFlight {
             },
             None => rx.await,
         };
-        answer.map_err(|_| UpstreamError::Gone(upstream.gone_reason()))
+        let answer = answer.map_err(|_| UpstreamError::Gone(upstream.gone_reason()));
+        if crate::telemetry::metrics_on() {
+            let mut attrs = vec![
+                opentelemetry::KeyValue::new("mcp.method.name", method),
+                opentelemetry::KeyValue::new("network.transport", "pipe"),
+            ];
+            match &answer {
+                Ok(Reply::Error(e)) => attrs
+                    .push(opentelemetry::KeyValue::new("error.type", crate::telemetry::trace::error_code(e))),
+                Err(_) => attrs.push(opentelemetry::KeyValue::new("error.type", "upstream_gone")),
+                Ok(_) => {}
+            }
+            crate::telemetry::metrics().client_operation.record(sent.elapsed().as_secs_f64(), &attrs);
+        }
+        answer
     }
 
     /// Gives up on the answer (it will be dropped when it comes).

@@ -17,7 +17,7 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
 
     // In stdio the auth context is the process: one client, one owner.
     let owner = format!("stdio:{}", uuid::Uuid::new_v4());
-    let mut session = Session::new(config, &Shared::new(config), owner, tokio::io::stdout(), child_in);
+    let mut session = Session::new(config, &Shared::new(config), owner, stdio::client_output(), child_in);
     let router = session.router.clone();
     let mut upstream_pump = tokio::spawn({
         let router = router.clone();
@@ -25,7 +25,7 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
     });
     let mut client_pump = tokio::spawn({
         let router = router.clone();
-        async move { router.pump_client(tokio::io::stdin()).await }
+        async move { router.pump_client(stdio::client_input()).await }
     });
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -9,7 +9,9 @@
 use super::model::{Origin, Outcome, TaskRecord, TaskStatus};
 use super::store::{StoreError, TaskStore};
 use crate::config::TasksConfig;
+use crate::telemetry::{self, metrics::task_attrs};
 use dashmap::DashMap;
+use opentelemetry::KeyValue;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -95,12 +97,17 @@ impl TaskEngine {
             status_message: None,
             created_at: now,
             last_updated_at: now,
+            state_since: now,
             ttl_ms,
             poll_interval_ms: self.config.poll_interval_ms,
             outcome: None,
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
         };
         self.store.insert(record.clone(), self.config.max_live_tasks)?;
+        let attrs = task_attrs(tool, origin.as_str());
+        telemetry::metrics().task_created.add(1, &attrs);
+        telemetry::metrics().task_active.add(1, &[KeyValue::new("asyncify.task.status", "working")]);
+        telemetry::trace::task_started(&record.id, tool, origin.as_str());
         tracing::info!(
             task_id = %record.id, tool, origin = origin.as_str(), owner = %owner_hash(owner),
             status = "working", ttl_ms, "task created"
@@ -196,13 +203,19 @@ impl TaskEngine {
         outcome: Option<Outcome>,
     ) -> Option<TaskRecord> {
         let mut outcome = outcome;
+        let mut left: Option<(TaskStatus, SystemTime)> = None;
+        let now = SystemTime::now();
         let record = self.store.update(id, &mut |r| {
             if !r.status.can_become(status) {
                 return false;
             }
+            if r.status != status {
+                left = Some((r.status, r.state_since));
+                r.state_since = now.max(r.created_at);
+            }
             r.status = status;
             r.status_message = message.clone();
-            r.last_updated_at = SystemTime::now().max(r.created_at);
+            r.last_updated_at = now.max(r.created_at);
             if status.is_terminal() {
                 r.outcome = outcome.take();
             }
@@ -210,18 +223,59 @@ impl TaskEngine {
         })?;
         let elapsed_ms =
             record.last_updated_at.duration_since(record.created_at).unwrap_or_default().as_millis() as u64;
+        let in_state_ms =
+            left.map_or(0, |(_, since)| now.duration_since(since).unwrap_or_default().as_millis() as u64);
+        // The audit line: one per transition, with the task, its tool, its owner's hash and the timing.
         tracing::info!(
+            target: "mcp_asyncify::audit",
             task_id = %record.id, tool = %record.tool, origin = record.origin.as_str(),
-            owner = %owner_hash(&record.owner), status = status.as_str(), elapsed_ms,
+            owner = %owner_hash(&record.owner),
+            from = left.map_or(status.as_str(), |(s, _)| s.as_str()), status = status.as_str(),
+            in_state_ms, elapsed_ms,
             message = record.status_message.as_deref().unwrap_or(""), "task status"
         );
+        self.measure_transition(&record, left);
         self.wake(id, status.is_terminal());
         let _ = self.events.send(StatusEvent { owner: record.owner.clone(), task: record.clone() });
         Some(record)
     }
 
+    /// Records a transition in the task metrics and the task's span.
+    fn measure_transition(&self, record: &TaskRecord, left: Option<(TaskStatus, SystemTime)>) {
+        let m = telemetry::metrics();
+        let [tool, origin] = task_attrs(&record.tool, record.origin.as_str());
+        if let Some((old, since)) = left {
+            let spent = record.state_since.duration_since(since).unwrap_or_default();
+            let state = KeyValue::new("asyncify.task.state", old.as_str());
+            m.task_state.record(spent.as_secs_f64(), &[tool.clone(), origin.clone(), state]);
+            m.task_active.add(-1, &[KeyValue::new("asyncify.task.status", old.as_str())]);
+            if !record.status.is_terminal() {
+                m.task_active.add(1, &[KeyValue::new("asyncify.task.status", record.status.as_str())]);
+            }
+        }
+        let mut event = vec![KeyValue::new("asyncify.task.status", record.status.as_str())];
+        if let Some(msg) = &record.status_message {
+            event.push(KeyValue::new("asyncify.task.status_message", msg.clone()));
+        }
+        telemetry::trace::task_event(&record.id, "status", event);
+        if record.status.is_terminal() && left.is_some() {
+            let total = record.last_updated_at.duration_since(record.created_at).unwrap_or_default();
+            let status = KeyValue::new("asyncify.task.status", record.status.as_str());
+            m.task_duration.record(total.as_secs_f64(), &[tool, origin, status]);
+            telemetry::trace::task_ended(&record.id, record.status.as_str());
+        }
+    }
+
     /// Deletes a task that turned out not to be needed (never seen by a client).
     pub fn discard(&self, id: &str) {
+        if let Some(r) = self.store.get(id)
+            && !r.status.is_terminal()
+        {
+            telemetry::metrics()
+                .task_active
+                .add(-1, &[KeyValue::new("asyncify.task.status", r.status.as_str())]);
+        }
+        telemetry::trace::task_ended(id, "discarded");
         self.store.remove(id);
         self.cancels.remove(id);
         self.wake(id, true);
@@ -337,8 +391,12 @@ impl TaskEngine {
         let expired = self.store.expired(now);
         for id in &expired {
             if let Some(record) = self.store.remove(id) {
+                let m = telemetry::metrics();
+                m.task_expired.add(1, &task_attrs(&record.tool, record.origin.as_str()));
                 if !record.status.is_terminal() {
                     self.stop_work(id);
+                    m.task_active.add(-1, &[KeyValue::new("asyncify.task.status", record.status.as_str())]);
+                    telemetry::trace::task_ended(id, "expired");
                 }
                 tracing::info!(
                     task_id = %record.id, tool = %record.tool, owner = %owner_hash(&record.owner),

@@ -97,6 +97,8 @@ pub struct TaskRecord {
     pub created_at: SystemTime,
     /// When anything about it last changed.
     pub last_updated_at: SystemTime,
+    /// When it entered its current status (for the time-per-state metric).
+    pub state_since: SystemTime,
     /// Retention from creation, in milliseconds.
     pub ttl_ms: u64,
     /// Suggested polling interval, in milliseconds.
@@ -178,6 +180,7 @@ mod tests {
             status_message: None,
             created_at: t,
             last_updated_at: t,
+            state_since: t,
             ttl_ms: 60_000,
             poll_interval_ms: 1000,
             outcome: None,

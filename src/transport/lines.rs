@@ -133,8 +133,23 @@ impl LineCloser {
     }
 }
 
+/// Sees each line just before it is written (telemetry watches the answers going to the client).
+pub type Observer = std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Starts a task that writes lines to `out`; `capacity` bounds the queue so a slow reader pushes back.
 pub fn spawn_line_writer<W>(out: W, capacity: usize) -> (LineSink, LineCloser)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    spawn_observed_line_writer(out, capacity, None)
+}
+
+/// [`spawn_line_writer`], with an observer called on the writer's task for every line.
+pub fn spawn_observed_line_writer<W>(
+    out: W,
+    capacity: usize,
+    observer: Option<Observer>,
+) -> (LineSink, LineCloser)
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -157,16 +172,16 @@ where
                         }
                         // Drain what was queued before the close, then stop.
                         while let Ok(line) = rx.try_recv() {
-                            write_line(&mut out, &line).await?;
+                            write_line(&mut out, &line, observer.as_ref()).await?;
                         }
                         break;
                     }
                 };
                 let Some(line) = line else { break };
-                write_line(&mut out, &line).await?;
+                write_line(&mut out, &line, observer.as_ref()).await?;
                 // Coalesce a burst into one flush.
                 while let Ok(line) = rx.try_recv() {
-                    write_line(&mut out, &line).await?;
+                    write_line(&mut out, &line, observer.as_ref()).await?;
                 }
                 out.flush().await?;
             }
@@ -182,7 +197,14 @@ where
     (LineSink { tx }, LineCloser { close: Some(close_tx), done: done_rx })
 }
 
-async fn write_line<W: AsyncWrite + Unpin>(out: &mut W, line: &[u8]) -> std::io::Result<()> {
+async fn write_line<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    line: &[u8],
+    observer: Option<&Observer>,
+) -> std::io::Result<()> {
+    if let Some(observe) = observer {
+        observe(line);
+    }
     out.write_all(line).await?;
     out.write_all(b"\n").await
 }

@@ -138,3 +138,69 @@ fn signal_name(sig: i32) -> &'static str {
         _ => "",
     }
 }
+
+/// Our own stdin as an async reader. A pipe or a socket (what MCP hosts give a stdio server) is read
+/// through the runtime's event loop; anything else (a terminal, a file) through tokio's blocking
+/// reader. The event loop saves a thread hand-off per message, which is most of the proxy's latency.
+pub fn client_input() -> Box<dyn tokio::io::AsyncRead + Unpin + Send> {
+    match own_fd(libc::STDIN_FILENO) {
+        Some(Fd::Pipe(f)) => match tokio::net::unix::pipe::Receiver::from_file(f) {
+            Ok(r) => return Box::new(r),
+            Err(e) => tracing::debug!(error = %e, "stdin: falling back to the blocking reader"),
+        },
+        Some(Fd::Socket(s)) => match tokio::net::UnixStream::from_std(s) {
+            Ok(s) => return Box::new(s),
+            Err(e) => tracing::debug!(error = %e, "stdin: falling back to the blocking reader"),
+        },
+        None => {}
+    }
+    Box::new(tokio::io::stdin())
+}
+
+/// Our own stdout as an async writer (see [`client_input`]).
+pub fn client_output() -> Box<dyn tokio::io::AsyncWrite + Unpin + Send> {
+    match own_fd(libc::STDOUT_FILENO) {
+        Some(Fd::Pipe(f)) => match tokio::net::unix::pipe::Sender::from_file(f) {
+            Ok(w) => return Box::new(w),
+            Err(e) => tracing::debug!(error = %e, "stdout: falling back to the blocking writer"),
+        },
+        Some(Fd::Socket(s)) => match tokio::net::UnixStream::from_std(s) {
+            Ok(s) => return Box::new(s),
+            Err(e) => tracing::debug!(error = %e, "stdout: falling back to the blocking writer"),
+        },
+        None => {}
+    }
+    Box::new(tokio::io::stdout())
+}
+
+enum Fd {
+    Pipe(std::fs::File),
+    Socket(std::os::unix::net::UnixStream),
+}
+
+/// A duplicate of `fd` if it is a pipe or a Unix socket (non-blocking, as the event loop needs).
+fn own_fd(fd: i32) -> Option<Fd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: fstat only writes into the struct we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    if kind != libc::S_IFIFO && kind != libc::S_IFSOCK {
+        return None;
+    }
+    // SAFETY: dup returns a new descriptor we own (or -1).
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        return None;
+    }
+    // SAFETY: `dup` is a valid descriptor nobody else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+    if kind == libc::S_IFIFO {
+        return Some(Fd::Pipe(std::fs::File::from(owned)));
+    }
+    let sock = std::os::unix::net::UnixStream::from(owned);
+    sock.set_nonblocking(true).ok()?;
+    Some(Fd::Socket(sock))
+}

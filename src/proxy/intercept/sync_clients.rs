@@ -93,6 +93,9 @@ impl Interceptor {
             serde_json::to_string(&format!("`{tool}` is still running ({} s)", elapsed.as_secs()))
                 .expect("string")
         );
+        crate::telemetry::metrics()
+            .keepalives
+            .add(1, &[opentelemetry::KeyValue::new("gen_ai.tool.name", tool.to_owned())]);
         self.client.send(jsonrpc::notification("notifications/progress", Some(&params))).await;
     }
 
@@ -110,6 +113,9 @@ impl Interceptor {
             self.engine.discard(&record.id);
             return;
         }
+        crate::telemetry::metrics()
+            .handoffs
+            .add(1, &[opentelemetry::KeyValue::new("gen_ai.tool.name", tool.to_owned())]);
         tracing::info!(%id, tool, task_id = %record.id, waited_ms = started.elapsed().as_millis() as u64, "handed off a slow call as a task");
         let text = format!(
             "`{tool}` is taking longer than {:.0} s, so it goes on in the background as task {id_}. Nothing is lost: \

@@ -117,6 +117,7 @@ mod tests {
             status_message: None,
             created_at: now,
             last_updated_at: now,
+            state_since: now,
             ttl_ms,
             poll_interval_ms: 1000,
             outcome: None,

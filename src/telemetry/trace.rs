@@ -1,0 +1,288 @@
+//! Spans and per-request measurement.
+//!
+//! A client request gets a SERVER span (continuing the client's trace when its `params._meta` carries a
+//! W3C `traceparent`) and, when it goes upstream, a CLIENT span whose `traceparent` is written into the
+//! forwarded request's `params._meta`, so the trace continues to the upstream. Each task has a span
+//! covering its whole life, with an event at each transition and each Notion poll. When traces are off
+//! nothing is rewritten: passthrough stays byte-exact.
+
+use super::metrics::metrics;
+use crate::jsonrpc::{Envelope, Id, Kind};
+use dashmap::DashMap;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue, global};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+static TRACE_ON: AtomicBool = AtomicBool::new(false);
+
+pub(super) fn enable() {
+    TRACE_ON.store(true, Ordering::Relaxed);
+}
+
+/// Whether spans are exported.
+pub fn trace_on() -> bool {
+    TRACE_ON.load(Ordering::Relaxed)
+}
+
+fn tracer() -> global::BoxedTracer {
+    global::tracer("mcp-asyncify")
+}
+
+/// The `traceparent` of a span context.
+pub fn traceparent(cx: &Context) -> Option<String> {
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+}
+
+/// A context continuing `traceparent` (and `tracestate`), or the empty context.
+pub fn extract(traceparent: Option<&str>, tracestate: Option<&str>) -> Context {
+    use opentelemetry::propagation::TextMapPropagator;
+    let Some(tp) = traceparent else { return Context::new() };
+    let mut carrier = std::collections::HashMap::new();
+    carrier.insert("traceparent".to_string(), tp.to_string());
+    if let Some(ts) = tracestate {
+        carrier.insert("tracestate".to_string(), ts.to_string());
+    }
+    opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier)
+}
+
+/// What is known of a client request while it is answered.
+struct Operation {
+    started: Instant,
+    method: String,
+    tool: Option<String>,
+    server: Option<Context>,
+    client: Option<(Instant, Context)>,
+}
+
+/// The client requests of one session being answered, for their durations and spans.
+#[derive(Default)]
+pub struct Operations {
+    open: DashMap<Id, Operation>,
+}
+
+fn op_attrs(method: &str, tool: Option<&str>) -> Vec<KeyValue> {
+    let mut attrs =
+        vec![KeyValue::new("mcp.method.name", method.to_owned()), KeyValue::new("network.transport", "pipe")];
+    if let Some(t) = tool {
+        attrs.push(KeyValue::new("gen_ai.tool.name", t.to_owned()));
+    }
+    attrs
+}
+
+#[derive(serde::Deserialize)]
+struct CallParams<'a> {
+    #[serde(borrow, default)]
+    name: Option<&'a str>,
+    #[serde(rename = "_meta", borrow, default)]
+    meta: Option<TraceMeta<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct TraceMeta<'a> {
+    #[serde(borrow, default)]
+    traceparent: Option<&'a str>,
+    #[serde(borrow, default)]
+    tracestate: Option<&'a str>,
+}
+
+impl Operations {
+    /// Whether anything is measured at all.
+    pub fn active() -> bool {
+        super::metrics_on() || trace_on()
+    }
+
+    /// A client request arrived: start measuring it (and its SERVER span).
+    pub fn started(&self, id: &Id, method: &str, params: Option<&RawValue>) {
+        let parsed: Option<CallParams<'_>> = params.and_then(|p| serde_json::from_str(p.get()).ok());
+        let tool = parsed.as_ref().and_then(|p| p.name).filter(|_| method == "tools/call").map(str::to_owned);
+        let server = trace_on().then(|| {
+            let meta = parsed.as_ref().and_then(|p| p.meta.as_ref());
+            let parent = extract(meta.and_then(|m| m.traceparent), meta.and_then(|m| m.tracestate));
+            let name = match &tool {
+                Some(t) => format!("{method} {t}"),
+                None => method.to_owned(),
+            };
+            let span = tracer()
+                .span_builder(name)
+                .with_kind(SpanKind::Server)
+                .with_attributes(op_attrs(method, tool.as_deref()))
+                .start_with_context(&tracer(), &parent);
+            parent.with_span(span)
+        });
+        self.open.insert(
+            id.clone(),
+            Operation { started: Instant::now(), method: method.to_owned(), tool, server, client: None },
+        );
+    }
+
+    /// The request goes upstream: with traces on, returns the line with the CLIENT span's
+    /// `traceparent` written into `params._meta` (None: forward the original bytes).
+    pub fn forwarded(&self, id: &Id, line: &[u8]) -> Option<Vec<u8>> {
+        let mut op = self.open.get_mut(id)?;
+        let parent = op.server.clone()?;
+        let name = match &op.tool {
+            Some(t) => format!("{} {t}", op.method),
+            None => op.method.clone(),
+        };
+        let span = tracer()
+            .span_builder(name)
+            .with_kind(SpanKind::Client)
+            .with_attributes(op_attrs(&op.method, op.tool.as_deref()))
+            .start_with_context(&tracer(), &parent);
+        let cx = parent.with_span(span);
+        let tp = traceparent(&cx)?;
+        op.client = Some((Instant::now(), cx));
+        drop(op);
+        with_traceparent(line, &tp)
+    }
+
+    /// The upstream answered a forwarded request (`error`: its error code, if any).
+    pub fn upstream_answered(&self, id: &Id, error: Option<String>) {
+        let Some(mut op) = self.open.get_mut(id) else { return };
+        let method = op.method.clone();
+        let tool = op.tool.clone();
+        let (at, cx) = match op.client.take() {
+            Some(c) => (c.0, Some(c.1)),
+            None => (op.started, None),
+        };
+        drop(op);
+        let mut attrs = op_attrs(&method, tool.as_deref());
+        if let Some(e) = &error {
+            attrs.push(KeyValue::new("error.type", e.clone()));
+        }
+        metrics().client_operation.record(at.elapsed().as_secs_f64(), &attrs);
+        if let Some(cx) = cx {
+            if let Some(e) = error {
+                cx.span().set_status(Status::error(e));
+            }
+            cx.span().end();
+        }
+    }
+
+    /// A line is about to be written to the client: a response ends its request's measurement.
+    pub fn observe_client_line(&self, line: &[u8]) {
+        if self.open.is_empty() {
+            return;
+        }
+        let Ok(env) = Envelope::parse(line) else { return };
+        if env.kind != Kind::Response {
+            return;
+        }
+        let Some(id) = env.id.as_ref() else { return };
+        let Some((_, op)) = self.open.remove(id) else { return };
+        let error = match (env.error, env.result) {
+            (Some(e), _) => Some(error_code(e)),
+            (None, Some(r)) if op.method == "tools/call" && is_tool_error(r) => Some("tool_error".to_owned()),
+            _ => None,
+        };
+        let mut attrs = op_attrs(&op.method, op.tool.as_deref());
+        if let Some(e) = &error {
+            attrs.push(KeyValue::new("error.type", e.clone()));
+        }
+        metrics().server_operation.record(op.started.elapsed().as_secs_f64(), &attrs);
+        if let Some((_, cx)) = op.client {
+            cx.span().end();
+        }
+        if let Some(cx) = op.server {
+            if let Some(e) = error {
+                cx.span().set_status(Status::error(e));
+            }
+            cx.span().end();
+        }
+    }
+
+    /// The session ended: whatever is still open ends now.
+    pub fn close(&self) {
+        self.open.clear();
+    }
+}
+
+/// A JSON-RPC error's code, as `error.type`.
+pub fn error_code(error: &RawValue) -> String {
+    #[derive(serde::Deserialize)]
+    struct Code {
+        code: Option<i64>,
+    }
+    serde_json::from_str::<Code>(error.get())
+        .ok()
+        .and_then(|c| c.code)
+        .map_or_else(|| "_OTHER".to_owned(), |c| c.to_string())
+}
+
+fn is_tool_error(result: &RawValue) -> bool {
+    #[derive(serde::Deserialize)]
+    struct R {
+        #[serde(rename = "isError", default)]
+        is_error: Option<bool>,
+    }
+    serde_json::from_str::<R>(result.get()).ok().and_then(|r| r.is_error).unwrap_or(false)
+}
+
+/// The line with `params._meta.traceparent` set (the rest of the message re-serialised as parsed).
+pub fn with_traceparent(line: &[u8], tp: &str) -> Option<Vec<u8>> {
+    let mut msg: Map<String, Value> = serde_json::from_slice(line).ok()?;
+    let params = msg.entry("params").or_insert_with(|| Value::Object(Map::new())).as_object_mut()?;
+    let meta = params.entry("_meta").or_insert_with(|| Value::Object(Map::new())).as_object_mut()?;
+    meta.insert("traceparent".into(), Value::String(tp.to_owned()));
+    serde_json::to_vec(&msg).ok()
+}
+
+/// The span of each live task, by task id.
+static TASKS: LazyLock<DashMap<String, Context>> = LazyLock::new(DashMap::new);
+
+/// A task was created: its span starts.
+pub fn task_started(task_id: &str, tool: &str, origin: &str) {
+    if !trace_on() {
+        return;
+    }
+    let span = tracer()
+        .span_builder(format!("task {tool}"))
+        .with_kind(SpanKind::Internal)
+        .with_attributes([
+            KeyValue::new("gen_ai.tool.name", tool.to_owned()),
+            KeyValue::new("asyncify.task.origin", origin.to_owned()),
+            KeyValue::new("asyncify.task.id", task_id.to_owned()),
+        ])
+        .start(&tracer());
+    TASKS.insert(task_id.to_owned(), Context::new().with_span(span));
+}
+
+/// Something happened to a task (a transition, a poll).
+pub fn task_event(task_id: &str, name: &'static str, attrs: Vec<KeyValue>) {
+    if let Some(cx) = TASKS.get(task_id) {
+        cx.span().add_event(name, attrs);
+    }
+}
+
+/// A task ended (or expired): its span ends.
+pub fn task_ended(task_id: &str, status: &str) {
+    if let Some((_, cx)) = TASKS.remove(task_id) {
+        let span = cx.span();
+        span.set_attribute(KeyValue::new("asyncify.task.status", status.to_owned()));
+        if status == "failed" {
+            span.set_status(Status::error("task failed"));
+        }
+        span.end();
+    }
+}
+
+/// The `traceparent` to put on a request the proxy makes for a task (a CLIENT span under the task's).
+pub fn task_request(task_id: &str, method: &str, tool: Option<&str>) -> Option<(String, Context)> {
+    let parent = TASKS.get(task_id)?.clone();
+    let span = tracer()
+        .span_builder(match tool {
+            Some(t) => format!("{method} {t}"),
+            None => method.to_owned(),
+        })
+        .with_kind(SpanKind::Client)
+        .with_attributes(op_attrs(method, tool))
+        .start_with_context(&tracer(), &parent);
+    let cx = parent.with_span(span);
+    Some((traceparent(&cx)?, cx))
+}
