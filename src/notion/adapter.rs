@@ -197,7 +197,7 @@ impl NotionAdapter {
         // Start the operation (retrying while Notion says rate_limited).
         let (notion_id, backoff, envelope) = loop {
             let reply = tokio::select! {
-                r = self.call(upstream, "tools/call", &params, true) => r,
+                r = self.call(upstream, task_id, &params, true) => r,
                 _ = stopped(&mut stop) => return,
             };
             let answer = match &reply {
@@ -252,7 +252,7 @@ impl NotionAdapter {
                 }
             }
             let reply = tokio::select! {
-                r = self.call(upstream, "tools/call", &poll_params, false) => r,
+                r = self.call(upstream, task_id, &poll_params, false) => r,
                 _ = stopped(&mut stop) => return,
             };
             let raw = match reply {
@@ -325,7 +325,7 @@ impl NotionAdapter {
     async fn call(
         &self,
         upstream: &Upstream,
-        method: &str,
+        task_id: &str,
         params: &str,
         start: bool,
     ) -> Result<Reply, UpstreamError> {
@@ -333,8 +333,33 @@ impl NotionAdapter {
             true => self.scheduler.acquire_start().await,
             false => self.scheduler.acquire().await,
         }
-        upstream.request(method, Some(params), None).await
+        // With traces on, each request to Notion is a CLIENT span under the task's span.
+        let traced = crate::telemetry::trace::trace_on()
+            .then(|| {
+                let tool = if start { None } else { Some(self.config.poll_tool.as_str()) };
+                crate::telemetry::trace::task_request(task_id, "tools/call", tool)
+            })
+            .flatten();
+        let params = match &traced {
+            Some((tp, _)) => with_meta_traceparent(params, tp),
+            None => params.to_owned(),
+        };
+        let reply = upstream.request("tools/call", Some(&params), None).await;
+        if let Some((_, cx)) = traced {
+            use opentelemetry::trace::TraceContextExt;
+            cx.span().end();
+        }
+        reply
     }
+}
+
+/// `params` with `_meta.traceparent` set.
+fn with_meta_traceparent(params: &str, tp: &str) -> String {
+    let Ok(mut p) = serde_json::from_str::<Map<String, Value>>(params) else { return params.to_owned() };
+    if let Some(meta) = p.entry("_meta").or_insert_with(|| json!({})).as_object_mut() {
+        meta.insert("traceparent".into(), Value::String(tp.to_owned()));
+    }
+    Value::Object(p).to_string()
 }
 
 /// Counts one of the proxy's requests to Notion, and marks it on the task's span.

@@ -92,7 +92,14 @@ impl Upstream {
             self.pending.forget_own(&id);
             return Err(UpstreamError::Gone(why));
         }
-        if !self.sink.send(jsonrpc::request(&id, method, Some(params))).await {
+        let mut line = jsonrpc::request(&id, method, Some(params));
+        // With traces on, the call carries a CLIENT span under the task's span.
+        if let Some(tp) = crate::telemetry::trace::task_call(task_id, method, params)
+            && let Some(traced) = crate::telemetry::trace::with_traceparent(&line, &tp)
+        {
+            line = traced;
+        }
+        if !self.sink.send(line).await {
             self.pending.forget_own(&id);
             return Err(UpstreamError::Gone(self.gone_reason()));
         }

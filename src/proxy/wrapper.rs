@@ -12,6 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// Runs the wrapper until the session ends; returns the process exit code.
 pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
+    let started = std::time::Instant::now();
     let (mut process, child_in, child_out) = UpstreamProcess::spawn(command)?;
     tracing::info!(upstream = %process.description(), pid = process.pid(), "upstream started");
 
@@ -89,5 +90,9 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
         }
     };
     session.client_closer.close().await;
+    crate::telemetry::metrics().server_session.record(
+        started.elapsed().as_secs_f64(),
+        &[opentelemetry::KeyValue::new("network.transport", "pipe")],
+    );
     Ok(code)
 }

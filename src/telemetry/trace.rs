@@ -260,8 +260,25 @@ pub fn task_event(task_id: &str, name: &'static str, attrs: Vec<KeyValue>) {
     }
 }
 
+/// The CLIENT span of each local task's upstream call, ended with the task.
+static TASK_CALLS: LazyLock<DashMap<String, Context>> = LazyLock::new(DashMap::new);
+
+/// A task's call goes upstream: returns the `traceparent` of its CLIENT span (ended with the task).
+pub fn task_call(task_id: &str, method: &str, params: &str) -> Option<String> {
+    if !trace_on() {
+        return None;
+    }
+    let tool = serde_json::from_str::<CallParams<'_>>(params).ok().and_then(|p| p.name.map(str::to_owned));
+    let (tp, cx) = task_request(task_id, method, tool.as_deref())?;
+    TASK_CALLS.insert(task_id.to_owned(), cx);
+    Some(tp)
+}
+
 /// A task ended (or expired): its span ends.
 pub fn task_ended(task_id: &str, status: &str) {
+    if let Some((_, cx)) = TASK_CALLS.remove(task_id) {
+        cx.span().end();
+    }
     if let Some((_, cx)) = TASKS.remove(task_id) {
         let span = cx.span();
         span.set_attribute(KeyValue::new("asyncify.task.status", status.to_owned()));
