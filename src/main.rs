@@ -84,6 +84,9 @@ enum Mode {
     #[command(hide = true)]
     TestServer(mcp_asyncify::sim::fixture::FixtureArgs),
 
+    /// Streamable HTTP sidecar: serve MCP at http://ADDR/mcp in front of a stdio server (one per session).
+    Serve(mcp_asyncify::proxy::sidecar::ServeArgs),
+
     /// A simulator of Notion's hosted MCP server (async tasks, statuses, 3 requests/s limit) on stdio.
     NotionSim(mcp_asyncify::sim::notion::NotionSimArgs),
 }
@@ -141,12 +144,27 @@ fn main() {
                 Ok(()) => 0,
                 Err(e) => fail(&format!("{e:#}"), 1),
             },
+            Some(Mode::Serve(args)) => {
+                let options =
+                    TelemetryOptions { metrics_listen: config.telemetry.metrics_addr(), prometheus: true };
+                let telemetry = match Telemetry::init(&options).await {
+                    Ok(t) => t,
+                    Err(e) => fail(&format!("{e:#}"), 2),
+                };
+                let code = match mcp_asyncify::proxy::sidecar::run(&config, args).await {
+                    Ok(code) => code,
+                    Err(e) => fail(&format!("{e:#}"), 1),
+                };
+                telemetry.shutdown().await;
+                code
+            }
             None if cli.command.is_empty() => fail(
                 "no upstream server given: put its command after `--`, e.g. `mcp-asyncify -- npx -y @modelcontextprotocol/server-everything` (see --help)",
                 2,
             ),
             None => {
-                let options = TelemetryOptions { metrics_listen: config.telemetry.metrics_addr() };
+                let options =
+                    TelemetryOptions { metrics_listen: config.telemetry.metrics_addr(), prometheus: false };
                 let telemetry = match Telemetry::init(&options).await {
                     Ok(t) => t,
                     Err(e) => fail(&format!("{e:#}"), 2),

@@ -7,5 +7,6 @@
 pub mod intercept;
 pub mod pending;
 pub mod session;
+pub mod sidecar;
 pub mod upstream;
 pub mod wrapper;

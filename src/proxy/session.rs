@@ -201,7 +201,8 @@ impl Router {
         }
     }
 
-    async fn route_client(&self, line: Vec<u8>) {
+    /// Routes one message from the client (the HTTP sidecar feeds its POST bodies here).
+    pub async fn route_client(&self, line: Vec<u8>) {
         let env = match Envelope::parse(&line) {
             Ok(env) => env,
             Err(e) => {

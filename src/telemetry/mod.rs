@@ -37,6 +37,20 @@ pub fn metrics_on() -> bool {
 pub struct TelemetryOptions {
     /// Serve Prometheus text on this address.
     pub metrics_listen: Option<SocketAddr>,
+    /// Keep Prometheus text ready for [`render_prometheus`] even without an address (the sidecar
+    /// serves it at its own `/metrics`).
+    pub prometheus: bool,
+}
+
+static REGISTRY: std::sync::OnceLock<prometheus::Registry> = std::sync::OnceLock::new();
+
+/// The metrics as Prometheus text, if the Prometheus export is on.
+pub fn render_prometheus() -> Option<Vec<u8>> {
+    use prometheus::Encoder;
+    let registry = REGISTRY.get()?;
+    let mut out = Vec::new();
+    prometheus::TextEncoder::new().encode(&registry.gather(), &mut out).ok()?;
+    Some(out)
 }
 
 /// The installed providers; [`Telemetry::shutdown`] flushes what is pending (at exit).
@@ -87,7 +101,7 @@ impl Telemetry {
         let mut meters = SdkMeterProvider::builder().with_resource(resource.clone());
         let mut any_metrics = false;
         let mut metrics_addr = None;
-        if let Some(addr) = options.metrics_listen {
+        if options.metrics_listen.is_some() || options.prometheus {
             let registry = prometheus::Registry::new();
             let exporter = opentelemetry_prometheus::exporter()
                 .with_registry(registry.clone())
@@ -95,9 +109,12 @@ impl Telemetry {
                 .build()
                 .map_err(|e| anyhow::anyhow!("cannot set up the Prometheus exporter: {e}"))?;
             meters = meters.with_reader(exporter);
-            let bound = endpoint::serve(addr, registry).await?;
-            tracing::info!(addr = %bound, "metrics endpoint listening (GET /metrics, /healthz)");
-            metrics_addr = Some(bound);
+            if let Some(addr) = options.metrics_listen {
+                let bound = endpoint::serve(addr, registry.clone()).await?;
+                tracing::info!(addr = %bound, "metrics endpoint listening (GET /metrics, /healthz)");
+                metrics_addr = Some(bound);
+            }
+            let _ = REGISTRY.set(registry);
             any_metrics = true;
         }
         if otlp_wanted("METRICS") {

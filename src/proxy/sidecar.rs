@@ -1,0 +1,638 @@
+//! The Streamable HTTP sidecar: `mcp-asyncify serve --listen ADDR -- CMD…`.
+//!
+//! The HTTP side follows MCP 2025-11-25 (basic/transports, Streamable HTTP): one endpoint (`/mcp`) for
+//! POST (one JSON-RPC message; a request is answered with `application/json`, or with an SSE stream when
+//! the server has something to say before the answer), GET (the standalone SSE stream for
+//! server-initiated messages) and DELETE (end the session). Each client session gets its own upstream
+//! (a child process per session) and its own [`Session`]: the same lossless routing as the stdio wrapper,
+//! fed one message per POST, its output dispatched to the HTTP stream waiting for it. Tasks live in one
+//! engine shared by every session and are bound to the client's credential (a hash of its
+//! `Authorization`), or to the session when there is none: a client that reconnects with the same
+//! credential still reaches its tasks, another credential gets "not found".
+//!
+//! Safety: bound to 127.0.0.1 by default; `Host` and `Origin` are checked against DNS rebinding (403);
+//! bodies over `max_message_bytes` get 413; session ids are unguessable; sessions are capped and
+//! expire when idle; shutdown lets in-flight calls finish.
+
+// An HTTP error response is the natural `Err` here: it is built once per refused request and returned
+// as is, so boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
+use super::session::{Router, Session, Shared};
+use crate::config::Config;
+use crate::jsonrpc::{self, Envelope, Id, Kind, code};
+use crate::tasks::engine::owner_hash;
+use crate::transport::lines::{Line, LineReader};
+use crate::transport::stdio::{self, UpstreamProcess};
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Options of `mcp-asyncify serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Where to listen (keep it on loopback unless a trusted proxy sits in front).
+    #[arg(long, env = "MCP_ASYNCIFY_LISTEN", default_value = "127.0.0.1:8931", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// The most client sessions at once (each runs its own upstream process).
+    #[arg(long, env = "MCP_ASYNCIFY_MAX_SESSIONS", default_value_t = 256)]
+    pub max_sessions: usize,
+    /// A session with no request and no open stream for this long is closed, in seconds.
+    #[arg(long, env = "MCP_ASYNCIFY_SESSION_IDLE_SECS", default_value_t = 1800)]
+    pub session_idle_secs: u64,
+    /// An extra allowed `Origin` (repeatable); localhost origins are always allowed.
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    pub allow_origins: Vec<String>,
+    /// An extra allowed `Host` (repeatable); loopback names and the listen address are always allowed.
+    #[arg(long = "allow-host", value_name = "HOST")]
+    pub allow_hosts: Vec<String>,
+    /// The upstream MCP server to run for each session, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// A message for a client's HTTP stream.
+type Out = mpsc::UnboundedSender<Bytes>;
+
+struct HttpSession {
+    id: String,
+    /// Hash of the credential that created the session (None: no Authorization).
+    credential: Option<String>,
+    router: Arc<Router>,
+    session: tokio::sync::Mutex<Option<Session>>,
+    process: tokio::sync::Mutex<Option<UpstreamProcess>>,
+    /// Requests waiting for their answer, by id: the stream of the POST that carried each.
+    waiting: DashMap<Id, Out>,
+    /// The standalone GET stream, if open.
+    standalone: Mutex<Option<Out>>,
+    /// Server-initiated messages with no stream to go to yet (bounded).
+    backlog: Mutex<VecDeque<Bytes>>,
+    last_active: Mutex<Instant>,
+    gone: tokio::sync::watch::Sender<bool>,
+}
+
+impl HttpSession {
+    fn touch(&self) {
+        *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// A line the session wrote toward the client: an answer goes to the POST waiting for it, anything
+    /// else to the GET stream (or a POST stream still open, or the backlog).
+    fn dispatch(&self, line: Vec<u8>) {
+        let line = Bytes::from(line);
+        if let Ok(env) = Envelope::parse(&line)
+            && env.kind == Kind::Response
+            && let Some(id) = env.id.as_ref()
+            && let Some((_, out)) = self.waiting.remove(id)
+        {
+            let _ = out.send(line);
+            return;
+        }
+        let mut standalone = self.standalone.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(out) = standalone.as_ref() {
+            if out.send(line.clone()).is_ok() {
+                return;
+            }
+            *standalone = None;
+        }
+        drop(standalone);
+        if let Some(entry) = self.waiting.iter().find(|e| !e.value().is_closed()) {
+            let _ = entry.value().send(line);
+            return;
+        }
+        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        if backlog.len() >= 1000 {
+            backlog.pop_front();
+            tracing::warn!(session = %short(&self.id), "dropped a server message: no stream open for 1000 messages");
+        }
+        backlog.push_back(line);
+    }
+
+    async fn close(&self, grace: Duration) {
+        let _ = self.gone.send(true);
+        if let Some(mut s) = self.session.lock().await.take() {
+            s.upstream_closer.close().await;
+            if let Some(mut p) = self.process.lock().await.take() {
+                let (status, _) = p.terminate(grace).await;
+                let why = match status {
+                    Ok(s) => format!("exited ({})", stdio::describe(&s)),
+                    Err(e) => format!("could not be waited for ({e})"),
+                };
+                s.upstream_gone(&why).await;
+            }
+            s.client_closer.close().await;
+        }
+        self.waiting.clear();
+        self.standalone.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(8)]
+}
+
+struct Sidecar {
+    config: Config,
+    args: ServeArgs,
+    shared: Shared,
+    sessions: DashMap<String, Arc<HttpSession>>,
+    in_flight: AtomicUsize,
+    allowed_hosts: Vec<String>,
+}
+
+/// Runs the sidecar until SIGINT/SIGTERM; returns the exit code.
+pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        !args.command.is_empty(),
+        "no upstream given: put the server's command after `--`, e.g. `mcp-asyncify serve -- npx -y @notionhq/notion-mcp-server`"
+    );
+    anyhow::ensure!(args.max_sessions > 0, "--max-sessions must be at least 1");
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", args.listen))?;
+    let bound = listener.local_addr()?;
+    let mut allowed_hosts: Vec<String> =
+        ["localhost", "127.0.0.1", "[::1]"].iter().map(|h| h.to_string()).collect();
+    allowed_hosts.push(bound.ip().to_string());
+    allowed_hosts.extend(args.allow_hosts.iter().map(|h| h.to_ascii_lowercase()));
+    let sidecar = Arc::new(Sidecar {
+        config: config.clone(),
+        shared: Shared::new(config),
+        sessions: DashMap::new(),
+        in_flight: AtomicUsize::new(0),
+        allowed_hosts,
+        args,
+    });
+    tracing::info!(addr = %bound, upstream = %sidecar.args.command.join(" "), "sidecar listening on http://{bound}/mcp");
+    sidecar.clone().spawn_reaper();
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        };
+        let sidecar = sidecar.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let sidecar = sidecar.clone();
+            async move { Ok::<_, Infallible>(sidecar.handle(req).await) }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    // Let calls in flight finish (bounded), then end every session and its upstream.
+    let grace = Duration::from_millis(sidecar.config.proxy.shutdown_grace_ms.max(1000)) * 10;
+    tracing::info!(
+        in_flight = sidecar.in_flight.load(Ordering::Relaxed),
+        "shutting down: letting calls in flight finish"
+    );
+    let deadline = Instant::now() + grace;
+    while sidecar.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sessions: Vec<Arc<HttpSession>> = sidecar.sessions.iter().map(|e| e.value().clone()).collect();
+    sidecar.sessions.clear();
+    for s in sessions {
+        s.close(sidecar.config.shutdown_grace()).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
+    Ok(0)
+}
+
+type HttpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<HttpBody> {
+    let mut r = Response::new(Full::new(body.into()).boxed_unsync());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).expect("valid"));
+    r
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<HttpBody> {
+    full(status, "text/plain; charset=utf-8", format!("{text}\n"))
+}
+
+/// A JSON-RPC error as an HTTP error body.
+fn rpc_error(status: StatusCode, id: Option<&Id>, code: i64, message: &str) -> Response<HttpBody> {
+    full(status, "application/json", jsonrpc::error_response(id, code, message, None))
+}
+
+/// An SSE body fed by a channel: every message is one `message` event; comments keep it alive.
+struct SseBody {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    first: Option<Bytes>,
+    ping: Pin<Box<tokio::time::Sleep>>,
+    /// Ends the stream after the answer to this request (None: the standalone stream).
+    until: Option<Id>,
+    done: bool,
+    _guard: Option<FlightGuard>,
+}
+
+fn sse_event(line: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(line.len() + 24);
+    out.extend_from_slice(b"event: message\ndata: ");
+    out.extend_from_slice(line);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+impl SseBody {
+    fn ends_stream(&self, line: &[u8]) -> bool {
+        let Some(until) = &self.until else { return false };
+        Envelope::parse(line).is_ok_and(|e| e.kind == Kind::Response && e.id.as_ref() == Some(until))
+    }
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(line) = self.first.take() {
+            self.done = self.ends_stream(&line);
+            return Poll::Ready(Some(Ok(Frame::data(sse_event(&line)))));
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(line)) => {
+                self.done = self.ends_stream(&line);
+                Poll::Ready(Some(Ok(Frame::data(sse_event(&line)))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if self.ping.as_mut().poll(cx).is_ready() {
+                    let next = tokio::time::Instant::now() + Duration::from_secs(15);
+                    self.ping.as_mut().reset(next);
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n")))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Counts a request in flight until dropped (graceful shutdown waits for them).
+struct FlightGuard(Arc<Sidecar>);
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn sse_response(body: SseBody) -> Response<HttpBody> {
+    let mut r = Response::new(BodyExt::boxed_unsync(body));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn accepts(headers: &HeaderMap, what: &str) -> bool {
+    headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').map(|p| p.split(';').next().unwrap_or("").trim()).any(|t| t == what || t == "*/*")
+    })
+}
+
+fn host_of(value: &str) -> String {
+    let v = value.trim().to_ascii_lowercase();
+    if let Some(rest) = v.strip_prefix('[') {
+        return format!("[{}]", rest.split(']').next().unwrap_or(""));
+    }
+    v.split(':').next().unwrap_or("").to_string()
+}
+
+impl Sidecar {
+    fn spawn_reaper(self: Arc<Self>) {
+        let idle = Duration::from_secs(self.args.session_idle_secs.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(idle.min(Duration::from_secs(10))).await;
+                let stale: Vec<Arc<HttpSession>> = self
+                    .sessions
+                    .iter()
+                    .filter(|s| {
+                        let s = s.value();
+                        let open = s.standalone.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                        !open
+                            && s.waiting.is_empty()
+                            && s.last_active.lock().unwrap_or_else(|e| e.into_inner()).elapsed() > idle
+                    })
+                    .map(|s| s.value().clone())
+                    .collect();
+                for s in stale {
+                    tracing::info!(session = %short(&s.id), "closing an idle session");
+                    self.sessions.remove(&s.id);
+                    s.close(self.config.shutdown_grace()).await;
+                }
+            }
+        });
+    }
+
+    /// Validates `Host` and `Origin` (DNS rebinding): an unknown one gets 403.
+    fn check_origin(&self, headers: &HeaderMap) -> Result<(), Response<HttpBody>> {
+        if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+            let h = host_of(host);
+            if !self.allowed_hosts.iter().any(|a| host_of(a) == h) {
+                tracing::warn!(host = %h, "refused a request for an unknown Host (DNS rebinding?)");
+                return Err(plain(StatusCode::FORBIDDEN, "Forbidden: unknown Host (see --allow-host)"));
+            }
+        }
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let o = origin.to_str().unwrap_or("").trim().to_ascii_lowercase();
+            let host = o.split("://").nth(1).map(host_of).unwrap_or_default();
+            let local = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]");
+            let listed = self
+                .args
+                .allow_origins
+                .iter()
+                .any(|a| a.trim().trim_end_matches('/').eq_ignore_ascii_case(&o));
+            if !(local || listed) {
+                tracing::warn!(origin = %o, "refused a request from an unknown Origin");
+                return Err(plain(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden: Origin not allowed (see --allow-origin)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<HttpBody> {
+        if let Err(r) = self.check_origin(req.headers()) {
+            return r;
+        }
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok"),
+            (&Method::GET, "/metrics") => match crate::telemetry::render_prometheus() {
+                Some(text) => full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
+                None => plain(StatusCode::NOT_FOUND, "metrics are off (start with --metrics-listen)"),
+            },
+            (&Method::POST, "/mcp") => self.post(req).await,
+            (&Method::GET, "/mcp") => self.get(req).await,
+            (&Method::DELETE, "/mcp") => self.delete(req).await,
+            (_, "/mcp") => {
+                let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+                r
+            }
+            _ => plain(StatusCode::NOT_FOUND, "Not Found: the MCP endpoint is /mcp"),
+        }
+    }
+
+    fn credential(headers: &HeaderMap) -> Option<String> {
+        headers.get(header::AUTHORIZATION).map(|v| owner_hash(&String::from_utf8_lossy(v.as_bytes())))
+    }
+
+    /// The session a request names, checked against its credential.
+    fn session_of(&self, headers: &HeaderMap) -> Result<Arc<HttpSession>, Response<HttpBody>> {
+        let Some(id) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) else {
+            return Err(rpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                code::INVALID_REQUEST,
+                "Bad Request: Mcp-Session-Id header is required (initialize first)",
+            ));
+        };
+        let Some(s) = self.sessions.get(id).map(|s| s.value().clone()) else {
+            return Err(rpc_error(StatusCode::NOT_FOUND, None, -32001, "Session not found"));
+        };
+        if s.credential != Self::credential(headers) {
+            // Not the credential that made the session: as if it did not exist.
+            return Err(rpc_error(StatusCode::NOT_FOUND, None, -32001, "Session not found"));
+        }
+        s.touch();
+        Ok(s)
+    }
+
+    async fn post(self: Arc<Self>, req: Request<Incoming>) -> Response<HttpBody> {
+        let headers = req.headers().clone();
+        let json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+            v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json")
+        });
+        if !json {
+            return plain(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Unsupported Media Type: Content-Type must be application/json",
+            );
+        }
+        if !(accepts(&headers, "application/json") && accepts(&headers, "text/event-stream")) {
+            return plain(
+                StatusCode::NOT_ACCEPTABLE,
+                "Not Acceptable: Accept must list both application/json and text/event-stream",
+            );
+        }
+        let max = self.config.proxy.max_message_bytes;
+        let body = match Limited::new(req.into_body(), max).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return plain(StatusCode::PAYLOAD_TOO_LARGE, &format!("Payload Too Large: over {max} bytes"));
+            }
+            Err(_) => return plain(StatusCode::BAD_REQUEST, "Bad Request: the body could not be read"),
+        };
+        let env = match Envelope::parse(&body) {
+            Ok(env) => env,
+            Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
+        };
+        let (kind, id, method) = (env.kind, env.id.clone(), env.method.map(str::to_owned));
+        drop(env);
+        let session = if method.as_deref() == Some("initialize") && !headers.contains_key("mcp-session-id") {
+            match self.clone().open_session(&headers).await {
+                Ok(s) => s,
+                Err(r) => return r,
+            }
+        } else {
+            match self.session_of(&headers) {
+                Ok(s) => s,
+                Err(r) => return r,
+            }
+        };
+        if kind != Kind::Request {
+            session.router.route_client(body.to_vec()).await;
+            return Response::builder()
+                .status(StatusCode::ACCEPTED)
+                .body(Full::new(Bytes::new()).boxed_unsync())
+                .expect("valid response");
+        }
+        let id = id.expect("a request has an id");
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let guard = FlightGuard(self.clone());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        session.waiting.insert(id.clone(), tx);
+        session.router.route_client(body.to_vec()).await;
+        let mut gone = session.gone.subscribe();
+        let first = tokio::select! {
+            first = rx.recv() => first,
+            _ = gone.wait_for(|g| *g) => None,
+        };
+        let Some(first) = first else {
+            return rpc_error(
+                StatusCode::OK,
+                Some(&id),
+                code::UPSTREAM_GONE,
+                "the session ended before this request was answered",
+            );
+        };
+        let is_answer =
+            Envelope::parse(&first).is_ok_and(|e| e.kind == Kind::Response && e.id.as_ref() == Some(&id));
+        let mut response = if is_answer {
+            drop(guard);
+            full(StatusCode::OK, "application/json", first)
+        } else {
+            sse_response(SseBody {
+                rx,
+                first: Some(first),
+                ping: Box::pin(tokio::time::sleep(Duration::from_secs(15))),
+                until: Some(id),
+                done: false,
+                _guard: Some(guard),
+            })
+        };
+        if method.as_deref() == Some("initialize") {
+            response
+                .headers_mut()
+                .insert("mcp-session-id", HeaderValue::from_str(&session.id).expect("uuid"));
+        }
+        response
+    }
+
+    async fn get(self: Arc<Self>, req: Request<Incoming>) -> Response<HttpBody> {
+        if !accepts(req.headers(), "text/event-stream") {
+            return plain(StatusCode::NOT_ACCEPTABLE, "Not Acceptable: Accept must list text/event-stream");
+        }
+        let session = match self.session_of(req.headers()) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        for line in session.backlog.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = tx.send(line);
+        }
+        // A new standalone stream replaces the old one.
+        *session.standalone.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        sse_response(SseBody {
+            rx,
+            first: None,
+            ping: Box::pin(tokio::time::sleep(Duration::from_secs(15))),
+            until: None,
+            done: false,
+            _guard: None,
+        })
+    }
+
+    async fn delete(self: Arc<Self>, req: Request<Incoming>) -> Response<HttpBody> {
+        let session = match self.session_of(req.headers()) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        self.sessions.remove(&session.id);
+        session.close(self.config.shutdown_grace()).await;
+        tracing::info!(session = %short(&session.id), "session ended by the client");
+        plain(StatusCode::OK, "session ended")
+    }
+
+    /// A new client session: its own upstream process and routing.
+    async fn open_session(
+        self: Arc<Self>,
+        headers: &HeaderMap,
+    ) -> Result<Arc<HttpSession>, Response<HttpBody>> {
+        if self.sessions.len() >= self.args.max_sessions {
+            tracing::warn!(max = self.args.max_sessions, "refused a new session: too many sessions");
+            let mut r = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("Service Unavailable: {} sessions open (--max-sessions)", self.args.max_sessions),
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return Err(r);
+        }
+        let (process, child_in, child_out) = match UpstreamProcess::spawn(&self.args.command) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the upstream for a new session");
+                return Err(rpc_error(
+                    StatusCode::BAD_GATEWAY,
+                    None,
+                    code::UPSTREAM_GONE,
+                    &format!("cannot start the upstream server: {e}"),
+                ));
+            }
+        };
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let credential = Self::credential(headers);
+        let owner = match &credential {
+            Some(c) => format!("credential:{c}"),
+            None => format!("session:{id}"),
+        };
+        let (client_w, client_r) = tokio::io::duplex(1 << 20);
+        let session = Session::new(&self.config, &self.shared, owner, client_w, child_in);
+        let router = session.router.clone();
+        let http = Arc::new(HttpSession {
+            id: id.clone(),
+            credential,
+            router: router.clone(),
+            session: tokio::sync::Mutex::new(Some(session)),
+            process: tokio::sync::Mutex::new(Some(process)),
+            waiting: DashMap::new(),
+            standalone: Mutex::new(None),
+            backlog: Mutex::new(VecDeque::new()),
+            last_active: Mutex::new(Instant::now()),
+            gone: tokio::sync::watch::channel(false).0,
+        });
+        // What the session writes for the client goes to the HTTP streams.
+        let out = Arc::downgrade(&http);
+        let max = self.config.proxy.max_message_bytes;
+        tokio::spawn(async move {
+            let mut reader = LineReader::new(client_r, max.saturating_mul(2));
+            while let Ok(Some(Line::Message(line))) = reader.next_line().await {
+                match out.upgrade() {
+                    Some(s) => s.dispatch(line),
+                    None => break,
+                }
+            }
+        });
+        // The upstream's output, and its end.
+        let this = self.clone();
+        let watched = http.clone();
+        tokio::spawn(async move {
+            router.pump_upstream(child_out).await;
+            if this.sessions.remove(&watched.id).is_some() {
+                tracing::warn!(session = %short(&watched.id), "the upstream of a session exited");
+            }
+            watched.close(Duration::ZERO).await;
+        });
+        self.sessions.insert(id.clone(), http.clone());
+        tracing::info!(session = %short(&id), sessions = self.sessions.len(), "session opened");
+        Ok(http)
+    }
+}
