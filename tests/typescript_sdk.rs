@@ -278,3 +278,64 @@ fn notion_tasks_through_the_proxy() {
     assert!(obs["createTooLong"]["result"].to_string().contains("validation_error"));
     assert!(obs["search"]["isError"] != true);
 }
+
+/// The sidecar (`mcp-asyncify serve`) on a free port in front of `upstream`; killed on drop.
+struct Sidecar {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Sidecar {
+    fn start(upstream: &[String]) -> Sidecar {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &listen, "--log-level", "warn", "--"])
+            .args(upstream)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the sidecar");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&listen).is_err() {
+            assert!(Instant::now() < deadline, "the sidecar did not listen on {listen}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sidecar { child, url: format!("http://{listen}/mcp") }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn fixture_tasks_over_streamable_http_through_the_sidecar() {
+    let fixture = vec![BIN.to_string(), "test-server".into(), "--log-level".into(), "warn".into()];
+    let sidecar = Sidecar::start(&fixture);
+    let obs = run_scenario("fixture-tasks", std::slice::from_ref(&sidecar.url));
+    assert!(obs["capabilitiesTasks"]["requests"]["tools"]["call"].is_object(), "{obs}");
+    assert_eq!(obs["slow"]["text"], "slept 300 ms");
+    assert_eq!(obs["fail"]["status"], "failed");
+    assert_eq!(obs["cancel"]["after"], "cancelled");
+    assert!(obs["cancel"]["upstreamCancellationsAfter"].as_i64().unwrap() >= 1);
+    assert_eq!(obs["ask"]["text"], "answer: yes");
+    assert_eq!(obs["concurrent"]["distinctTaskIds"], 20);
+    assert_eq!(obs["progress"]["text"], "done 3 steps");
+}
+
+#[test]
+fn notion_tasks_over_streamable_http_through_the_sidecar() {
+    let sim: Vec<String> =
+        [BIN, "notion-sim", "--log-level", "warn", "--work-ms", "1500", "--rate-limit", "0"]
+            .map(String::from)
+            .to_vec();
+    let sidecar = Sidecar::start(&sim);
+    let obs = run_scenario("notion-tasks", std::slice::from_ref(&sidecar.url));
+    let dup = &obs["duplicate"];
+    assert!(dup["payload"]["page"]["id"].is_string(), "{dup}");
+    assert!(dup["payload"].get("async_task").is_none(), "{dup}");
+    assert_eq!(obs["createTooLong"]["status"], "failed");
+}

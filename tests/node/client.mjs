@@ -13,6 +13,7 @@
 
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
+import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import {
   CallToolResultSchema,
   CreateMessageRequestSchema,
@@ -143,7 +144,14 @@ async function connect(command, args, answers) {
     { capabilities: { elicitation: {}, sampling: {} } },
   );
   installHandlers(client, state, answers);
-  const transport = new StdioClientTransport({ command, args, stderr: "inherit" });
+  // `http://…` instead of a command: the Streamable HTTP transport to that URL (the sidecar).
+  const transport = /^https?:\/\//.test(command)
+    ? new StreamableHTTPClientTransport(new URL(command), {
+        requestInit: process.env.MCP_AUTHORIZATION
+          ? { headers: { Authorization: process.env.MCP_AUTHORIZATION } }
+          : undefined,
+      })
+    : new StdioClientTransport({ command, args, stderr: "inherit" });
   await withTimeout(client.connect(transport, reqOpts()), STEP_TIMEOUT_MS, `connect to ${command}`);
   // A tap on the wire: every notifications/progress as it arrives. The SDK's Protocol runs
   // notification handlers in a later microtask but responses at once, so an `onprogress` callback
