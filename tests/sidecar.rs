@@ -1,0 +1,349 @@
+//! The Streamable HTTP sidecar (`mcp-asyncify serve`) on the wire: sessions, credentials, the HTTP
+//! rules of the transport, hostile requests, and many sessions at once.
+
+mod common;
+
+use common::BIN;
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Sidecar {
+    child: Child,
+    addr: String,
+}
+
+impl Sidecar {
+    fn start(extra: &[&str], upstream: &[&str]) -> Sidecar {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &addr, "--log-level", "warn"])
+            .args(extra)
+            .arg("--")
+            .args(upstream)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the sidecar");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "the sidecar did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sidecar { child, addr }
+    }
+
+    fn fixture(extra: &[&str]) -> Sidecar {
+        Self::start(extra, &[BIN, "test-server"])
+    }
+
+    /// One HTTP/1.1 exchange (Connection: close); `headers` as "Name: value" lines.
+    fn http(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> Reply {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        if !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("host:")) {
+            req.push_str(&format!("Host: {}\r\n", self.addr));
+        }
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        Reply::parse(&raw)
+    }
+
+    /// A POST of one JSON-RPC message to /mcp.
+    fn post(&self, session: Option<&str>, auth: Option<&str>, msg: &Value) -> Reply {
+        let mut headers = vec![
+            "Content-Type: application/json".to_string(),
+            "Accept: application/json, text/event-stream".to_string(),
+        ];
+        if let Some(s) = session {
+            headers.push(format!("Mcp-Session-Id: {s}"));
+        }
+        if let Some(a) = auth {
+            headers.push(format!("Authorization: {a}"));
+        }
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        self.http("POST", "/mcp", &headers, msg.to_string().as_bytes())
+    }
+
+    /// initialize + initialized; returns the session id.
+    fn open(&self, auth: Option<&str>) -> String {
+        let r = self.post(
+            None,
+            auth,
+            &json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"tasks":{}},"clientInfo":{"name":"t","version":"1"}}}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let sid = r.header("mcp-session-id").expect("a session id").to_owned();
+        let n = self.post(Some(&sid), auth, &json!({"jsonrpc":"2.0","method":"notifications/initialized"}));
+        assert_eq!(n.status, 202);
+        sid
+    }
+
+    /// A request's answer (from JSON or the last SSE event).
+    fn call(&self, session: &str, auth: Option<&str>, id: Value, method: &str, params: Value) -> Value {
+        let r =
+            self.post(Some(session), auth, &json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}));
+        assert_eq!(r.status, 200, "{method}: {} {}", r.status, r.body);
+        r.messages()
+            .into_iter()
+            .rev()
+            .find(|m| m.get("id") == Some(&id))
+            .unwrap_or_else(|| panic!("no answer: {}", r.body))
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn parse(raw: &[u8]) -> Reply {
+        let text = String::from_utf8_lossy(raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let mut reply = Reply { status, headers, body: body.to_owned() };
+        if reply.header("transfer-encoding") == Some("chunked") {
+            reply.body = dechunk(body);
+        }
+        reply
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The JSON-RPC messages in the body (one JSON document, or SSE `data:` lines).
+    fn messages(&self) -> Vec<Value> {
+        if self.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")) {
+            self.body
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str(d).ok())
+                .collect()
+        } else {
+            serde_json::from_str(&self.body).into_iter().collect()
+        }
+    }
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[test]
+fn the_transport_rules_hold() {
+    let s = Sidecar::fixture(&[]);
+    let sid = s.open(None);
+    // A plain call answered as JSON; one with progress as SSE ending with the answer.
+    let r = s.call(&sid, None, json!(1), "tools/call", json!({"name":"echo","arguments":{"text":"hi"}}));
+    assert_eq!(r["result"]["content"][0]["text"], "hi");
+    let r = s.post(
+        Some(&sid),
+        None,
+        &json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"progress","arguments":{"steps":2,"interval_ms":20},"_meta":{"progressToken":"p"}}}),
+    );
+    assert!(r.header("content-type").unwrap().starts_with("text/event-stream"), "{:?}", r.headers);
+    let msgs = r.messages();
+    assert_eq!(msgs.len(), 3, "{}", r.body);
+    assert_eq!(msgs[2]["result"]["content"][0]["text"], "done 2 steps");
+
+    let json = "Content-Type: application/json";
+    let both = "Accept: application/json, text/event-stream";
+    let sid_h = format!("Mcp-Session-Id: {sid}");
+    let list = br#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#;
+    let cases: Vec<(&str, &str, Vec<&str>, &[u8], u16)> = vec![
+        ("no session id", "POST", vec![json, both], list, 400),
+        ("unknown session id", "POST", vec![json, both, "Mcp-Session-Id: 0123456789abcdef"], list, 404),
+        ("not JSON", "POST", vec![json, both, &sid_h], b"{not json", 400),
+        ("wrong content type", "POST", vec!["Content-Type: text/plain", both, &sid_h], list, 415),
+        ("Accept without SSE", "POST", vec![json, "Accept: application/json", &sid_h], list, 406),
+        ("GET without SSE", "GET", vec!["Accept: application/json", &sid_h], b"", 406),
+        ("PUT", "PUT", vec![json, both, &sid_h], list, 405),
+        ("other path", "POST", vec![json, both], list, 404),
+    ];
+    for (what, method, headers, body, status) in cases {
+        let path = if what == "other path" { "/other" } else { "/mcp" };
+        let r = s.http(method, path, &headers, body);
+        assert_eq!(r.status, status, "{what}: {}", r.body);
+    }
+    assert_eq!(s.http("GET", "/healthz", &[], b"").status, 200);
+    // DELETE ends the session; it is then unknown.
+    assert_eq!(s.http("DELETE", "/mcp", &[&sid_h], b"").status, 200);
+    assert_eq!(s.post(Some(&sid), None, &json!({"jsonrpc":"2.0","id":9,"method":"tools/list"})).status, 404);
+}
+
+#[test]
+fn hostile_requests_are_refused_and_the_service_stays_healthy() {
+    let s = Sidecar::fixture(&["--allow-origin", "https://app.example"]);
+    let json = "Content-Type: application/json";
+    let both = "Accept: application/json, text/event-stream";
+    let init = br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    // DNS rebinding: a foreign Host or Origin is refused before anything else.
+    assert_eq!(s.http("POST", "/mcp", &[json, both, "Host: evil.example"], init).status, 403);
+    assert_eq!(s.http("POST", "/mcp", &[json, both, "Origin: http://evil.example"], init).status, 403);
+    assert_eq!(s.http("POST", "/mcp", &[json, both, "Origin: https://app.example"], init).status, 200);
+    assert_eq!(s.http("POST", "/mcp", &[json, both, "Origin: http://localhost:3000"], init).status, 200);
+    // Oversized bodies: 413 without reading them whole.
+    let big =
+        format!(r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":{{"p":"{}"}}}}"#, "z".repeat(17 << 20));
+    assert_eq!(s.http("POST", "/mcp", &[json, both], big.as_bytes()).status, 413);
+    // Header injection: a session id smuggling a header is just an unknown session.
+    let r = s.http("POST", "/mcp", &[json, both, "Mcp-Session-Id: abc%0d%0aX-Injected: 1"], init);
+    assert_eq!(r.status, 404);
+    assert!(r.header("x-injected").is_none());
+    // 1,000 bad requests in a row, then a real session works.
+    let started = Instant::now();
+    for i in 0..1000 {
+        let r = match i % 4 {
+            0 => s.http("POST", "/mcp", &[json, both], b"garbage"),
+            1 => s.http("POST", "/mcp", &[json, both, "Mcp-Session-Id: nope"], b"{}"),
+            2 => s.http("PATCH", "/mcp", &[], b""),
+            _ => s.http("POST", "/mcp", &["Content-Type: text/html", both], b"<html>"),
+        };
+        assert!((400..500).contains(&r.status), "request {i}: {}", r.status);
+    }
+    assert_eq!(s.http("GET", "/healthz", &[], b"").status, 200);
+    let sid = s.open(None);
+    let r =
+        s.call(&sid, None, json!(1), "tools/call", json!({"name":"echo","arguments":{"text":"still fine"}}));
+    assert_eq!(r["result"]["content"][0]["text"], "still fine");
+    eprintln!("1,000 bad requests took {:?}", started.elapsed());
+}
+
+#[test]
+fn tasks_are_bound_to_the_credential_and_survive_the_session() {
+    let s = Sidecar::fixture(&[]);
+    let alice = Some("Bearer alice-token");
+    let bob = Some("Bearer bob-token");
+    let a1 = s.open(alice);
+    let created = s.call(
+        &a1,
+        alice,
+        json!(1),
+        "tools/call",
+        json!({"name":"slow","arguments":{"ms":200,"text":"alice's"},"task":{}}),
+    );
+    let task = created["result"]["task"]["taskId"].as_str().unwrap().to_owned();
+    let done = s.call(&a1, alice, json!(2), "tasks/result", json!({"taskId": task}));
+    assert_eq!(done["result"]["content"][0]["text"], "alice's");
+    // The session belongs to Alice's credential: Bob cannot use it.
+    let r = s.post(
+        Some(&a1),
+        bob,
+        &json!({"jsonrpc":"2.0","id":3,"method":"tasks/get","params":{"taskId": task}}),
+    );
+    assert_eq!(r.status, 404);
+    // Alice ends her session and comes back: her task's result is still hers.
+    assert_eq!(
+        s.http(
+            "DELETE",
+            "/mcp",
+            &[&format!("Mcp-Session-Id: {a1}"), "Authorization: Bearer alice-token"],
+            b""
+        )
+        .status,
+        200
+    );
+    let a2 = s.open(alice);
+    let again = s.call(&a2, alice, json!(4), "tasks/result", json!({"taskId": task}));
+    assert_eq!(again["result"]["content"][0]["text"], "alice's");
+    let listed = s.call(&a2, alice, json!(5), "tasks/list", json!({}));
+    assert!(listed["result"]["tasks"].as_array().unwrap().iter().any(|t| t["taskId"] == task.as_str()));
+    // Bob, in his own session, gets "not found" and an empty list.
+    let b1 = s.open(bob);
+    let r = s.call(&b1, bob, json!(6), "tasks/get", json!({"taskId": task}));
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    let r = s.call(&b1, bob, json!(7), "tasks/list", json!({}));
+    assert!(r["result"]["tasks"].as_array().unwrap().is_empty(), "{r}");
+}
+
+#[test]
+fn two_hundred_sessions_with_calls_in_flight_lose_nothing() {
+    let s = std::sync::Arc::new(Sidecar::fixture(&[]));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..200)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let sid = s.open(None);
+                let mut texts = Vec::new();
+                let calls: Vec<_> = (0..3)
+                    .map(|k| {
+                        let s = s.clone();
+                        let sid = sid.clone();
+                        std::thread::spawn(move || {
+                            let text = format!("session {i} call {k}");
+                            let r = s.call(
+                                &sid,
+                                None,
+                                json!(k),
+                                "tools/call",
+                                json!({"name":"slow","arguments":{"ms": 200 + k * 100, "text": text}}),
+                            );
+                            r["result"]["content"][0]["text"].as_str().unwrap().to_owned()
+                        })
+                    })
+                    .collect();
+                for c in calls {
+                    texts.push(c.join().unwrap());
+                }
+                assert_eq!(texts, (0..3).map(|k| format!("session {i} call {k}")).collect::<Vec<_>>());
+                s.http("DELETE", "/mcp", &[&format!("Mcp-Session-Id: {sid}")], b"").status
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    eprintln!("200 sessions × 3 calls in {:?}", started.elapsed());
+}
+
+#[test]
+fn the_session_cap_refuses_clearly() {
+    let s = Sidecar::fixture(&["--max-sessions", "2"]);
+    s.open(None);
+    s.open(None);
+    let r = s.post(
+        None,
+        None,
+        &json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}),
+    );
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("--max-sessions"), "{}", r.body);
+    assert!(r.header("retry-after").is_some());
+}
