@@ -186,7 +186,8 @@ fn the_transport_rules_hold() {
     let both = "Accept: application/json, text/event-stream";
     let sid_h = format!("Mcp-Session-Id: {sid}");
     let list = br#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#;
-    let cases: Vec<(&str, &str, Vec<&str>, &[u8], u16)> = vec![
+    type Case<'a> = (&'a str, &'a str, Vec<&'a str>, &'a [u8], u16);
+    let cases: Vec<Case> = vec![
         ("no session id", "POST", vec![json, both], list, 400),
         ("unknown session id", "POST", vec![json, both, "Mcp-Session-Id: 0123456789abcdef"], list, 404),
         ("not JSON", "POST", vec![json, both, &sid_h], b"{not json", 400),
