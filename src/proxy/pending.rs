@@ -40,7 +40,7 @@ pub enum OwnWaiter {
     Caller(oneshot::Sender<Reply>),
     /// A task whose call it is: the answer completes the task directly, so a running task costs no
     /// waiting future of its own (100,000 live tasks stay cheap).
-    Task(Box<str>),
+    Task(Box<str>, std::time::Instant),
 }
 
 /// Both in-flight tables of one session.
@@ -124,7 +124,7 @@ impl Pending {
     /// Allocates an id whose answer belongs to the task `task_id`.
     pub fn register_own_task(&self, task_id: &str) -> Id {
         let id = self.next_own_id();
-        self.own.insert(id.clone(), OwnWaiter::Task(task_id.into()));
+        self.own.insert(id.clone(), OwnWaiter::Task(task_id.into(), std::time::Instant::now()));
         id
     }
 
@@ -150,7 +150,7 @@ impl Pending {
         let ids: Vec<Id> = self.own.iter().map(|e| e.key().clone()).collect();
         ids.iter()
             .filter_map(|id| match self.own.remove(id) {
-                Some((_, OwnWaiter::Task(task))) => Some(task),
+                Some((_, OwnWaiter::Task(task, _))) => Some(task),
                 _ => None,
             })
             .collect()

@@ -288,7 +288,9 @@ impl Router {
                         Some(OwnWaiter::Caller(tx)) => {
                             let _ = tx.send(reply);
                         }
-                        Some(OwnWaiter::Task(task_id)) => self.intercept.task_call_answered(&task_id, reply),
+                        Some(OwnWaiter::Task(task_id, sent)) => {
+                            self.intercept.task_call_answered(&task_id, reply, sent)
+                        }
                         None => {
                             tracing::debug!(%id, "a response to one of our requests came after its caller gave up")
                         }

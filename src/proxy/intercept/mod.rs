@@ -281,6 +281,20 @@ impl Interceptor {
                     Box::new(move || {
                         let Some(this) = this.upgrade() else { return };
                         this.running.remove(&task);
+                        // The call will get no answer: its duration ends here, as cancelled.
+                        if let Some(super::pending::OwnWaiter::Task(_, sent)) =
+                            this.pending.take_own(&request_id)
+                            && crate::telemetry::metrics_on()
+                        {
+                            let attrs = [
+                                opentelemetry::KeyValue::new("mcp.method.name", "tools/call"),
+                                opentelemetry::KeyValue::new("network.transport", "pipe"),
+                                opentelemetry::KeyValue::new("error.type", "cancelled"),
+                            ];
+                            crate::telemetry::metrics()
+                                .client_operation
+                                .record(sent.elapsed().as_secs_f64(), &attrs);
+                        }
                         this.upstream.forget(&request_id);
                         tokio::spawn(async move {
                             this.cancel_upstream(&request_id, "the task was cancelled").await
@@ -293,7 +307,21 @@ impl Interceptor {
     }
 
     /// The upstream answered a task's call.
-    pub fn task_call_answered(&self, task_id: &str, reply: Reply) {
+    pub fn task_call_answered(&self, task_id: &str, reply: Reply, sent: Instant) {
+        if crate::telemetry::metrics_on() {
+            let mut attrs = vec![
+                opentelemetry::KeyValue::new("mcp.method.name", "tools/call"),
+                opentelemetry::KeyValue::new("network.transport", "pipe"),
+            ];
+            if let Some(task) = self.engine.get(&self.owner, task_id) {
+                attrs.push(opentelemetry::KeyValue::new("gen_ai.tool.name", task.tool));
+            }
+            if let Reply::Error(e) = &reply {
+                attrs
+                    .push(opentelemetry::KeyValue::new("error.type", crate::telemetry::trace::error_code(e)));
+            }
+            crate::telemetry::metrics().client_operation.record(sent.elapsed().as_secs_f64(), &attrs);
+        }
         self.running.remove(task_id);
         self.finish_with_reply(task_id, Ok(reply));
     }
