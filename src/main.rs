@@ -70,6 +70,21 @@ struct CommonArgs {
     #[arg(long, global = true, env = "MCP_ASYNCIFY_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
 
+    /// A hosted MCP server to reach over Streamable HTTP instead of running a command (http or https).
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_UPSTREAM_URL", value_name = "URL")]
+    upstream_url: Option<String>,
+
+    /// A header sent with every request to --upstream-url, "Name: value" (repeatable; `${VAR}` in the
+    /// value is taken from the environment, so secrets stay out of the command line).
+    #[arg(
+        long = "header",
+        global = true,
+        env = "MCP_ASYNCIFY_HEADERS",
+        value_delimiter = '\n',
+        value_name = "HEADER"
+    )]
+    headers: Vec<String>,
+
     /// Do not offer tasks at all: a pure passthrough.
     #[arg(long, global = true)]
     no_tasks: bool,
@@ -144,7 +159,13 @@ fn main() {
                 Ok(()) => 0,
                 Err(e) => fail(&format!("{e:#}"), 1),
             },
-            Some(Mode::Serve(args)) => {
+            Some(Mode::Serve(mut args)) => {
+                if let Some(url) = &cli.common.upstream_url {
+                    match mcp_asyncify::proxy::wrapper::http_options(url, &cli.common.headers) {
+                        Ok(o) => args.upstream = Some(o),
+                        Err(e) => fail(&format!("{e:#}"), 2),
+                    }
+                }
                 let options =
                     TelemetryOptions { metrics_listen: config.telemetry.metrics_addr(), prometheus: true };
                 let telemetry = match Telemetry::init(&options).await {
@@ -158,8 +179,27 @@ fn main() {
                 telemetry.shutdown().await;
                 code
             }
+            None if cli.command.is_empty() && cli.common.upstream_url.is_some() => {
+                let url = cli.common.upstream_url.as_deref().unwrap_or_default();
+                let options = match mcp_asyncify::proxy::wrapper::http_options(url, &cli.common.headers) {
+                    Ok(o) => o,
+                    Err(e) => fail(&format!("{e:#}"), 2),
+                };
+                let telemetry_options =
+                    TelemetryOptions { metrics_listen: config.telemetry.metrics_addr(), prometheus: false };
+                let telemetry = match Telemetry::init(&telemetry_options).await {
+                    Ok(t) => t,
+                    Err(e) => fail(&format!("{e:#}"), 2),
+                };
+                let code = match mcp_asyncify::proxy::wrapper::run_http(&config, options).await {
+                    Ok(code) => code,
+                    Err(e) => fail(&format!("{e:#}"), 1),
+                };
+                telemetry.shutdown().await;
+                code
+            }
             None if cli.command.is_empty() => fail(
-                "no upstream server given: put its command after `--`, e.g. `mcp-asyncify -- npx -y @modelcontextprotocol/server-everything` (see --help)",
+                "no upstream server given: put its command after `--` (e.g. `mcp-asyncify -- npx -y @modelcontextprotocol/server-everything`) or give --upstream-url URL (see --help)",
                 2,
             ),
             None => {

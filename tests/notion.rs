@@ -445,3 +445,106 @@ fn the_client_own_calls_spend_the_same_budget_and_a_rate_limit_pauses_every_poll
         }
     }
 }
+
+/// The simulator over Streamable HTTP (`notion-sim --http`) on a free port, killed on drop.
+struct HttpSim {
+    child: std::process::Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl HttpSim {
+    fn start(name: &str, sim_args: &[&str]) -> HttpSim {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let log =
+            std::env::temp_dir().join(format!("asyncify-notion-http-{}-{name}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&log);
+        let child = std::process::Command::new(BIN)
+            .args([
+                "notion-sim",
+                "--log-level",
+                "error",
+                "--http",
+                &addr,
+                "--request-log",
+                log.to_str().unwrap(),
+            ])
+            .args(sim_args)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "the simulator did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        HttpSim { child, url: format!("http://{addr}/mcp"), log }
+    }
+}
+
+impl Drop for HttpSim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_stdio_client_reaches_the_simulator_over_http_with_tasks() {
+    let sim = HttpSim::start(
+        "wrapper",
+        &["--work-ms", "800", "--suggested-backoff-ms", "200", "--rate-limit", "0"],
+    );
+    let mut p = Peer::start_cmd(
+        std::process::Command::new(BIN)
+            .args([
+                "--log-level",
+                "warn",
+                "--upstream-url",
+                &sim.url,
+                "--header",
+                "X-Test: ${ASYNCIFY_TEST_HEADER}",
+            ])
+            .env("ASYNCIFY_TEST_HEADER", "from-env"),
+    );
+    p.initialize(serde_json::from_str(TASK_CLIENT).unwrap());
+    let r = p.tool(1, "notion-search", json!({"query": "Road"}));
+    assert!(r["result"]["isError"] != true, "{r}");
+    let t = start_task(&mut p, 2, "notion-duplicate-page", json!({"page_id": "roadmap"}));
+    let seen = statuses_until_end(&mut p, &t);
+    assert_eq!(seen.last().unwrap()["status"], "completed");
+    let r = p.ok(3, "tasks/result", json!({"taskId": t}));
+    assert_eq!(structured(&r)["page"]["duplicated_from"], "roadmap");
+    let log: Vec<Value> = std::fs::read_to_string(&sim.log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(log.iter().any(|l| l["outcome"] == "async_task" && l["args"]["allow_async"] == true));
+    assert!(log.iter().any(|l| l["tool"] == "notion-get-async-task"));
+    p.close_stdin();
+    assert!(p.wait_exit(Duration::from_secs(15)).success(), "{}", p.stderr());
+}
+
+#[test]
+fn a_bad_upstream_url_or_header_fails_at_start_with_the_reason() {
+    for (args, needle) in [
+        (vec!["--upstream-url", "ftp://x/mcp"], "--upstream-url"),
+        (vec!["--upstream-url", "http://127.0.0.1:9/mcp", "--header", "no colon"], "--header"),
+        (
+            vec!["--upstream-url", "http://127.0.0.1:9/mcp", "--header", "A: ${ASYNCIFY_SURELY_UNSET}"],
+            "ASYNCIFY_SURELY_UNSET",
+        ),
+    ] {
+        let mut p = Peer::start(&args);
+        let status = p.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(2), "{args:?}");
+        assert!(p.stderr().contains(needle), "{args:?}: {}", p.stderr());
+    }
+    // A dead upstream: requests get an error, nothing hangs.
+    let mut p = Peer::start(&["--log-level", "error", "--upstream-url", "http://127.0.0.1:9/mcp"]);
+    let r = p.call("init", "initialize", json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}));
+    assert!(r["error"]["message"].as_str().unwrap().contains("could not be reached"), "{r}");
+    let r = p.call(2, "tools/list", json!({}));
+    assert!(r["error"]["message"].as_str().unwrap().contains("could not be reached"), "{r}");
+}

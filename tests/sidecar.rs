@@ -22,7 +22,7 @@ impl Sidecar {
         let child = Command::new(BIN)
             .args(["serve", "--listen", &addr, "--log-level", "warn"])
             .args(extra)
-            .arg("--")
+            .args(if upstream.is_empty() { &[][..] } else { &["--"][..] })
             .args(upstream)
             .stdin(Stdio::null())
             .spawn()
@@ -347,4 +347,41 @@ fn the_session_cap_refuses_clearly() {
     assert_eq!(r.status, 503);
     assert!(r.body.contains("--max-sessions"), "{}", r.body);
     assert!(r.header("retry-after").is_some());
+}
+
+#[test]
+fn a_hosted_upstreams_401_reaches_the_client_with_its_challenge_and_the_credential_passes_unchanged() {
+    // A hosted server that refuses everything, recording the Authorization it was sent.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = vec![0u8; 65536];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            if let Some(auth) = req.lines().find(|l| l.to_ascii_lowercase().starts_with("authorization:")) {
+                record.lock().unwrap().push(auth.split_once(':').unwrap().1.trim().to_owned());
+            }
+            let body = "unauthorized";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer resource_metadata=\"http://127.0.0.1/.well-known/oauth-protected-resource\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let s = Sidecar::start(&["--upstream-url", &upstream], &[]);
+    let r = s.post(
+        None,
+        Some("Bearer client-token"),
+        &json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}),
+    );
+    assert_eq!(r.status, 401, "{}", r.body);
+    let challenge = r.header("www-authenticate").expect("the upstream's challenge");
+    assert!(challenge.contains("resource_metadata"), "{challenge}");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["Bearer client-token"]);
 }

@@ -287,11 +287,17 @@ struct Sidecar {
 
 impl Sidecar {
     fn start(upstream: &[String]) -> Sidecar {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut args = vec!["--".to_string()];
+        args.extend(upstream.iter().cloned());
+        Self::start_with(&args)
+    }
+
+    fn start_with(args: &[String]) -> Sidecar {
+        let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let child = Command::new(BIN)
-            .args(["serve", "--listen", &listen, "--log-level", "warn", "--"])
-            .args(upstream)
+            .args(["serve", "--listen", &listen, "--log-level", "warn"])
+            .args(args)
             .stdin(Stdio::null())
             .spawn()
             .expect("start the sidecar");
@@ -333,6 +339,51 @@ fn notion_tasks_over_streamable_http_through_the_sidecar() {
             .map(String::from)
             .to_vec();
     let sidecar = Sidecar::start(&sim);
+    let obs = run_scenario("notion-tasks", std::slice::from_ref(&sidecar.url));
+    let dup = &obs["duplicate"];
+    assert!(dup["payload"]["page"]["id"].is_string(), "{dup}");
+    assert!(dup["payload"].get("async_task").is_none(), "{dup}");
+    assert_eq!(obs["createTooLong"]["status"], "failed");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The Notion simulator over Streamable HTTP, killed on drop.
+struct HttpSim(std::process::Child, String);
+
+impl Drop for HttpSim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn notion_tasks_over_http_end_to_end_sidecar_to_a_hosted_simulator() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(BIN)
+        .args([
+            "notion-sim",
+            "--log-level",
+            "error",
+            "--http",
+            &addr,
+            "--work-ms",
+            "1500",
+            "--rate-limit",
+            "0",
+        ])
+        .spawn()
+        .unwrap();
+    let sim = HttpSim(child, format!("http://{addr}/mcp"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "the simulator did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sidecar = Sidecar::start_with(&["--upstream-url".to_string(), sim.1.clone()]);
     let obs = run_scenario("notion-tasks", std::slice::from_ref(&sidecar.url));
     let dup = &obs["duplicate"];
     assert!(dup["payload"]["page"]["id"].is_string(), "{dup}");

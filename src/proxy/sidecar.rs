@@ -22,6 +22,7 @@ use super::session::{Router, Session, Shared};
 use crate::config::Config;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
 use crate::tasks::engine::owner_hash;
+use crate::transport::http_upstream::{self, HttpUpstream, HttpUpstreamOptions};
 use crate::transport::lines::{Line, LineReader};
 use crate::transport::stdio::{self, UpstreamProcess};
 use bytes::Bytes;
@@ -60,6 +61,9 @@ pub struct ServeArgs {
     /// The upstream MCP server to run for each session, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+    /// A hosted upstream instead (`--upstream-url`, set by the command line).
+    #[arg(skip)]
+    pub upstream: Option<HttpUpstreamOptions>,
 }
 
 /// A message for a client's HTTP stream.
@@ -72,6 +76,7 @@ struct HttpSession {
     router: Arc<Router>,
     session: tokio::sync::Mutex<Option<Session>>,
     process: tokio::sync::Mutex<Option<UpstreamProcess>>,
+    http: Option<HttpUpstream>,
     /// Requests waiting for their answer, by id: the stream of the POST that carried each.
     waiting: DashMap<Id, Out>,
     /// The standalone GET stream, if open.
@@ -123,6 +128,10 @@ impl HttpSession {
         let _ = self.gone.send(true);
         if let Some(mut s) = self.session.lock().await.take() {
             s.upstream_closer.close().await;
+            if let Some(http) = &self.http {
+                http.close().await;
+                s.upstream_gone("closed its HTTP session").await;
+            }
             if let Some(mut p) = self.process.lock().await.take() {
                 let (status, _) = p.terminate(grace).await;
                 let why = match status {
@@ -154,8 +163,12 @@ struct Sidecar {
 /// Runs the sidecar until SIGINT/SIGTERM; returns the exit code.
 pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(
-        !args.command.is_empty(),
-        "no upstream given: put the server's command after `--`, e.g. `mcp-asyncify serve -- npx -y @notionhq/notion-mcp-server`"
+        !args.command.is_empty() || args.upstream.is_some(),
+        "no upstream given: put the server's command after `--` (e.g. `mcp-asyncify serve -- npx -y @notionhq/notion-mcp-server`) or give --upstream-url URL"
+    );
+    anyhow::ensure!(
+        args.command.is_empty() || args.upstream.is_none(),
+        "give either --upstream-url or a command after `--`, not both"
     );
     anyhow::ensure!(args.max_sessions > 0, "--max-sessions must be at least 1");
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -174,7 +187,11 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
         allowed_hosts,
         args,
     });
-    tracing::info!(addr = %bound, upstream = %sidecar.args.command.join(" "), "sidecar listening on http://{bound}/mcp");
+    let upstream = match &sidecar.args.upstream {
+        Some(o) => format!("{o:?}"),
+        None => sidecar.args.command.join(" "),
+    };
+    tracing::info!(addr = %bound, upstream = %upstream, "sidecar listening on http://{bound}/mcp");
     sidecar.clone().spawn_reaper();
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -317,6 +334,19 @@ fn sse_response(body: SseBody) -> Response<HttpBody> {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
+}
+
+/// An HTTP upstream's 401/403, as the HTTP transport reports it in an error answer (code -32001 with
+/// `data.status` and `data.www_authenticate`).
+fn upstream_refusal(line: &[u8]) -> Option<(StatusCode, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    let err = v.get("error")?;
+    if err.get("code")?.as_i64()? != http_upstream::REFUSED {
+        return None;
+    }
+    let status = StatusCode::from_u16(u16::try_from(err.pointer("/data/status")?.as_u64()?).ok()?).ok()?;
+    let challenge = err.pointer("/data/www_authenticate").and_then(|c| c.as_str()).map(str::to_owned);
+    matches!(status.as_u16(), 401 | 403).then_some((status, challenge))
 }
 
 fn accepts(headers: &HeaderMap, what: &str) -> bool {
@@ -508,7 +538,18 @@ impl Sidecar {
             Envelope::parse(&first).is_ok_and(|e| e.kind == Kind::Response && e.id.as_ref() == Some(&id));
         let mut response = if is_answer {
             drop(guard);
-            full(StatusCode::OK, "application/json", first)
+            match upstream_refusal(&first) {
+                // The hosted server refused the credential: the client sees the HTTP answer itself
+                // (status and WWW-Authenticate), so its OAuth flow can act.
+                Some((status, challenge)) => {
+                    let mut r = full(status, "application/json", first);
+                    if let Some(c) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                        r.headers_mut().insert(header::WWW_AUTHENTICATE, c);
+                    }
+                    r
+                }
+                None => full(StatusCode::OK, "application/json", first),
+            }
         } else {
             sse_response(SseBody {
                 rx,
@@ -576,17 +617,27 @@ impl Sidecar {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             return Err(r);
         }
-        let (process, child_in, child_out) = match UpstreamProcess::spawn(&self.args.command) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the upstream for a new session");
-                return Err(rpc_error(
-                    StatusCode::BAD_GATEWAY,
-                    None,
-                    code::UPSTREAM_GONE,
-                    &format!("cannot start the upstream server: {e}"),
-                ));
+        type Input = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+        type Output = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+        let (process, http, upstream_in, upstream_out): (_, _, Input, Output) = match &self.args.upstream {
+            Some(options) => {
+                let (w, r, handle) = http_upstream::connect(options.clone());
+                // The client's credential goes to the hosted server unchanged (never logged).
+                handle.set_authorization(headers.get(header::AUTHORIZATION).cloned());
+                (None, Some(handle), Box::new(w), Box::new(r))
             }
+            None => match UpstreamProcess::spawn(&self.args.command) {
+                Ok((p, child_in, child_out)) => (Some(p), None, Box::new(child_in), Box::new(child_out)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the upstream for a new session");
+                    return Err(rpc_error(
+                        StatusCode::BAD_GATEWAY,
+                        None,
+                        code::UPSTREAM_GONE,
+                        &format!("cannot start the upstream server: {e}"),
+                    ));
+                }
+            },
         };
         let id = uuid::Uuid::new_v4().simple().to_string();
         let credential = Self::credential(headers);
@@ -595,14 +646,15 @@ impl Sidecar {
             None => format!("session:{id}"),
         };
         let (client_w, client_r) = tokio::io::duplex(1 << 20);
-        let session = Session::new(&self.config, &self.shared, owner, client_w, child_in);
+        let session = Session::new(&self.config, &self.shared, owner, client_w, upstream_in);
         let router = session.router.clone();
         let http = Arc::new(HttpSession {
             id: id.clone(),
             credential,
             router: router.clone(),
             session: tokio::sync::Mutex::new(Some(session)),
-            process: tokio::sync::Mutex::new(Some(process)),
+            process: tokio::sync::Mutex::new(process),
+            http,
             waiting: DashMap::new(),
             standalone: Mutex::new(None),
             backlog: Mutex::new(VecDeque::new()),
@@ -625,7 +677,7 @@ impl Sidecar {
         let this = self.clone();
         let watched = http.clone();
         tokio::spawn(async move {
-            router.pump_upstream(child_out).await;
+            router.pump_upstream(upstream_out).await;
             if this.sessions.remove(&watched.id).is_some() {
                 tracing::warn!(session = %short(&watched.id), "the upstream of a session exited");
             }

@@ -7,6 +7,7 @@
 
 use super::session::{Session, Shared};
 use crate::config::Config;
+use crate::transport::http_upstream::HttpUpstreamOptions;
 use crate::transport::stdio::{self, UpstreamProcess};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -89,6 +90,95 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
             code
         }
     };
+    session.client_closer.close().await;
+    crate::telemetry::metrics().server_session.record(
+        started.elapsed().as_secs_f64(),
+        &[opentelemetry::KeyValue::new("network.transport", "pipe")],
+    );
+    Ok(code)
+}
+
+/// Options for `--upstream-url` and its `--header`s: the URL checked, each header parsed, `${VAR}`
+/// in values taken from the environment. Errors name what is wrong (never a header's value).
+pub fn http_options(url: &str, headers: &[String]) -> anyhow::Result<HttpUpstreamOptions> {
+    let uri: http::Uri = url.parse().map_err(|e| {
+        anyhow::anyhow!("invalid --upstream-url {url:?}: {e} (expected http://… or https://…)")
+    })?;
+    anyhow::ensure!(
+        matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some(),
+        "invalid --upstream-url {url:?}: expected http://host[:port]/path or https://…"
+    );
+    let mut options = HttpUpstreamOptions::new(uri);
+    for h in headers.iter().filter(|h| !h.trim().is_empty()) {
+        let (name, value) = h.split_once(':').ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid --header {:?}: expected \"Name: value\"",
+                h.split(':').next().unwrap_or("")
+            )
+        })?;
+        let name: http::HeaderName =
+            name.trim().parse().map_err(|_| anyhow::anyhow!("invalid --header name {:?}", name.trim()))?;
+        let value = expand_env(value.trim())?;
+        let mut value = http::HeaderValue::from_str(&value).map_err(|_| {
+            anyhow::anyhow!("invalid value for --header {name}: control characters are not allowed")
+        })?;
+        value.set_sensitive(true);
+        options.headers.push((name, value));
+    }
+    Ok(options)
+}
+
+/// `${VAR}` replaced by the variable's value (a missing variable is an error naming it).
+fn expand_env(value: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| anyhow::anyhow!("unclosed ${{ in a --header value"))?;
+        let var = &after[..end];
+        let v =
+            std::env::var(var).map_err(|_| anyhow::anyhow!("--header uses ${{{var}}}, which is not set"))?;
+        out.push_str(&v);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The stdio wrapper in front of a hosted server: our stdin/stdout on one side, Streamable HTTP on
+/// the other. Client EOF or a signal ends the HTTP session (DELETE) after the calls in flight.
+pub async fn run_http(config: &Config, options: HttpUpstreamOptions) -> anyhow::Result<i32> {
+    let started = std::time::Instant::now();
+    let (upstream_in, upstream_out, http) = crate::transport::http_upstream::connect(options);
+    let owner = format!("stdio:{}", uuid::Uuid::new_v4());
+    let mut session = Session::new(config, &Shared::new(config), owner, stdio::client_output(), upstream_in);
+    let router = session.router.clone();
+    let mut upstream_pump = tokio::spawn({
+        let router = router.clone();
+        async move { router.pump_upstream(upstream_out).await }
+    });
+    let mut client_pump = tokio::spawn({
+        let router = router.clone();
+        async move { router.pump_client(stdio::client_input()).await }
+    });
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let code = tokio::select! {
+        _ = &mut client_pump => 0,
+        _ = sigint.recv() => 128 + libc::SIGINT,
+        _ = sigterm.recv() => 128 + libc::SIGTERM,
+        _ = &mut upstream_pump => {
+            tracing::error!("the HTTP upstream connection ended");
+            1
+        }
+    };
+    client_pump.abort();
+    // Closing our side lets the transport finish the calls in flight, then DELETE the session.
+    session.upstream_closer.close().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(6), &mut upstream_pump).await;
+    http.close().await;
+    session.upstream_gone("closed its HTTP session").await;
     session.client_closer.close().await;
     crate::telemetry::metrics().server_session.record(
         started.elapsed().as_secs_f64(),

@@ -374,9 +374,10 @@ impl Interceptor {
     ) -> Option<Option<Vec<u8>>> {
         match rewrite {
             Rewrite::None | Rewrite::PlainCall => None,
-            Rewrite::Initialize => Some(result.and_then(|r| self.rewrite_initialize(id, r))),
+            // An error (or a result we cannot read) passes through as the upstream sent it.
+            Rewrite::Initialize => result.and_then(|r| self.rewrite_initialize(id, r)).map(Some),
             Rewrite::ToolsList { first_page } => {
-                Some(result.and_then(|r| self.rewrite_tools_list(id, r, first_page)))
+                result.and_then(|r| self.rewrite_tools_list(id, r, first_page)).map(Some)
             }
             Rewrite::NativeTaskCall => {
                 if let Some(Value::String(t)) = result.and_then(|r| lookup(r.get(), &["task", "taskId"])) {
