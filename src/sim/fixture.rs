@@ -29,6 +29,9 @@ pub struct FixtureArgs {
     /// Be a raw line echo server instead (byte-exact tests).
     #[arg(long)]
     pub raw: bool,
+    /// Serve Streamable HTTP at http://ADDR/mcp instead of stdio.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// `echo` arguments.
@@ -256,6 +259,9 @@ impl ServerHandler for Fixture {
 pub async fn run(args: FixtureArgs) -> anyhow::Result<()> {
     if args.raw {
         return raw().await;
+    }
+    if let Some(addr) = args.http {
+        return super::serve_http(Fixture::default(), addr).await;
     }
     let service = Fixture::default().serve(rmcp::transport::stdio()).await?;
     service.waiting().await?;

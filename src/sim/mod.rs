@@ -8,3 +8,37 @@ pub mod fixture;
 
 /// The Notion simulator: Notion's hosted tools with their async protocol and rate limit.
 pub mod notion;
+
+/// Serves an rmcp server over Streamable HTTP at http://ADDR/mcp (rmcp's own server side; every
+/// session shares `server`'s state) until SIGINT/SIGTERM.
+pub async fn serve_http<S>(server: S, addr: std::net::SocketAddr) -> anyhow::Result<()>
+where
+    S: rmcp::ServerHandler + Clone + Send + Sync + 'static,
+{
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    };
+    let service = StreamableHttpService::new(
+        move || Ok(server.clone()),
+        std::sync::Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--http): {e}"))?;
+    let bound = listener.local_addr()?;
+    tracing::warn!(addr = %bound, "serving Streamable HTTP at http://{bound}/mcp");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => a?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+        });
+    }
+}

@@ -482,39 +482,10 @@ pub async fn run(args: NotionSimArgs) -> anyhow::Result<()> {
     let http = args.http;
     let sim = NotionSim::new(args)?;
     if let Some(addr) = http {
-        return serve_http(sim, addr).await;
+        return super::serve_http(sim, addr).await;
     }
     let service = sim.serve(rmcp::transport::stdio()).await?;
     service.waiting().await?;
     Ok(())
 }
 
-/// Serves the simulator over Streamable HTTP (rmcp's server side) until SIGINT/SIGTERM.
-async fn serve_http(sim: NotionSim, addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    use rmcp::transport::streamable_http_server::{
-        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
-    };
-    let service = StreamableHttpService::new(
-        move || Ok(sim.clone()),
-        Arc::new(LocalSessionManager::default()),
-        StreamableHttpServerConfig::default(),
-    );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--http): {e}"))?;
-    let bound = listener.local_addr()?;
-    tracing::warn!(addr = %bound, "Notion simulator serving Streamable HTTP at http://{bound}/mcp");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => a?,
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = term.recv() => return Ok(()),
-        };
-        let service = hyper_util::service::TowerToHyperService::new(service.clone());
-        tokio::spawn(async move {
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
-        });
-    }
-}
