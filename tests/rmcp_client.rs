@@ -204,3 +204,51 @@ async fn futures_join_all<F: std::future::Future<Output = Value> + Send + 'stati
     }
     out
 }
+
+#[tokio::test]
+async fn the_rmcp_http_client_through_the_sidecar() {
+    use rmcp::transport::StreamableHttpClientTransport;
+    let sidecar = common::Served::start(&[
+        "serve",
+        "--listen",
+        "{addr}",
+        "--log-level",
+        "warn",
+        "--",
+        BIN,
+        "test-server",
+    ]);
+    let transport = StreamableHttpClientTransport::from_uri(sidecar.url.clone());
+    let client = Client::default();
+    let service = client.clone().serve(transport).await.expect("initialize over HTTP");
+    let caps = serde_json::to_value(&service.peer_info().unwrap().capabilities).unwrap();
+    assert!(caps["tasks"]["requests"]["tools"]["call"].is_object(), "{caps}");
+    let r = service
+        .call_tool(
+            CallToolRequestParams::new("echo").with_arguments(args(json!({"text": "over http"})).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(text(&serde_json::to_value(r).unwrap()), "over http");
+    let created = raw(
+        &service,
+        "tools/call",
+        json!({"name": "slow", "arguments": {"ms": 200, "text": "http task"}, "task": {}}),
+    )
+    .await
+    .unwrap();
+    let id = created["task"]["taskId"].as_str().unwrap().to_owned();
+    let result = raw(&service, "tasks/result", json!({"taskId": id})).await.unwrap();
+    assert_eq!(text(&result), "http task");
+    // Elicitation from the upstream reaches this client over the HTTP streams and the answer goes back.
+    let ask =
+        CallToolRequestParams::new("ask").with_arguments(args(json!({"message": "Over HTTP?"})).unwrap());
+    let r = tokio::time::timeout(Duration::from_secs(10), service.call_tool(ask))
+        .await
+        .unwrap_or_else(|_| {
+            panic!("ask not answered; the client was asked {:?}", client.asked.lock().unwrap())
+        })
+        .unwrap();
+    assert_eq!(text(&serde_json::to_value(r).unwrap()), "answer: from rmcp");
+    service.cancel().await.unwrap();
+}

@@ -69,6 +69,14 @@ pub struct ServeArgs {
 /// A message for a client's HTTP stream.
 type Out = mpsc::UnboundedSender<Bytes>;
 
+/// The stream of a POST waiting for its answer.
+struct Waiter {
+    out: Out,
+    seq: u64,
+    /// The request's `progressToken` (JSON text), so its progress goes on its own stream.
+    token: Option<String>,
+}
+
 struct HttpSession {
     id: String,
     /// Hash of the credential that created the session (None: no Authorization).
@@ -78,7 +86,9 @@ struct HttpSession {
     process: tokio::sync::Mutex<Option<UpstreamProcess>>,
     http: Option<HttpUpstream>,
     /// Requests waiting for their answer, by id: the stream of the POST that carried each.
-    waiting: DashMap<Id, Out>,
+    waiting: DashMap<Id, Waiter>,
+    /// Orders the waiters (the newest gets server requests).
+    seq: std::sync::atomic::AtomicU64,
     /// The standalone GET stream, if open.
     standalone: Mutex<Option<Out>>,
     /// Server-initiated messages with no stream to go to yet (bounded).
@@ -92,30 +102,57 @@ impl HttpSession {
         *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
 
-    /// A line the session wrote toward the client: an answer goes to the POST waiting for it, anything
-    /// else to the GET stream (or a POST stream still open, or the backlog).
+    /// A line the session wrote toward the client. An answer goes to the POST waiting for it; progress
+    /// to the POST whose request carried its token; a server request (elicitation, sampling, roots:
+    /// asked while the server handles a call) to the newest POST still open, as the spec relates
+    /// such requests to the request being handled, else the GET stream; other notifications to the
+    /// GET stream, else a POST stream, else the backlog until a stream opens.
     fn dispatch(&self, line: Vec<u8>) {
         let line = Bytes::from(line);
-        if let Ok(env) = Envelope::parse(&line)
-            && env.kind == Kind::Response
-            && let Some(id) = env.id.as_ref()
-            && let Some((_, out)) = self.waiting.remove(id)
+        let (kind, progress_token) = match Envelope::parse(&line) {
+            Ok(env) => {
+                if env.kind == Kind::Response
+                    && let Some(id) = env.id.as_ref()
+                    && let Some((_, w)) = self.waiting.remove(id)
+                {
+                    let _ = w.out.send(line);
+                    return;
+                }
+                let token = (env.method == Some("notifications/progress"))
+                    .then(|| env.params.and_then(|p| progress_token(p.get())))
+                    .flatten();
+                (env.kind, token)
+            }
+            Err(_) => (Kind::Notification, None),
+        };
+        if let Some(token) = progress_token
+            && let Some(w) = self.waiting.iter().find(|w| w.token.as_deref() == Some(token.as_str()))
+            && w.out.send(line.clone()).is_ok()
         {
-            let _ = out.send(line);
+            return;
+        }
+        if kind == Kind::Request
+            && let Some(w) = self.waiting.iter().filter(|w| !w.out.is_closed()).max_by_key(|w| w.seq)
+            && w.out.send(line.clone()).is_ok()
+        {
+            tracing::debug!(session = %short(&self.id), "server request on the stream of the newest POST");
             return;
         }
         let mut standalone = self.standalone.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(out) = standalone.as_ref() {
             if out.send(line.clone()).is_ok() {
+                tracing::debug!(session = %short(&self.id), "server message on the GET stream");
                 return;
             }
             *standalone = None;
         }
         drop(standalone);
-        if let Some(entry) = self.waiting.iter().find(|e| !e.value().is_closed()) {
-            let _ = entry.value().send(line);
+        if let Some(w) = self.waiting.iter().filter(|w| !w.out.is_closed()).max_by_key(|w| w.seq) {
+            tracing::debug!(session = %short(&self.id), "server message on a POST stream");
+            let _ = w.out.send(line);
             return;
         }
+        tracing::debug!(session = %short(&self.id), "server message kept until a stream opens");
         let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
         if backlog.len() >= 1000 {
             backlog.pop_front();
@@ -210,6 +247,8 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         };
+        // Answers are small and often streamed in pieces: never let Nagle hold the last one back.
+        let _ = stream.set_nodelay(true);
         let sidecar = sidecar.clone();
         let service = hyper::service::service_fn(move |req| {
             let sidecar = sidecar.clone();
@@ -347,6 +386,18 @@ fn upstream_refusal(line: &[u8]) -> Option<(StatusCode, Option<String>)> {
     let status = StatusCode::from_u16(u16::try_from(err.pointer("/data/status")?.as_u64()?).ok()?).ok()?;
     let challenge = err.pointer("/data/www_authenticate").and_then(|c| c.as_str()).map(str::to_owned);
     matches!(status.as_u16(), 401 | 403).then_some((status, challenge))
+}
+
+/// The `progressToken` of a progress notification's params, as JSON text.
+fn progress_token(params: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(params).ok()?;
+    Some(v.get("progressToken")?.to_string())
+}
+
+/// The `_meta.progressToken` of a request's params, as JSON text.
+fn request_progress_token(params: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(params).ok()?;
+    Some(v.pointer("/_meta/progressToken")?.to_string())
 }
 
 fn accepts(headers: &HeaderMap, what: &str) -> bool {
@@ -519,7 +570,10 @@ impl Sidecar {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let guard = FlightGuard(self.clone());
         let (tx, mut rx) = mpsc::unbounded_channel();
-        session.waiting.insert(id.clone(), tx);
+        let seq = session.seq.fetch_add(1, Ordering::Relaxed);
+        let token =
+            Envelope::parse(&body).ok().and_then(|e| e.params.and_then(|p| request_progress_token(p.get())));
+        session.waiting.insert(id.clone(), Waiter { out: tx, seq, token });
         session.router.route_client(body.to_vec()).await;
         let mut gone = session.gone.subscribe();
         let first = tokio::select! {
@@ -656,6 +710,7 @@ impl Sidecar {
             process: tokio::sync::Mutex::new(process),
             http,
             waiting: DashMap::new(),
+            seq: std::sync::atomic::AtomicU64::new(0),
             standalone: Mutex::new(None),
             backlog: Mutex::new(VecDeque::new()),
             last_active: Mutex::new(Instant::now()),

@@ -35,6 +35,7 @@ where
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
         };
+        let _ = stream.set_nodelay(true); // SSE answers come in pieces: no Nagle delay on the last
         let service = hyper_util::service::TowerToHyperService::new(service.clone());
         tokio::spawn(async move {
             let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());

@@ -488,4 +488,3 @@ pub async fn run(args: NotionSimArgs) -> anyhow::Result<()> {
     service.waiting().await?;
     Ok(())
 }
-

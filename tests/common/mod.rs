@@ -272,3 +272,41 @@ pub fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
     std::fs::write(&path, toml).unwrap();
     path
 }
+
+/// A free port on 127.0.0.1 (bound and released: good enough for tests).
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    format!("127.0.0.1:{port}")
+}
+
+/// `BIN` serving HTTP (the sidecar, or a server with `--http`) on a free address, killed on drop.
+pub struct Served {
+    child: Child,
+    /// `127.0.0.1:port`.
+    pub addr: String,
+    /// `http://127.0.0.1:port/mcp`.
+    pub url: String,
+}
+
+impl Served {
+    /// Starts `BIN args…` where `{addr}` in an argument is replaced by the address; waits until it
+    /// accepts connections.
+    pub fn start(args: &[&str]) -> Served {
+        let addr = free_addr();
+        let args: Vec<String> = args.iter().map(|a| a.replace("{addr}", &addr)).collect();
+        let child = Command::new(BIN).args(&args).stdin(Stdio::null()).spawn().expect("start the server");
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "`{}` did not listen on {addr}", args.join(" "));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Served { child, url: format!("http://{addr}/mcp"), addr }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
