@@ -347,22 +347,22 @@ pub fn error_response(
 
 /// Builds a JSON-RPC success response line whose `result` is the given raw JSON.
 pub fn result_response(id: &Id, result: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(40 + result.len());
-    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
-    out.extend_from_slice(id.as_json().as_bytes());
-    out.extend_from_slice(b",\"result\":");
-    out.extend_from_slice(result.as_bytes());
-    out.push(b'}');
-    out
+    response_with(id, "result", result)
 }
 
 /// Builds an error response whose `error` is the given raw JSON object (kept exactly as received).
 pub fn error_object_response(id: &Id, error: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(40 + error.len());
+    response_with(id, "error", error)
+}
+
+fn response_with(id: &Id, key: &str, raw: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40 + raw.len());
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
     out.extend_from_slice(id.as_json().as_bytes());
-    out.extend_from_slice(b",\"error\":");
-    out.extend_from_slice(error.as_bytes());
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(raw.as_bytes());
     out.push(b'}');
     out
 }

@@ -446,55 +446,25 @@ fn the_client_own_calls_spend_the_same_budget_and_a_rate_limit_pauses_every_poll
     }
 }
 
-/// The simulator over Streamable HTTP (`notion-sim --http`) on a free port, killed on drop.
-struct HttpSim {
-    child: std::process::Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl HttpSim {
-    fn start(name: &str, sim_args: &[&str]) -> HttpSim {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let log =
-            std::env::temp_dir().join(format!("asyncify-notion-http-{}-{name}.jsonl", std::process::id()));
-        let _ = std::fs::remove_file(&log);
-        let child = std::process::Command::new(BIN)
-            .args([
-                "notion-sim",
-                "--log-level",
-                "error",
-                "--http",
-                &addr,
-                "--request-log",
-                log.to_str().unwrap(),
-            ])
-            .args(sim_args)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "the simulator did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        HttpSim { child, url: format!("http://{addr}/mcp"), log }
-    }
-}
-
-impl Drop for HttpSim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_stdio_client_reaches_the_simulator_over_http_with_tasks() {
-    let sim = HttpSim::start(
-        "wrapper",
-        &["--work-ms", "800", "--suggested-backoff-ms", "200", "--rate-limit", "0"],
-    );
+    let log = std::env::temp_dir().join(format!("asyncify-notion-http-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let sim = common::Served::start(&[
+        "notion-sim",
+        "--log-level",
+        "error",
+        "--http",
+        "{addr}",
+        "--request-log",
+        log.to_str().unwrap(),
+        "--work-ms",
+        "800",
+        "--suggested-backoff-ms",
+        "200",
+        "--rate-limit",
+        "0",
+    ]);
     let mut p = Peer::start_cmd(
         std::process::Command::new(BIN)
             .args([
@@ -515,11 +485,8 @@ fn a_stdio_client_reaches_the_simulator_over_http_with_tasks() {
     assert_eq!(seen.last().unwrap()["status"], "completed");
     let r = p.ok(3, "tasks/result", json!({"taskId": t}));
     assert_eq!(structured(&r)["page"]["duplicated_from"], "roadmap");
-    let log: Vec<Value> = std::fs::read_to_string(&sim.log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let log: Vec<Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(log.iter().any(|l| l["outcome"] == "async_task" && l["args"]["allow_async"] == true));
     assert!(log.iter().any(|l| l["tool"] == "notion-get-async-task"));
     p.close_stdin();

@@ -3,36 +3,30 @@
 
 mod common;
 
-use common::BIN;
+use common::{BIN, Served};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The sidecar on a free address, with an HTTP/1.1 client for the tests.
 struct Sidecar {
-    child: Child,
+    /// Kept for its drop, which stops the sidecar.
+    _served: Served,
     addr: String,
 }
 
 impl Sidecar {
     fn start(extra: &[&str], upstream: &[&str]) -> Sidecar {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &addr, "--log-level", "warn"])
-            .args(extra)
-            .args(if upstream.is_empty() { &[][..] } else { &["--"][..] })
-            .args(upstream)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the sidecar");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "the sidecar did not listen");
-            std::thread::sleep(Duration::from_millis(20));
+        let mut args = vec!["serve", "--listen", "{addr}", "--log-level", "warn"];
+        args.extend_from_slice(extra);
+        if !upstream.is_empty() {
+            args.push("--");
+            args.extend_from_slice(upstream);
         }
-        Sidecar { child, addr }
+        let served = Served::start(&args);
+        let addr = served.addr.clone();
+        Sidecar { _served: served, addr }
     }
 
     fn fixture(extra: &[&str]) -> Sidecar {
@@ -100,13 +94,6 @@ impl Sidecar {
             .rev()
             .find(|m| m.get("id") == Some(&id))
             .unwrap_or_else(|| panic!("no answer: {}", r.body))
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mcp-asyncify");
+mod common;
+
+use common::{BIN, Served};
 
 /// Longest a scenario may run before the test kills it (client.mjs has its own 50 s watchdog).
 const SCENARIO_LIMIT: Duration = Duration::from_secs(90);
@@ -279,48 +281,16 @@ fn notion_tasks_through_the_proxy() {
     assert!(obs["search"]["isError"] != true);
 }
 
-/// The sidecar (`mcp-asyncify serve`) on a free port in front of `upstream`; killed on drop.
-struct Sidecar {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Sidecar {
-    fn start(upstream: &[String]) -> Sidecar {
-        let mut args = vec!["--".to_string()];
-        args.extend(upstream.iter().cloned());
-        Self::start_with(&args)
-    }
-
-    fn start_with(args: &[String]) -> Sidecar {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &listen, "--log-level", "warn"])
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the sidecar");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&listen).is_err() {
-            assert!(Instant::now() < deadline, "the sidecar did not listen on {listen}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Sidecar { child, url: format!("http://{listen}/mcp") }
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The sidecar (`mcp-asyncify serve`) on a free port with `args` (upstream after `--`, or a URL).
+fn sidecar(args: &[&str]) -> Served {
+    let mut all = vec!["serve", "--listen", "{addr}", "--log-level", "warn"];
+    all.extend_from_slice(args);
+    Served::start(&all)
 }
 
 #[test]
 fn fixture_tasks_over_streamable_http_through_the_sidecar() {
-    let fixture = vec![BIN.to_string(), "test-server".into(), "--log-level".into(), "warn".into()];
-    let sidecar = Sidecar::start(&fixture);
+    let sidecar = sidecar(&["--", BIN, "test-server"]);
     let obs = run_scenario("fixture-tasks", std::slice::from_ref(&sidecar.url));
     assert!(obs["capabilitiesTasks"]["requests"]["tools"]["call"].is_object(), "{obs}");
     assert_eq!(obs["slow"]["text"], "slept 300 ms");
@@ -334,11 +304,8 @@ fn fixture_tasks_over_streamable_http_through_the_sidecar() {
 
 #[test]
 fn notion_tasks_over_streamable_http_through_the_sidecar() {
-    let sim: Vec<String> =
-        [BIN, "notion-sim", "--log-level", "warn", "--work-ms", "1500", "--rate-limit", "0"]
-            .map(String::from)
-            .to_vec();
-    let sidecar = Sidecar::start(&sim);
+    let sidecar =
+        sidecar(&["--", BIN, "notion-sim", "--log-level", "warn", "--work-ms", "1500", "--rate-limit", "0"]);
     let obs = run_scenario("notion-tasks", std::slice::from_ref(&sidecar.url));
     let dup = &obs["duplicate"];
     assert!(dup["payload"]["page"]["id"].is_string(), "{dup}");
@@ -346,44 +313,20 @@ fn notion_tasks_over_streamable_http_through_the_sidecar() {
     assert_eq!(obs["createTooLong"]["status"], "failed");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The Notion simulator over Streamable HTTP, killed on drop.
-struct HttpSim(std::process::Child, String);
-
-impl Drop for HttpSim {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn notion_tasks_over_http_end_to_end_sidecar_to_a_hosted_simulator() {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(BIN)
-        .args([
-            "notion-sim",
-            "--log-level",
-            "error",
-            "--http",
-            &addr,
-            "--work-ms",
-            "1500",
-            "--rate-limit",
-            "0",
-        ])
-        .spawn()
-        .unwrap();
-    let sim = HttpSim(child, format!("http://{addr}/mcp"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "the simulator did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let sidecar = Sidecar::start_with(&["--upstream-url".to_string(), sim.1.clone()]);
+    let sim = Served::start(&[
+        "notion-sim",
+        "--log-level",
+        "error",
+        "--http",
+        "{addr}",
+        "--work-ms",
+        "1500",
+        "--rate-limit",
+        "0",
+    ]);
+    let sidecar = sidecar(&["--upstream-url", &sim.url]);
     let obs = run_scenario("notion-tasks", std::slice::from_ref(&sidecar.url));
     let dup = &obs["duplicate"];
     assert!(dup["payload"]["page"]["id"].is_string(), "{dup}");

@@ -85,6 +85,24 @@ fn otlp_wanted(signal: &str) -> bool {
     env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
 }
 
+/// Builds an OTLP exporter (metric or span: their builders share the shape, not a trait) for the
+/// protocol asked.
+macro_rules! otlp_exporter {
+    ($builder:expr, $protocol:expr, $what:literal) => {{
+        use opentelemetry_otlp::WithExportConfig;
+        match $protocol.as_str() {
+            "grpc" => $builder.with_tonic().with_protocol(opentelemetry_otlp::Protocol::Grpc).build(),
+            "http/protobuf" => {
+                $builder.with_http().with_protocol(opentelemetry_otlp::Protocol::HttpBinary).build()
+            }
+            other => anyhow::bail!(
+                "OTEL_EXPORTER_OTLP_PROTOCOL={other} is not supported (allowed: grpc, http/protobuf)"
+            ),
+        }
+        .map_err(|e| anyhow::anyhow!(concat!("cannot set up the OTLP ", $what, " exporter: {}"), e))?
+    }};
+}
+
 fn resource() -> Resource {
     // The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; without a name we give ours.
     let builder = Resource::builder();
@@ -119,21 +137,7 @@ impl Telemetry {
         }
         if otlp_wanted("METRICS") {
             let protocol = otlp_protocol("METRICS");
-            let builder = opentelemetry_otlp::MetricExporter::builder();
-            let exporter = match protocol.as_str() {
-                "grpc" => {
-                    use opentelemetry_otlp::WithExportConfig;
-                    builder.with_tonic().with_protocol(opentelemetry_otlp::Protocol::Grpc).build()
-                }
-                "http/protobuf" => {
-                    use opentelemetry_otlp::WithExportConfig;
-                    builder.with_http().with_protocol(opentelemetry_otlp::Protocol::HttpBinary).build()
-                }
-                other => anyhow::bail!(
-                    "OTEL_EXPORTER_OTLP_PROTOCOL={other} is not supported (allowed: grpc, http/protobuf)"
-                ),
-            }
-            .map_err(|e| anyhow::anyhow!("cannot set up the OTLP metric exporter: {e}"))?;
+            let exporter = otlp_exporter!(opentelemetry_otlp::MetricExporter::builder(), protocol, "metric");
             let reader =
                 opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
                     exporter,
@@ -153,21 +157,7 @@ impl Telemetry {
 
         let tracer = if otlp_wanted("TRACES") {
             let protocol = otlp_protocol("TRACES");
-            let builder = opentelemetry_otlp::SpanExporter::builder();
-            let exporter = match protocol.as_str() {
-                "grpc" => {
-                    use opentelemetry_otlp::WithExportConfig;
-                    builder.with_tonic().with_protocol(opentelemetry_otlp::Protocol::Grpc).build()
-                }
-                "http/protobuf" => {
-                    use opentelemetry_otlp::WithExportConfig;
-                    builder.with_http().with_protocol(opentelemetry_otlp::Protocol::HttpBinary).build()
-                }
-                other => anyhow::bail!(
-                    "OTEL_EXPORTER_OTLP_PROTOCOL={other} is not supported (allowed: grpc, http/protobuf)"
-                ),
-            }
-            .map_err(|e| anyhow::anyhow!("cannot set up the OTLP span exporter: {e}"))?;
+            let exporter = otlp_exporter!(opentelemetry_otlp::SpanExporter::builder(), protocol, "span");
             let processor =
                 opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
                     exporter,
