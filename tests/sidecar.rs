@@ -182,6 +182,13 @@ fn the_transport_rules_hold() {
         ("Accept without SSE", "POST", vec![json, "Accept: application/json", &sid_h], list, 406),
         ("GET without SSE", "GET", vec!["Accept: application/json", &sid_h], b"", 406),
         ("PUT", "PUT", vec![json, both, &sid_h], list, 405),
+        (
+            "unsupported protocol version",
+            "POST",
+            vec![json, both, &sid_h, "MCP-Protocol-Version: 1999-01-01"],
+            list,
+            400,
+        ),
         ("other path", "POST", vec![json, both], list, 404),
     ];
     for (what, method, headers, body, status) in cases {
@@ -371,4 +378,30 @@ fn a_hosted_upstreams_401_reaches_the_client_with_its_challenge_and_the_credenti
     let challenge = r.header("www-authenticate").expect("the upstream's challenge");
     assert!(challenge.contains("resource_metadata"), "{challenge}");
     assert_eq!(seen.lock().unwrap().as_slice(), ["Bearer client-token"]);
+}
+
+#[test]
+fn shutdown_lets_calls_in_flight_finish() {
+    let s = std::sync::Arc::new(Sidecar::fixture(&[]));
+    let sid = s.open(None);
+    let call = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            s.call(
+                &sid,
+                None,
+                json!(1),
+                "tools/call",
+                json!({"name":"slow","arguments":{"ms": 1500, "text": "finished"}}),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = s._served.pid();
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let r = call.join().unwrap();
+    assert_eq!(r["result"]["content"][0]["text"], "finished");
+    // New connections are refused once it stopped accepting.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(TcpStream::connect(&s.addr).is_err());
 }

@@ -66,6 +66,9 @@ pub struct ServeArgs {
     pub upstream: Option<HttpUpstreamOptions>,
 }
 
+/// The protocol versions whose Streamable HTTP rules the sidecar follows (`MCP-Protocol-Version`).
+const SUPPORTED_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
+
 /// A message for a client's HTTP stream.
 type Out = mpsc::UnboundedSender<Bytes>;
 
@@ -473,6 +476,16 @@ impl Sidecar {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<HttpBody> {
         if let Err(r) = self.check_origin(req.headers()) {
             return r;
+        }
+        if let Some(v) = req.headers().get("mcp-protocol-version") {
+            let v = v.to_str().unwrap_or("");
+            if !SUPPORTED_VERSIONS.contains(&v) {
+                let msg = format!(
+                    "Bad Request: unsupported MCP-Protocol-Version {v:?} (supported: {})",
+                    SUPPORTED_VERSIONS.join(", ")
+                );
+                return rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, &msg);
+            }
         }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok"),
