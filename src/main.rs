@@ -151,10 +151,21 @@ fn main() {
                 Ok(()) => 0,
                 Err(e) => fail(&format!("{e:#}"), 1),
             },
-            Some(Mode::Demo(args)) => match mcp_asyncify::demo::run(args).await {
-                Ok(()) => 0,
-                Err(e) => fail(&format!("demo failed: {e:#}"), 1),
-            },
+            Some(Mode::Demo(args)) => {
+                // The demo's summary shows the exported metrics, so keep the Prometheus text ready.
+                let options =
+                    TelemetryOptions { metrics_listen: config.telemetry.metrics_addr(), prometheus: true };
+                let telemetry = match Telemetry::init(&options).await {
+                    Ok(t) => t,
+                    Err(e) => fail(&format!("{e:#}"), 2),
+                };
+                let code = match mcp_asyncify::demo::run(args).await {
+                    Ok(()) => 0,
+                    Err(e) => fail(&format!("demo failed: {e:#}"), 1),
+                };
+                telemetry.shutdown().await;
+                code
+            }
             Some(Mode::NotionSim(args)) => match mcp_asyncify::sim::notion::run(args).await {
                 Ok(()) => 0,
                 Err(e) => fail(&format!("{e:#}"), 1),

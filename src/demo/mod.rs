@@ -234,6 +234,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         stats.rate_limited,
         stats.paused_ms as f64 / 1000.0
     ));
+    // The same numbers as the exported OpenTelemetry metrics (what Prometheus would scrape).
+    if let Some(text) = crate::telemetry::render_prometheus() {
+        out.line("  exported metrics (Prometheus names):");
+        for line in metric_summary(&String::from_utf8_lossy(&text)) {
+            out.line(&format!("    {line}"));
+        }
+    }
     out.line(&format!("  finished in {:.1} s", start.elapsed().as_secs_f64()));
 
     drop(client);
@@ -241,6 +248,30 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     session.upstream_closer.close().await;
     let _ = process.terminate(Duration::from_secs(1)).await;
     Ok(())
+}
+
+/// The task and Notion series of a Prometheus text exposition, one line each (buckets left out).
+fn metric_summary(text: &str) -> Vec<String> {
+    const SHOWN: &[&str] = &[
+        "asyncify_task_created_total",
+        "asyncify_task_duration_seconds_count",
+        "asyncify_task_duration_seconds_sum",
+        "asyncify_task_state_duration_seconds_sum",
+        "asyncify_notion_requests_total",
+        "asyncify_notion_rate_limit_wait_seconds_count",
+        "asyncify_notion_rate_limit_wait_seconds_sum",
+    ];
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| SHOWN.iter().any(|m| l.starts_with(m) && l[m.len()..].starts_with(['{', ' '])))
+        .map(|l| match l.rsplit_once(' ') {
+            Some((series, value)) => match value.parse::<f64>() {
+                Ok(v) if v.fract() != 0.0 => format!("{series} {v:.3}"),
+                _ => l.to_owned(),
+            },
+            None => l.to_owned(),
+        })
+        .collect()
 }
 
 fn tool(name: &str, arguments: Value) -> Value {
