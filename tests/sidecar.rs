@@ -279,6 +279,28 @@ fn tasks_are_bound_to_the_credential_and_survive_the_session() {
     assert_eq!(again["result"]["content"][0]["text"], "alice's");
     let listed = s.call(&a2, alice, json!(5), "tasks/list", json!({}));
     assert!(listed["result"]["tasks"].as_array().unwrap().iter().any(|t| t["taskId"] == task.as_str()));
+    // A task still running when its session ends keeps going; its result waits for Alice.
+    let running = s.call(
+        &a2,
+        alice,
+        json!(8),
+        "tools/call",
+        json!({"name":"slow","arguments":{"ms":1000,"text":"finished later"},"task":{}}),
+    );
+    let later = running["result"]["task"]["taskId"].as_str().unwrap().to_owned();
+    assert_eq!(
+        s.http(
+            "DELETE",
+            "/mcp",
+            &[&format!("Mcp-Session-Id: {a2}"), "Authorization: Bearer alice-token"],
+            b""
+        )
+        .status,
+        200
+    );
+    let a3 = s.open(alice);
+    let r = s.call(&a3, alice, json!(9), "tasks/result", json!({"taskId": later}));
+    assert_eq!(r["result"]["content"][0]["text"], "finished later", "{r}");
     // Bob, in his own session, gets "not found" and an empty list.
     let b1 = s.open(bob);
     let r = s.call(&b1, bob, json!(6), "tasks/get", json!({"taskId": task}));

@@ -164,6 +164,31 @@ impl HttpSession {
         backlog.push_back(line);
     }
 
+    /// The client is done with the session (DELETE, or idle): its HTTP side ends now, but while tasks
+    /// it started still run, their upstream stays up, so that the client (reconnecting with the same
+    /// credential) finds their results; then everything closes.
+    async fn retire(self: Arc<Self>, grace: Duration) {
+        let _ = self.gone.send(true);
+        self.waiting.clear();
+        self.standalone.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let running = self.tasks_in_flight().await;
+        if running == 0 {
+            return self.close(grace).await;
+        }
+        tracing::info!(session = %short(&self.id), running, "session ended; its upstream stays until its tasks finish");
+        tokio::spawn(async move {
+            while self.tasks_in_flight().await > 0 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            tracing::info!(session = %short(&self.id), "the tasks of an ended session finished; closing its upstream");
+            self.close(grace).await;
+        });
+    }
+
+    async fn tasks_in_flight(&self) -> usize {
+        self.session.lock().await.as_ref().map_or(0, |s| s.intercept.tasks_in_flight())
+    }
+
     async fn close(&self, grace: Duration) {
         let _ = self.gone.send(true);
         if let Some(mut s) = self.session.lock().await.take() {
@@ -438,7 +463,7 @@ impl Sidecar {
                 for s in stale {
                     tracing::info!(session = %short(&s.id), "closing an idle session");
                     self.sessions.remove(&s.id);
-                    s.close(self.config.shutdown_grace()).await;
+                    s.retire(self.config.shutdown_grace()).await;
                 }
             }
         });
@@ -665,8 +690,8 @@ impl Sidecar {
             Err(r) => return r,
         };
         self.sessions.remove(&session.id);
-        session.close(self.config.shutdown_grace()).await;
         tracing::info!(session = %short(&session.id), "session ended by the client");
+        session.retire(self.config.shutdown_grace()).await;
         plain(StatusCode::OK, "session ended")
     }
 

@@ -93,6 +93,9 @@ pub struct Interceptor {
     input_requests: DashMap<Id, String>,
     /// Local tasks whose upstream call is in flight.
     running: DashMap<String, ()>,
+    /// Every task this session started (local, Notion, handed off), to know whether its upstream
+    /// is still needed when the client goes.
+    started: DashMap<String, ()>,
     /// Last progress value seen per progress token (JSON text), so keep-alives keep increasing.
     progress_seen: DashMap<String, f64>,
     /// Whether the client speaks tasks (declared them, or used them): then it gets status notifications.
@@ -125,12 +128,20 @@ impl Interceptor {
             native_tasks: DashMap::new(),
             input_requests: DashMap::new(),
             running: DashMap::new(),
+            started: DashMap::new(),
             progress_seen: DashMap::new(),
             client_speaks_tasks: AtomicBool::new(false),
             notion,
             tools_known: tokio::sync::watch::channel(false).0,
             discovering: AtomicBool::new(false),
         })
+    }
+
+    /// How many of the tasks this session started still run (their work needs this upstream).
+    pub fn tasks_in_flight(&self) -> usize {
+        self.started
+            .retain(|id, _| self.engine.get(&self.owner, id).is_some_and(|r| !r.status.is_terminal()));
+        self.started.len()
     }
 
     fn enabled(&self) -> bool {
@@ -247,6 +258,7 @@ impl Interceptor {
             Ok(created) => created,
             Err(e) => return self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
         };
+        self.started.insert(record.id.clone(), ());
         let mut result = Map::new();
         result.insert("task".into(), Value::Object(record.to_wire()));
         result.insert(

@@ -108,6 +108,7 @@ impl Interceptor {
                 return;
             }
         };
+        self.started.insert(record.id.clone(), ());
         if !self.pending.set_rewrite(id, Rewrite::HandedOff { task_id: record.id.clone() }) {
             // The answer came in the meantime: no task needed.
             self.engine.discard(&record.id);
