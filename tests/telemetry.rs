@@ -6,12 +6,12 @@
 mod common;
 mod otlp_receiver;
 
-use common::{BIN, Peer, WAIT};
+use common::{BIN, Peer, WAIT, free_addr};
 use otlp_receiver::{CLIENT, INTERNAL, Kind, OtlpReceiver, Point, Protocol, SERVER, SpanRec, current, total};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,12 +20,6 @@ const TASK_CLIENT: &str = r#"{"tasks":{"list":{},"cancel":{}}}"#;
 
 // ---------------------------------------------------------------------------------------------------
 // Plumbing: free ports, a tiny HTTP/1.1 GET client, the proxy with a clean OTEL_* environment.
-
-/// A free port on 127.0.0.1 (bound, read, released).
-fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().to_string()
-}
 
 fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()

@@ -274,9 +274,18 @@ pub fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
 }
 
 /// A free port on 127.0.0.1 (bound and released: good enough for tests).
+/// Never the same port twice in one test binary: tests run in parallel, and the kernel may hand a
+/// just-released port out again before the server meant for it has bound it.
 pub fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    format!("127.0.0.1:{port}")
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return format!("127.0.0.1:{port}");
+        }
+    }
 }
 
 /// `BIN` serving HTTP (the sidecar, or a server with `--http`) on a free address, killed on drop.
@@ -294,12 +303,15 @@ impl Served {
     pub fn start(args: &[&str]) -> Served {
         let addr = free_addr();
         let args: Vec<String> = args.iter().map(|a| a.replace("{addr}", &addr)).collect();
-        let child = Command::new(BIN).args(&args).stdin(Stdio::null()).spawn().expect("start the server");
+        let mut child = Command::new(BIN).args(&args).stdin(Stdio::null()).spawn().expect("start the server");
         let deadline = Instant::now() + WAIT;
         while std::net::TcpStream::connect(&addr).is_err() {
             assert!(Instant::now() < deadline, "`{}` did not listen on {addr}", args.join(" "));
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Someone else's server on that port would answer too: make sure ours is the one running.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(child.try_wait().unwrap().is_none(), "`{}` exited (is {addr} taken?)", args.join(" "));
         Served { child, url: format!("http://{addr}/mcp"), addr }
     }
 }
