@@ -298,11 +298,14 @@ impl Interceptor {
                             this.pending.take_own(&request_id)
                             && crate::telemetry::metrics_on()
                         {
-                            let attrs = [
+                            let mut attrs = vec![
                                 opentelemetry::KeyValue::new("mcp.method.name", "tools/call"),
                                 opentelemetry::KeyValue::new("network.transport", "pipe"),
                                 opentelemetry::KeyValue::new("error.type", "cancelled"),
                             ];
+                            if let Some(record) = this.engine.get(&this.owner, &task) {
+                                attrs.push(opentelemetry::KeyValue::new("gen_ai.tool.name", record.tool));
+                            }
                             crate::telemetry::metrics()
                                 .client_operation
                                 .record(sent.elapsed().as_secs_f64(), &attrs);
