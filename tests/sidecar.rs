@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 /// The sidecar on a free address, with an HTTP/1.1 client for the tests.
 struct Sidecar {
-    /// Kept for its drop, which stops the sidecar.
-    _served: Served,
+    /// Kept for its drop, which stops the sidecar (None: a second handle on the same one).
+    _served: Option<Served>,
     addr: String,
 }
 
@@ -26,7 +26,7 @@ impl Sidecar {
         }
         let served = Served::start(&args);
         let addr = served.addr.clone();
-        Sidecar { _served: served, addr }
+        Sidecar { _served: Some(served), addr }
     }
 
     fn fixture(extra: &[&str]) -> Sidecar {
@@ -197,6 +197,29 @@ fn the_transport_rules_hold() {
         assert_eq!(r.status, status, "{what}: {}", r.body);
     }
     assert_eq!(s.http("GET", "/healthz", &[], b"").status, 200);
+    // A cancelled request's POST ends instead of waiting for an answer that will not come.
+    let pending = {
+        let (addr, sid) = (s.addr.clone(), sid.clone());
+        std::thread::spawn(move || {
+            let probe = Sidecar { _served: None, addr };
+            probe.post(
+                Some(&sid),
+                None,
+                &json!({"jsonrpc":"2.0","id":"long","method":"tools/call","params":{"name":"slow","arguments":{"ms":30000}}}),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let n = s.post(
+        Some(&sid),
+        None,
+        &json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"long","reason":"user"}}),
+    );
+    assert_eq!(n.status, 202);
+    let started = Instant::now();
+    let r = pending.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "{r:?}", r = r.body);
+    assert!(r.body.contains("cancelled"), "{}", r.body);
     // DELETE ends the session; it is then unknown.
     assert_eq!(s.http("DELETE", "/mcp", &[&sid_h], b"").status, 200);
     assert_eq!(s.post(Some(&sid), None, &json!({"jsonrpc":"2.0","id":9,"method":"tools/list"})).status, 404);
@@ -419,7 +442,7 @@ fn shutdown_lets_calls_in_flight_finish() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    let pid = s._served.pid();
+    let pid = s._served.as_ref().unwrap().pid();
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let r = call.join().unwrap();
     assert_eq!(r["result"]["content"][0]["text"], "finished");

@@ -236,13 +236,19 @@ impl Router {
                 // The upstream may never answer a cancelled request, so stop waiting for it. A call
                 // already handed off as a task is not cancelled this way (the spec keeps
                 // notifications/cancelled away from tasks): its response still completes the task.
-                if let Some(id) = cancelled_request_id(env.params)
-                    && let Some(req) = self.pending.finish_client(&id)
-                    && let Rewrite::HandedOff { task_id } = &req.rewrite
+                let cancelled = cancelled_request_id(env.params);
+                if let Some(id) = &cancelled
+                    && let Some(req) = self.pending.finish_client(id)
                 {
-                    tracing::debug!(%id, task_id, "ignored notifications/cancelled for a handed-off call");
-                    self.pending.track_client(id, &req.method, req.rewrite.clone());
-                    return;
+                    if let Rewrite::HandedOff { task_id } = &req.rewrite {
+                        tracing::debug!(%id, task_id, "ignored notifications/cancelled for a handed-off call");
+                        self.pending.track_client(id.clone(), &req.method, req.rewrite.clone());
+                        return;
+                    }
+                    // No answer will be measured for it either.
+                    if let Some(ops) = &self.ops {
+                        ops.forget(id);
+                    }
                 }
             }
             Kind::Response => {
@@ -353,7 +359,8 @@ impl Router {
     }
 }
 
-fn cancelled_request_id(params: Option<&RawValue>) -> Option<Id> {
+/// The request a `notifications/cancelled` names.
+pub fn cancelled_request_id(params: Option<&RawValue>) -> Option<Id> {
     #[derive(serde::Deserialize)]
     struct Cancelled<'a> {
         #[serde(rename = "requestId", borrow)]

@@ -598,6 +598,13 @@ impl Sidecar {
             }
         };
         if kind != Kind::Request {
+            // A cancelled request gets no answer: end the stream of the POST that waits for it.
+            if method.as_deref() == Some("notifications/cancelled")
+                && let Ok(env) = Envelope::parse(&body)
+                && let Some(cancelled) = super::session::cancelled_request_id(env.params)
+            {
+                session.waiting.remove(&cancelled);
+            }
             session.router.route_client(body.to_vec()).await;
             return Response::builder()
                 .status(StatusCode::ACCEPTED)
@@ -619,12 +626,11 @@ impl Sidecar {
             _ = gone.wait_for(|g| *g) => None,
         };
         let Some(first) = first else {
-            return rpc_error(
-                StatusCode::OK,
-                Some(&id),
-                code::UPSTREAM_GONE,
-                "the session ended before this request was answered",
-            );
+            let why = match *session.gone.borrow() {
+                true => "the session ended before this request was answered",
+                false => "the request was cancelled (notifications/cancelled); it gets no answer",
+            };
+            return rpc_error(StatusCode::OK, Some(&id), code::UPSTREAM_GONE, why);
         };
         let is_answer =
             Envelope::parse(&first).is_ok_and(|e| e.kind == Kind::Response && e.id.as_ref() == Some(&id));

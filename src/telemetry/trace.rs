@@ -197,6 +197,11 @@ impl Operations {
         }
     }
 
+    /// The client cancelled a request: it will get no answer, so its measurement is dropped.
+    pub fn forget(&self, id: &Id) {
+        self.open.remove(id);
+    }
+
     /// The session ended: whatever is still open ends now.
     pub fn close(&self) {
         self.open.clear();
