@@ -153,18 +153,8 @@ fn main() {
             },
             Some(Mode::Demo(args)) => {
                 // The demo's summary shows the exported metrics, so keep the Prometheus text ready.
-                let options =
-                    TelemetryOptions { metrics_listen: config.telemetry.metrics_addr(), prometheus: true };
-                let telemetry = match Telemetry::init(&options).await {
-                    Ok(t) => t,
-                    Err(e) => fail(&format!("{e:#}"), 2),
-                };
-                let code = match mcp_asyncify::demo::run(args).await {
-                    Ok(()) => 0,
-                    Err(e) => fail(&format!("demo failed: {e:#}"), 1),
-                };
-                telemetry.shutdown().await;
-                code
+                let demo = async { mcp_asyncify::demo::run(args).await.map(|()| 0).map_err(|e| e.context("demo failed")) };
+                with_telemetry(&config, true, demo).await
             }
             Some(Mode::NotionSim(args)) => match mcp_asyncify::sim::notion::run(args).await {
                 Ok(()) => 0,
@@ -177,60 +167,48 @@ fn main() {
                         Err(e) => fail(&format!("{e:#}"), 2),
                     }
                 }
-                let options =
-                    TelemetryOptions { metrics_listen: config.telemetry.metrics_addr(), prometheus: true };
-                let telemetry = match Telemetry::init(&options).await {
-                    Ok(t) => t,
-                    Err(e) => fail(&format!("{e:#}"), 2),
-                };
-                let code = match mcp_asyncify::proxy::sidecar::run(&config, args).await {
-                    Ok(code) => code,
-                    Err(e) => fail(&format!("{e:#}"), 1),
-                };
-                telemetry.shutdown().await;
-                code
+                with_telemetry(&config, true, mcp_asyncify::proxy::sidecar::run(&config, args)).await
             }
-            None if cli.command.is_empty() && cli.common.upstream_url.is_some() => {
+            None if !cli.command.is_empty() && cli.common.upstream_url.is_some() => {
+                fail("give either --upstream-url or a command after `--`, not both", 2)
+            }
+            None if cli.common.upstream_url.is_some() => {
                 let url = cli.common.upstream_url.as_deref().unwrap_or_default();
                 let options = match mcp_asyncify::proxy::wrapper::http_options(url, &cli.common.headers) {
                     Ok(o) => o,
                     Err(e) => fail(&format!("{e:#}"), 2),
                 };
-                let telemetry_options =
-                    TelemetryOptions { metrics_listen: config.telemetry.metrics_addr(), prometheus: false };
-                let telemetry = match Telemetry::init(&telemetry_options).await {
-                    Ok(t) => t,
-                    Err(e) => fail(&format!("{e:#}"), 2),
-                };
-                let code = match mcp_asyncify::proxy::wrapper::run_http(&config, options).await {
-                    Ok(code) => code,
-                    Err(e) => fail(&format!("{e:#}"), 1),
-                };
-                telemetry.shutdown().await;
-                code
+                with_telemetry(&config, false, mcp_asyncify::proxy::wrapper::run_http(&config, options)).await
             }
             None if cli.command.is_empty() => fail(
                 "no upstream server given: put its command after `--` (e.g. `mcp-asyncify -- npx -y @modelcontextprotocol/server-everything`) or give --upstream-url URL (see --help)",
                 2,
             ),
-            None => {
-                let options =
-                    TelemetryOptions { metrics_listen: config.telemetry.metrics_addr(), prometheus: false };
-                let telemetry = match Telemetry::init(&options).await {
-                    Ok(t) => t,
-                    Err(e) => fail(&format!("{e:#}"), 2),
-                };
-                let code = match mcp_asyncify::proxy::wrapper::run(&config, &cli.command).await {
-                    Ok(code) => code,
-                    Err(e) => fail(&format!("{e:#}"), 1),
-                };
-                telemetry.shutdown().await;
-                code
-            }
+            None => with_telemetry(&config, false, mcp_asyncify::proxy::wrapper::run(&config, &cli.command)).await,
         }
     });
     // Exit at once: the runtime would otherwise wait on the blocking read of stdin.
     std::process::exit(code);
+}
+
+/// Runs `work` with telemetry installed (the Prometheus text kept for `/metrics` when `prometheus`),
+/// flushing it at the end; returns the exit code.
+async fn with_telemetry(
+    config: &Config,
+    prometheus: bool,
+    work: impl std::future::Future<Output = anyhow::Result<i32>>,
+) -> i32 {
+    let options = TelemetryOptions { metrics_listen: config.telemetry.metrics_addr(), prometheus };
+    let telemetry = match Telemetry::init(&options).await {
+        Ok(t) => t,
+        Err(e) => fail(&format!("{e:#}"), 2),
+    };
+    let code = match work.await {
+        Ok(code) => code,
+        Err(e) => fail(&format!("{e:#}"), 1),
+    };
+    telemetry.shutdown().await;
+    code
 }
 
 fn fail(message: &str, code: i32) -> ! {

@@ -501,6 +501,7 @@ fn a_stdio_client_reaches_the_simulator_over_http_with_tasks() {
 fn a_bad_upstream_url_or_header_fails_at_start_with_the_reason() {
     for (args, needle) in [
         (vec!["--upstream-url", "ftp://x/mcp"], "--upstream-url"),
+        (vec!["--upstream-url", "http://127.0.0.1:9/mcp", "--", BIN, "test-server"], "not both"),
         (vec!["--upstream-url", "http://127.0.0.1:9/mcp", "--header", "no colon"], "--header"),
         (
             vec!["--upstream-url", "http://127.0.0.1:9/mcp", "--header", "A: ${ASYNCIFY_SURELY_UNSET}"],
