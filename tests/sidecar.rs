@@ -450,3 +450,14 @@ fn shutdown_lets_calls_in_flight_finish() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(TcpStream::connect(&s.addr).is_err());
 }
+
+#[test]
+fn idle_sessions_expire() {
+    let s = Sidecar::fixture(&["--session-idle-secs", "1"]);
+    let sid = s.open(None);
+    let r = s.call(&sid, None, json!(1), "tools/call", json!({"name":"echo","arguments":{"text":"hi"}}));
+    assert_eq!(r["result"]["content"][0]["text"], "hi");
+    std::thread::sleep(Duration::from_millis(3000));
+    let r = s.post(Some(&sid), None, &json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}));
+    assert_eq!(r.status, 404, "{}", r.body);
+}

@@ -453,9 +453,15 @@ impl Sidecar {
                     .iter()
                     .filter(|s| {
                         let s = s.value();
-                        let open = s.standalone.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                        // A stream whose client vanished is closed (its keep-alive write failed).
+                        let open = s
+                            .standalone
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .as_ref()
+                            .is_some_and(|o| !o.is_closed());
                         !open
-                            && s.waiting.is_empty()
+                            && s.waiting.iter().all(|w| w.out.is_closed())
                             && s.last_active.lock().unwrap_or_else(|e| e.into_inner()).elapsed() > idle
                     })
                     .map(|s| s.value().clone())
