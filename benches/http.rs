@@ -21,7 +21,10 @@
 //! `cargo bench --bench http` (env `HTTP_CALLS=n`: calls at 8 and at 64 in flight, default 10,000;
 //! 30 % of that at 1).
 
+mod common;
+
 use bytes::Bytes;
+use common::{contains, find, rss_kib};
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode, Uri};
@@ -566,22 +569,4 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
         }
     }
     println!("(bench took {:.0} s)", started.elapsed().as_secs_f64());
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    find(haystack, needle).is_some()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }

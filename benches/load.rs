@@ -13,6 +13,9 @@
 //! `cargo bench --bench load` (env `LOAD_CALLS=n`: calls at 64 in flight, default 20,000; half that at
 //! 8, a quarter at 1).
 
+mod common;
+
+use common::{contains, find, rss_kib};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -424,22 +427,4 @@ fn main() {
         median(Path::ProxyTelemetry, 64).rate / median(Path::Proxy, 64).rate
     );
     println!("(bench took {:.0} s)", started.elapsed().as_secs_f64());
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    find(haystack, needle).is_some()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }

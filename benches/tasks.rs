@@ -7,6 +7,9 @@
 //!
 //! `cargo bench --bench tasks` (env `TASKS=n` to change the count).
 
+mod common;
+
+use common::rss_kib;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -72,14 +75,4 @@ fn main() {
     drop(input);
     let _ = proxy.wait();
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }

@@ -341,7 +341,7 @@ impl NotionAdapter {
             })
             .flatten();
         let params = match &traced {
-            Some((tp, _)) => with_meta_traceparent(params, tp),
+            Some((tp, _)) => crate::telemetry::trace::params_with_traceparent(params, tp),
             None => params.to_owned(),
         };
         let reply = upstream.request("tools/call", Some(&params), None).await;
@@ -351,15 +351,6 @@ impl NotionAdapter {
         }
         reply
     }
-}
-
-/// `params` with `_meta.traceparent` set.
-fn with_meta_traceparent(params: &str, tp: &str) -> String {
-    let Ok(mut p) = serde_json::from_str::<Map<String, Value>>(params) else { return params.to_owned() };
-    if let Some(meta) = p.entry("_meta").or_insert_with(|| json!({})).as_object_mut() {
-        meta.insert("traceparent".into(), Value::String(tp.to_owned()));
-    }
-    Value::Object(p).to_string()
 }
 
 /// Counts one of the proxy's requests to Notion, and marks it on the task's span.

@@ -327,14 +327,13 @@ fn rpc_error(status: StatusCode, id: Option<&Id>, code: i64, message: &str) -> R
     full(status, "application/json", jsonrpc::error_response(id, code, message, None))
 }
 
-/// An SSE body fed by a channel: every message is one `message` event; comments keep it alive.
+/// An SSE body fed by a channel: every message is one `message` event; comments keep it alive. It
+/// ends when its sender is gone: for a POST, the dispatcher drops the sender with the answer it
+/// delivers (or when the request is cancelled or the session ends).
 struct SseBody {
     rx: mpsc::UnboundedReceiver<Bytes>,
     first: Option<Bytes>,
     ping: Pin<Box<tokio::time::Sleep>>,
-    /// Ends the stream after the answer to this request (None: the standalone stream).
-    until: Option<Id>,
-    done: bool,
     _guard: Option<FlightGuard>,
 }
 
@@ -346,13 +345,6 @@ fn sse_event(line: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-impl SseBody {
-    fn ends_stream(&self, line: &[u8]) -> bool {
-        let Some(until) = &self.until else { return false };
-        Envelope::parse(line).is_ok_and(|e| e.kind == Kind::Response && e.id.as_ref() == Some(until))
-    }
-}
-
 impl Body for SseBody {
     type Data = Bytes;
     type Error = Infallible;
@@ -361,18 +353,11 @@ impl Body for SseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
         if let Some(line) = self.first.take() {
-            self.done = self.ends_stream(&line);
             return Poll::Ready(Some(Ok(Frame::data(sse_event(&line)))));
         }
         match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(line)) => {
-                self.done = self.ends_stream(&line);
-                Poll::Ready(Some(Ok(Frame::data(sse_event(&line)))))
-            }
+            Poll::Ready(Some(line)) => Poll::Ready(Some(Ok(Frame::data(sse_event(&line))))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 if self.ping.as_mut().poll(cx).is_ready() {
@@ -591,6 +576,16 @@ impl Sidecar {
             Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
         };
         let (kind, id, method) = (env.kind, env.id.clone(), env.method.map(str::to_owned));
+        // What the streams need from the params: a request's progress token (its progress goes on
+        // its own stream), or the request a cancellation names.
+        let token = match kind {
+            Kind::Request => env.params.and_then(|p| request_progress_token(p.get())),
+            _ => None,
+        };
+        let cancelled = match method.as_deref() {
+            Some("notifications/cancelled") => super::session::cancelled_request_id(env.params),
+            _ => None,
+        };
         drop(env);
         let session = if method.as_deref() == Some("initialize") && !headers.contains_key("mcp-session-id") {
             match self.clone().open_session(&headers).await {
@@ -605,10 +600,7 @@ impl Sidecar {
         };
         if kind != Kind::Request {
             // A cancelled request gets no answer: end the stream of the POST that waits for it.
-            if method.as_deref() == Some("notifications/cancelled")
-                && let Ok(env) = Envelope::parse(&body)
-                && let Some(cancelled) = super::session::cancelled_request_id(env.params)
-            {
+            if let Some(cancelled) = cancelled {
                 session.waiting.remove(&cancelled);
             }
             session.router.route_client(body.to_vec()).await;
@@ -622,8 +614,6 @@ impl Sidecar {
         let guard = FlightGuard(self.clone());
         let (tx, mut rx) = mpsc::unbounded_channel();
         let seq = session.seq.fetch_add(1, Ordering::Relaxed);
-        let token =
-            Envelope::parse(&body).ok().and_then(|e| e.params.and_then(|p| request_progress_token(p.get())));
         session.waiting.insert(id.clone(), Waiter { out: tx, seq, token });
         session.router.route_client(body.to_vec()).await;
         let mut gone = session.gone.subscribe();
@@ -659,8 +649,6 @@ impl Sidecar {
                 rx,
                 first: Some(first),
                 ping: Box::pin(tokio::time::sleep(Duration::from_secs(15))),
-                until: Some(id),
-                done: false,
                 _guard: Some(guard),
             })
         };
@@ -690,8 +678,6 @@ impl Sidecar {
             rx,
             first: None,
             ping: Box::pin(tokio::time::sleep(Duration::from_secs(15))),
-            until: None,
-            done: false,
             _guard: None,
         })
     }

@@ -152,17 +152,12 @@ impl InFlight {
         };
         let answer = answer.map_err(|_| UpstreamError::Gone(upstream.gone_reason()));
         if crate::telemetry::metrics_on() {
-            let mut attrs = vec![
-                opentelemetry::KeyValue::new("mcp.method.name", method),
-                opentelemetry::KeyValue::new("network.transport", "pipe"),
-            ];
-            match &answer {
-                Ok(Reply::Error(e)) => attrs
-                    .push(opentelemetry::KeyValue::new("error.type", crate::telemetry::trace::error_code(e))),
-                Err(_) => attrs.push(opentelemetry::KeyValue::new("error.type", "upstream_gone")),
-                Ok(_) => {}
-            }
-            crate::telemetry::metrics().client_operation.record(sent.elapsed().as_secs_f64(), &attrs);
+            let error = match &answer {
+                Ok(Reply::Error(e)) => Some(crate::telemetry::trace::error_code(e)),
+                Err(_) => Some("upstream_gone".to_owned()),
+                Ok(_) => None,
+            };
+            crate::telemetry::trace::record_client_operation(sent, &method, None, error.as_deref());
         }
         answer
     }

@@ -75,6 +75,26 @@ fn op_attrs(method: &str, tool: Option<&str>) -> Vec<KeyValue> {
     attrs
 }
 
+/// Records the duration of one MCP request into `histogram`, with the semconv attributes.
+fn record_operation(
+    histogram: &opentelemetry::metrics::Histogram<f64>,
+    started: Instant,
+    method: &str,
+    tool: Option<&str>,
+    error: Option<&str>,
+) {
+    let mut attrs = op_attrs(method, tool);
+    if let Some(e) = error {
+        attrs.push(KeyValue::new("error.type", e.to_owned()));
+    }
+    histogram.record(started.elapsed().as_secs_f64(), &attrs);
+}
+
+/// Records a request the proxy made upstream (`mcp.client.operation.duration`), answered now.
+pub fn record_client_operation(started: Instant, method: &str, tool: Option<&str>, error: Option<&str>) {
+    record_operation(&metrics().client_operation, started, method, tool, error);
+}
+
 #[derive(serde::Deserialize)]
 struct CallParams<'a> {
     #[serde(borrow, default)]
@@ -152,11 +172,7 @@ impl Operations {
             None => (op.started, None),
         };
         drop(op);
-        let mut attrs = op_attrs(&method, tool.as_deref());
-        if let Some(e) = &error {
-            attrs.push(KeyValue::new("error.type", e.clone()));
-        }
-        metrics().client_operation.record(at.elapsed().as_secs_f64(), &attrs);
+        record_client_operation(at, &method, tool.as_deref(), error.as_deref());
         if let Some(cx) = cx {
             if let Some(e) = error {
                 cx.span().set_status(Status::error(e));
@@ -181,11 +197,13 @@ impl Operations {
             (None, Some(r)) if op.method == "tools/call" && is_tool_error(r) => Some("tool_error".to_owned()),
             _ => None,
         };
-        let mut attrs = op_attrs(&op.method, op.tool.as_deref());
-        if let Some(e) = &error {
-            attrs.push(KeyValue::new("error.type", e.clone()));
-        }
-        metrics().server_operation.record(op.started.elapsed().as_secs_f64(), &attrs);
+        record_operation(
+            &metrics().server_operation,
+            op.started,
+            &op.method,
+            op.tool.as_deref(),
+            error.as_deref(),
+        );
         if let Some((_, cx)) = op.client {
             cx.span().end();
         }
@@ -233,9 +251,23 @@ fn is_tool_error(result: &RawValue) -> bool {
 pub fn with_traceparent(line: &[u8], tp: &str) -> Option<Vec<u8>> {
     let mut msg: Map<String, Value> = serde_json::from_slice(line).ok()?;
     let params = msg.entry("params").or_insert_with(|| Value::Object(Map::new())).as_object_mut()?;
+    set_traceparent(params, tp)?;
+    serde_json::to_vec(&msg).ok()
+}
+
+/// Request params (JSON text) with `_meta.traceparent` set; unchanged if they are not an object.
+pub fn params_with_traceparent(params: &str, tp: &str) -> String {
+    let Ok(mut p) = serde_json::from_str::<Map<String, Value>>(params) else { return params.to_owned() };
+    match set_traceparent(&mut p, tp) {
+        Some(()) => Value::Object(p).to_string(),
+        None => params.to_owned(),
+    }
+}
+
+fn set_traceparent(params: &mut Map<String, Value>, tp: &str) -> Option<()> {
     let meta = params.entry("_meta").or_insert_with(|| Value::Object(Map::new())).as_object_mut()?;
     meta.insert("traceparent".into(), Value::String(tp.to_owned()));
-    serde_json::to_vec(&msg).ok()
+    Some(())
 }
 
 /// The span of each live task, by task id.

@@ -298,17 +298,13 @@ impl Interceptor {
                             this.pending.take_own(&request_id)
                             && crate::telemetry::metrics_on()
                         {
-                            let mut attrs = vec![
-                                opentelemetry::KeyValue::new("mcp.method.name", "tools/call"),
-                                opentelemetry::KeyValue::new("network.transport", "pipe"),
-                                opentelemetry::KeyValue::new("error.type", "cancelled"),
-                            ];
-                            if let Some(record) = this.engine.get(&this.owner, &task) {
-                                attrs.push(opentelemetry::KeyValue::new("gen_ai.tool.name", record.tool));
-                            }
-                            crate::telemetry::metrics()
-                                .client_operation
-                                .record(sent.elapsed().as_secs_f64(), &attrs);
+                            let tool = this.engine.get(&this.owner, &task).map(|r| r.tool);
+                            crate::telemetry::trace::record_client_operation(
+                                sent,
+                                "tools/call",
+                                tool.as_deref(),
+                                Some("cancelled"),
+                            );
                         }
                         this.upstream.forget(&request_id);
                         tokio::spawn(async move {
@@ -324,18 +320,17 @@ impl Interceptor {
     /// The upstream answered a task's call.
     pub fn task_call_answered(&self, task_id: &str, reply: Reply, sent: Instant) {
         if crate::telemetry::metrics_on() {
-            let mut attrs = vec![
-                opentelemetry::KeyValue::new("mcp.method.name", "tools/call"),
-                opentelemetry::KeyValue::new("network.transport", "pipe"),
-            ];
-            if let Some(task) = self.engine.get(&self.owner, task_id) {
-                attrs.push(opentelemetry::KeyValue::new("gen_ai.tool.name", task.tool));
-            }
-            if let Reply::Error(e) = &reply {
-                attrs
-                    .push(opentelemetry::KeyValue::new("error.type", crate::telemetry::trace::error_code(e)));
-            }
-            crate::telemetry::metrics().client_operation.record(sent.elapsed().as_secs_f64(), &attrs);
+            let tool = self.engine.get(&self.owner, task_id).map(|r| r.tool);
+            let error = match &reply {
+                Reply::Error(e) => Some(crate::telemetry::trace::error_code(e)),
+                Reply::Result(_) => None,
+            };
+            crate::telemetry::trace::record_client_operation(
+                sent,
+                "tools/call",
+                tool.as_deref(),
+                error.as_deref(),
+            );
         }
         self.running.remove(task_id);
         self.finish_with_reply(task_id, Ok(reply));
