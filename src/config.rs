@@ -117,6 +117,14 @@ pub struct TasksConfig {
     /// For plain calls still running after this many ms, answer with a normal tool result saying the work
     /// goes on as a task, and offer tools to fetch it later (0: never).
     pub sync_deadline_ms: u64,
+    /// 2026-07-28 clients that declare the tasks extension: a call of a task tool still running after
+    /// this many ms becomes a task (`resultType: "task"`); one that ends sooner answers inline. 0: a
+    /// task at once.
+    pub task_after_ms: u64,
+    /// Tools that must run as tasks, by name or glob: advertised `taskSupport: "required"` to 2025-11-25
+    /// clients (a plain call gets -32601), and refused with -32021 to 2026-07-28 clients that do not
+    /// declare the tasks extension.
+    pub required: Vec<String>,
 }
 
 impl Default for TasksConfig {
@@ -133,6 +141,8 @@ impl Default for TasksConfig {
             keepalive_after_ms: 5000,
             keepalive_interval_ms: 10_000,
             sync_deadline_ms: 0,
+            task_after_ms: 1000,
+            required: Vec::new(),
         }
     }
 }
@@ -141,8 +151,14 @@ impl TasksConfig {
     /// Whether calls of `tool` may become tasks run by the proxy.
     pub fn taskifies(&self, tool: &str) -> bool {
         self.enabled
-            && self.tools.iter().any(|p| glob_match(p, tool))
-            && !self.exclude.iter().any(|p| glob_match(p, tool))
+            && ((self.tools.iter().any(|p| glob_match(p, tool))
+                && !self.exclude.iter().any(|p| glob_match(p, tool)))
+                || self.requires_task(tool))
+    }
+
+    /// Whether calls of `tool` must run as tasks (`--task-required`).
+    pub fn requires_task(&self, tool: &str) -> bool {
+        self.enabled && self.required.iter().any(|p| glob_match(p, tool))
     }
 }
 
@@ -231,6 +247,10 @@ pub struct Overrides {
     pub sync_deadline_ms: Option<u64>,
     /// `--task-tools` / `MCP_ASYNCIFY_TASK_TOOLS` (comma-separated).
     pub task_tools: Option<Vec<String>>,
+    /// `--task-after-ms` / `MCP_ASYNCIFY_TASK_AFTER_MS`.
+    pub task_after_ms: Option<u64>,
+    /// `--task-required` / `MCP_ASYNCIFY_TASK_REQUIRED` (comma-separated).
+    pub task_required: Option<Vec<String>>,
     /// `--no-tasks`.
     pub no_tasks: bool,
     /// `--notion-budget` / `MCP_ASYNCIFY_NOTION_BUDGET`.
@@ -354,6 +374,12 @@ impl Config {
         if let Some(v) = &o.task_tools {
             self.tasks.tools = v.clone();
         }
+        if let Some(v) = o.task_after_ms {
+            self.tasks.task_after_ms = v;
+        }
+        if let Some(v) = &o.task_required {
+            self.tasks.required = v.clone();
+        }
         if o.no_tasks {
             self.tasks.enabled = false;
         }
@@ -394,7 +420,7 @@ impl Config {
             Err("not a level".to_string())
         };
         let t = &self.tasks;
-        let ranges: [(&'static str, u64, u64, u64); 8] = [
+        let ranges: [(&'static str, u64, u64, u64); 9] = [
             ("tasks.default_ttl_ms", t.default_ttl_ms, 1000, t.max_ttl_ms),
             ("tasks.max_ttl_ms", t.max_ttl_ms, 1000, 30 * 86_400_000),
             ("tasks.poll_interval_ms", t.poll_interval_ms, 10, 600_000),
@@ -403,6 +429,7 @@ impl Config {
             ("tasks.keepalive_after_ms", t.keepalive_after_ms, 0, 3_600_000),
             ("tasks.keepalive_interval_ms", t.keepalive_interval_ms, 100, 3_600_000),
             ("tasks.sync_deadline_ms", t.sync_deadline_ms, 0, 3_600_000),
+            ("tasks.task_after_ms", t.task_after_ms, 0, 3_600_000),
         ];
         for (key, value, min, max) in ranges {
             if !(min..=max).contains(&value) {

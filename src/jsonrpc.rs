@@ -22,6 +22,18 @@ pub mod code {
     pub const INTERNAL_ERROR: i64 = -32603;
     /// The upstream server went away before answering (implementation-defined server error range).
     pub const UPSTREAM_GONE: i64 = -32000;
+    /// 2026-07-28: the HTTP headers do not match the body (`MCP-Protocol-Version`, `Mcp-Method`,
+    /// `Mcp-Name`), or a required one is missing.
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// 2026-07-28: the request lacks a client capability the server needs (e.g. the tasks extension).
+    pub const MISSING_CAPABILITY: i64 = -32021;
+    /// 2026-07-28: the requested protocol version is not served.
+    pub const UNSUPPORTED_VERSION: i64 = -32022;
+
+    /// Whether a code is one of the 2026-07-28 errors answered with HTTP 400.
+    pub fn is_modern_client_error(code: i64) -> bool {
+        matches!(code, HEADER_MISMATCH | MISSING_CAPABILITY | UNSUPPORTED_VERSION)
+    }
 }
 
 /// A JSON-RPC request id, kept as the exact JSON text the peer sent (`0`, `-7`, `"abc"`,
@@ -367,6 +379,45 @@ fn response_with(id: &Id, key: &str, raw: &str) -> Vec<u8> {
     out
 }
 
+/// The same message under another id: a request keeps its method and params, a response its result
+/// or error. Used where one upstream connection serves requests of several clients, whose ids may
+/// collide.
+pub fn with_id(env: &Envelope<'_>, id: &Id) -> Vec<u8> {
+    match (env.method, env.result, env.error) {
+        (Some(method), _, _) => request(id, method, env.params.map(RawValue::get)),
+        (None, Some(result), _) => result_response(id, result.get()),
+        (None, None, Some(error)) => error_object_response(id, error.get()),
+        (None, None, None) => unreachable!("an envelope is a request, a notification or a response"),
+    }
+}
+
+/// A 2026-07-28 result object with `resultType: "complete"` when it has no `resultType` of its own.
+/// Spliced into the text, so every other byte stays as the upstream sent it.
+pub fn mark_complete(result: &str) -> String {
+    let trimmed = result.trim_start();
+    if !trimmed.starts_with('{') {
+        return result.to_owned();
+    }
+    if memchr::memmem::find(result.as_bytes(), b"\"resultType\"").is_some()
+        && serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(result)
+            .is_ok_and(|m| m.contains_key("resultType"))
+    {
+        return result.to_owned();
+    }
+    let body = trimmed[1..].trim_start();
+    let sep = if body.starts_with('}') { "" } else { "," };
+    format!("{{\"resultType\":\"complete\"{sep}{body}")
+}
+
+/// The `code` of a raw JSON-RPC error object, if it has one.
+pub fn error_code_of(error: &str) -> Option<i64> {
+    #[derive(Deserialize)]
+    struct Code {
+        code: Option<i64>,
+    }
+    serde_json::from_str::<Code>(error).ok().and_then(|c| c.code)
+}
+
 /// Builds a request line with the given id, method and raw params.
 pub fn request(id: &Id, method: &str, params: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + params.map_or(0, str::len));
@@ -453,6 +504,17 @@ mod tests {
             let err = Envelope::parse(line).unwrap_err();
             assert_eq!(err.code(), want, "{:?} → {err}", String::from_utf8_lossy(line));
         }
+    }
+
+    #[test]
+    fn complete_is_spliced_in_once() {
+        assert_eq!(mark_complete("{}"), r#"{"resultType":"complete"}"#);
+        assert_eq!(mark_complete(r#" {"content":[]}"#), r#"{"resultType":"complete","content":[]}"#);
+        let task = r#"{"resultType":"task","taskId":"t"}"#;
+        assert_eq!(mark_complete(task), task);
+        // A nested resultType is not the result's own.
+        let nested = r#"{"content":[{"type":"text","text":"\"resultType\""}]}"#;
+        assert!(mark_complete(nested).starts_with(r#"{"resultType":"complete","#));
     }
 
     #[test]

@@ -60,6 +60,22 @@ struct CommonArgs {
     #[arg(long, global = true, env = "MCP_ASYNCIFY_SYNC_DEADLINE_MS", value_name = "MS")]
     sync_deadline_ms: Option<u64>,
 
+    /// 2026-07-28 clients with the tasks extension: a task tool's call still running after this many ms
+    /// becomes a task; a faster one answers inline (0: a task at once) [default: 1000].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_TASK_AFTER_MS", value_name = "MS")]
+    task_after_ms: Option<u64>,
+
+    /// Tools that must run as tasks, by name or glob, comma-separated: -32021 for 2026-07-28 clients
+    /// without the tasks extension, -32601 for 2025-11-25 calls without params.task [default: none].
+    #[arg(
+        long,
+        global = true,
+        env = "MCP_ASYNCIFY_TASK_REQUIRED",
+        value_name = "GLOBS",
+        value_delimiter = ','
+    )]
+    task_required: Option<Vec<String>>,
+
     /// Requests per second toward the Notion upstream, shared by polls, task starts and the client's own
     /// calls (Notion allows 3) [default: 3].
     #[arg(long, global = true, env = "MCP_ASYNCIFY_NOTION_BUDGET", value_name = "N")]
@@ -119,6 +135,8 @@ fn main() {
         shutdown_grace_ms: cli.common.shutdown_grace_ms,
         sync_deadline_ms: cli.common.sync_deadline_ms,
         task_tools: cli.common.task_tools.clone(),
+        task_after_ms: cli.common.task_after_ms,
+        task_required: cli.common.task_required.clone(),
         no_tasks: cli.common.no_tasks,
         notion_budget: cli.common.notion_budget,
         metrics_listen: cli.common.metrics_listen.clone(),

@@ -22,6 +22,8 @@ pub struct ClientRequest {
     pub started: Instant,
     /// What to do with its response.
     pub rewrite: Rewrite,
+    /// A stateless 2026-07-28 request: its result gets `resultType: "complete"`.
+    pub modern: bool,
 }
 
 /// The upstream's answer to one of the proxy's own requests.
@@ -64,10 +66,19 @@ impl Pending {
 
     /// Remembers a client request on its way upstream. Returns `false` if a request with the same id
     /// was already in flight (the client broke the "ids are unique" rule; both are still forwarded).
-    pub fn track_client(&self, id: Id, method: &str, rewrite: Rewrite) -> bool {
+    pub fn track_client(&self, id: Id, method: &str, rewrite: Rewrite, modern: bool) -> bool {
         self.client
-            .insert(id, ClientRequest { method: method.into(), started: Instant::now(), rewrite })
+            .insert(id, ClientRequest { method: method.into(), started: Instant::now(), rewrite, modern })
             .is_none()
+    }
+
+    /// The ids and rewrites of the client's `tools/call`s in flight.
+    pub fn client_calls(&self) -> Vec<(Id, Rewrite)> {
+        self.client
+            .iter()
+            .filter(|e| e.value().method.as_ref() == "tools/call")
+            .map(|e| (e.key().clone(), e.value().rewrite.clone()))
+            .collect()
     }
 
     /// Changes what to do with a pending request's response. Returns `false` if it is no longer
@@ -184,9 +195,9 @@ mod tests {
     #[test]
     fn draining_returns_every_waiting_request() {
         let p = Pending::new();
-        assert!(p.track_client(Id::string("a"), "tools/call", Rewrite::None));
-        assert!(!p.track_client(Id::string("a"), "tools/call", Rewrite::None));
-        p.track_client(Id::string("b"), "ping", Rewrite::None);
+        assert!(p.track_client(Id::string("a"), "tools/call", Rewrite::None, false));
+        assert!(!p.track_client(Id::string("a"), "tools/call", Rewrite::None, false));
+        p.track_client(Id::string("b"), "ping", Rewrite::None, true);
         assert!(p.finish_client(&Id::string("b")).is_some());
         let left = p.drain_client();
         assert_eq!(left.len(), 1);

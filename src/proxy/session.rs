@@ -5,7 +5,8 @@
 //! elicitation, roots), progress and cancellation flow while calls are in flight. Each line is
 //! classified by a light envelope parse; what is not intercepted is forwarded as its original bytes.
 
-use super::intercept::{Decision, Interceptor, Rewrite};
+use super::era::{self, Era};
+use super::intercept::{Decision, Interceptor, Rewrite, ServerRequestRoute};
 use super::pending::{OwnWaiter, Pending, Reply};
 use super::upstream::Upstream;
 use crate::config::Config;
@@ -218,12 +219,29 @@ impl Router {
                 if let Some(ops) = &self.ops {
                     ops.started(&id, method, env.params);
                 }
-                let rewrite = match self.intercept.on_client_request(&id, method, env.params).await {
-                    Decision::Forward(rewrite) => rewrite,
-                    Decision::Handled => return,
+                // The generation is chosen per request (with tasks off, the proxy is a pure passthrough).
+                let era = match self.intercept.enabled() {
+                    true => Era::of(env.params),
+                    false => Era::Legacy,
                 };
-                if !self.pending.track_client(id.clone(), method, rewrite) {
+                if let Era::Unsupported(version) = &era {
+                    tracing::warn!(%id, method, version, "refused a request for an unsupported protocol version");
+                    self.client.send(era::unsupported_version(Some(&id), version)).await;
+                    return;
+                }
+                let (rewrite, replaced) =
+                    match self.intercept.on_client_request(&id, method, env.params, &era).await {
+                        Decision::Forward(rewrite) => (rewrite, None),
+                        Decision::ForwardAs(line, rewrite) => (rewrite, Some(line)),
+                        Decision::Handled => return,
+                    };
+                if !self.pending.track_client(id.clone(), method, rewrite, era.is_modern()) {
                     tracing::warn!(%id, method, "the client reused the id of a request still in flight");
+                }
+                if let Some(line) = replaced {
+                    drop(env);
+                    self.upstream.send(line).await;
+                    return;
                 }
                 // With traces on, the request carries our CLIENT span's traceparent upstream.
                 if let Some(traced) = self.ops.as_ref().and_then(|ops| ops.forwarded(&id, &line)) {
@@ -242,7 +260,7 @@ impl Router {
                 {
                     if let Rewrite::HandedOff { task_id } = &req.rewrite {
                         tracing::debug!(%id, task_id, "ignored notifications/cancelled for a handed-off call");
-                        self.pending.track_client(id.clone(), &req.method, req.rewrite.clone());
+                        self.pending.track_client(id.clone(), &req.method, req.rewrite.clone(), req.modern);
                         return;
                     }
                     // No answer will be measured for it either.
@@ -258,6 +276,9 @@ impl Router {
             }
             Kind::Notification if env.method == Some("notifications/initialized") => {
                 drop(env);
+                if self.intercept.take_swallow_initialized() {
+                    return; // the proxy initialized the upstream already
+                }
                 self.upstream.send(line).await;
                 self.intercept.on_initialized();
                 return;
@@ -306,23 +327,35 @@ impl Router {
                 if let Some(ops) = &self.ops {
                     ops.upstream_answered(id, env.error.map(crate::telemetry::trace::error_code));
                 }
-                if let Some(req) = self.pending.finish_client(id)
-                    && let Some(rewritten) =
-                        self.intercept.on_upstream_response(id, req.rewrite, env.result, env.error)
-                {
-                    if let Some(rewritten) = rewritten {
-                        self.client.send(rewritten).await;
+                if let Some(req) = self.pending.finish_client(id) {
+                    let modern = req.modern;
+                    if let Some(rewritten) =
+                        self.intercept.on_upstream_response(id, req.rewrite, modern, env.result, env.error)
+                    {
+                        if let Some(rewritten) = rewritten {
+                            self.client.send(rewritten).await;
+                        }
+                        return;
                     }
-                    return;
+                    // A 2026-07-28 answer says it is complete (not a task, not a request for input).
+                    if modern && let Some(result) = env.result {
+                        let line = jsonrpc::result_response(id, &jsonrpc::mark_complete(result.get()));
+                        drop(env);
+                        self.client.send(line).await;
+                        return;
+                    }
                 }
             }
             Kind::Request => {
                 let id = env.id.clone().expect("a request has an id");
-                if let Some(tagged) =
-                    self.intercept.on_server_request(&id, env.method.unwrap_or_default(), env.params)
+                match self.intercept.on_server_request(&id, env.method.unwrap_or_default(), env.params).await
                 {
-                    self.client.send(tagged).await;
-                    return;
+                    ServerRequestRoute::Forward => {}
+                    ServerRequestRoute::Send(tagged) => {
+                        self.client.send(tagged).await;
+                        return;
+                    }
+                    ServerRequestRoute::Held => return,
                 }
             }
             Kind::Notification => {

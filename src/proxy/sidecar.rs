@@ -10,6 +10,15 @@
 //! `Authorization`), or to the session when there is none: a client that reconnects with the same
 //! credential still reaches its tasks, another credential gets "not found".
 //!
+//! 2026-07-28 requests are stateless: a POST whose body carries its protocol version in `_meta` needs
+//! no `Mcp-Session-Id`. Its routing headers (`MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`) are
+//! checked against the body (400 + -32020), and it is served on an upstream connection the sidecar
+//! keeps initialized for the caller's credential (one per credential, since tasks are bound to it;
+//! one shared when there is none), under an id of the sidecar's own so that the ids of different
+//! clients never collide there. Nothing about a stateless request lives only in the HTTP exchange:
+//! its task is in the engine, so any later request (on any connection) finds it; a shared store
+//! makes that true across replicas.
+//!
 //! Safety: bound to 127.0.0.1 by default; `Host` and `Origin` are checked against DNS rebinding (403);
 //! bodies over `max_message_bytes` get 413; session ids are unguessable; sessions are capped and
 //! expire when idle; shutdown lets in-flight calls finish.
@@ -18,6 +27,7 @@
 // as is, so boxing it would only add an allocation.
 #![allow(clippy::result_large_err)]
 
+use super::era::{self, Era};
 use super::session::{Router, Session, Shared};
 use crate::config::Config;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
@@ -78,6 +88,8 @@ struct Waiter {
     seq: u64,
     /// The request's `progressToken` (JSON text), so its progress goes on its own stream.
     token: Option<String>,
+    /// A stateless request travels under an id of the sidecar's; its answer gets this one back.
+    original: Option<Id>,
 }
 
 struct HttpSession {
@@ -98,6 +110,8 @@ struct HttpSession {
     backlog: Mutex<VecDeque<Bytes>>,
     last_active: Mutex<Instant>,
     gone: tokio::sync::watch::Sender<bool>,
+    /// Ids given to stateless requests (unique on this connection, whoever sent them).
+    next_internal: std::sync::atomic::AtomicU64,
 }
 
 impl HttpSession {
@@ -118,6 +132,10 @@ impl HttpSession {
                     && let Some(id) = env.id.as_ref()
                     && let Some((_, w)) = self.waiting.remove(id)
                 {
+                    let line = match &w.original {
+                        Some(original) => Bytes::from(jsonrpc::with_id(&env, original)),
+                        None => line.clone(),
+                    };
                     let _ = w.out.send(line);
                     return;
                 }
@@ -221,6 +239,10 @@ struct Sidecar {
     args: ServeArgs,
     shared: Shared,
     sessions: DashMap<String, Arc<HttpSession>>,
+    /// Upstream connections serving stateless (2026-07-28) requests, by credential hash ("" for none).
+    stateless: DashMap<String, Arc<HttpSession>>,
+    /// Serialises the opening of stateless connections, so one credential never gets two.
+    opening: tokio::sync::Mutex<()>,
     in_flight: AtomicUsize,
     allowed_hosts: Vec<String>,
 }
@@ -248,6 +270,8 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
         config: config.clone(),
         shared: Shared::new(config),
         sessions: DashMap::new(),
+        stateless: DashMap::new(),
+        opening: tokio::sync::Mutex::new(()),
         in_flight: AtomicUsize::new(0),
         allowed_hosts,
         args,
@@ -300,8 +324,10 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
     while sidecar.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let sessions: Vec<Arc<HttpSession>> = sidecar.sessions.iter().map(|e| e.value().clone()).collect();
+    let mut sessions: Vec<Arc<HttpSession>> = sidecar.sessions.iter().map(|e| e.value().clone()).collect();
+    sessions.extend(sidecar.stateless.iter().map(|e| e.value().clone()));
     sidecar.sessions.clear();
+    sidecar.stateless.clear();
     for s in sessions {
         s.close(sidecar.config.shutdown_grace()).await;
     }
@@ -316,6 +342,11 @@ fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).expect("valid"));
     r
+}
+
+fn accepted() -> Response<HttpBody> {
+    let body = Full::new(Bytes::new()).boxed_unsync();
+    Response::builder().status(StatusCode::ACCEPTED).body(body).expect("valid response")
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<HttpBody> {
@@ -436,6 +467,7 @@ impl Sidecar {
                 let stale: Vec<Arc<HttpSession>> = self
                     .sessions
                     .iter()
+                    .chain(self.stateless.iter())
                     .filter(|s| {
                         let s = s.value();
                         // A stream whose client vanished is closed (its keep-alive write failed).
@@ -454,6 +486,7 @@ impl Sidecar {
                 for s in stale {
                     tracing::info!(session = %short(&s.id), "closing an idle session");
                     self.sessions.remove(&s.id);
+                    self.stateless.retain(|_, v| !Arc::ptr_eq(v, &s));
                     s.retire(self.config.shutdown_grace()).await;
                 }
             }
@@ -493,7 +526,9 @@ impl Sidecar {
         if let Err(r) = self.check_origin(req.headers()) {
             return r;
         }
-        if let Some(v) = req.headers().get("mcp-protocol-version") {
+        if let Some(v) = req.headers().get("mcp-protocol-version")
+            && req.method() != Method::POST
+        {
             let v = v.to_str().unwrap_or("");
             if !SUPPORTED_VERSIONS.contains(&v) {
                 let msg = format!(
@@ -586,7 +621,25 @@ impl Sidecar {
             Some("notifications/cancelled") => super::session::cancelled_request_id(env.params),
             _ => None,
         };
+        let era = match (kind, self.config.tasks.enabled) {
+            (Kind::Response, _) | (_, false) => Era::Legacy,
+            _ => Era::of(env.params),
+        };
+        let discover = method.as_deref() == Some("server/discover") && self.config.tasks.enabled;
+        if era != Era::Legacy || (discover && !headers.contains_key("mcp-session-id")) {
+            return self.stateless(&headers, &env, era, token).await;
+        }
         drop(env);
+        if let Some(v) = headers.get("mcp-protocol-version") {
+            let v = v.to_str().unwrap_or("");
+            if !SUPPORTED_VERSIONS.contains(&v) {
+                let msg = format!(
+                    "Bad Request: unsupported MCP-Protocol-Version {v:?} (supported: {})",
+                    SUPPORTED_VERSIONS.join(", ")
+                );
+                return rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, &msg);
+            }
+        }
         let session = if method.as_deref() == Some("initialize") && !headers.contains_key("mcp-session-id") {
             match self.clone().open_session(&headers).await {
                 Ok(s) => s,
@@ -604,18 +657,112 @@ impl Sidecar {
                 session.waiting.remove(&cancelled);
             }
             session.router.route_client(body.to_vec()).await;
-            return Response::builder()
-                .status(StatusCode::ACCEPTED)
-                .body(Full::new(Bytes::new()).boxed_unsync())
-                .expect("valid response");
+            return accepted();
         }
         let id = id.expect("a request has an id");
+        let mut response = self.exchange(&session, id, body.to_vec(), token, None).await;
+        if method.as_deref() == Some("initialize") {
+            response
+                .headers_mut()
+                .insert("mcp-session-id", HeaderValue::from_str(&session.id).expect("uuid"));
+        }
+        response
+    }
+
+    /// A stateless (2026-07-28) message: its headers checked against its body, then served on the
+    /// upstream connection kept for its credential, under an id of the sidecar's own.
+    async fn stateless(
+        self: Arc<Self>,
+        headers: &HeaderMap,
+        env: &Envelope<'_>,
+        era: Era,
+        token: Option<String>,
+    ) -> Response<HttpBody> {
+        let method = env.method.unwrap_or_default();
+        match &era {
+            Era::Unsupported(version) => {
+                let line = era::unsupported_version(env.id.as_ref(), version);
+                return full(StatusCode::BAD_REQUEST, "application/json", line);
+            }
+            Era::Modern(_) => {
+                let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+                let routing = era::RoutingHeaders {
+                    version: text("mcp-protocol-version"),
+                    method: text("mcp-method"),
+                    name: text("mcp-name"),
+                };
+                if let Err(why) = era::check_headers(&routing, method, env.params) {
+                    tracing::debug!(
+                        method,
+                        why,
+                        "refused a stateless request whose headers do not match its body"
+                    );
+                    let line = jsonrpc::error_response(env.id.as_ref(), code::HEADER_MISMATCH, &why, None);
+                    return full(StatusCode::BAD_REQUEST, "application/json", line);
+                }
+            }
+            Era::Legacy => {} // a bare server/discover probe
+        }
+        let session = match self.clone().stateless_session(headers).await {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        session.touch();
+        let Some(original) = env.id.clone().filter(|_| env.kind == Kind::Request) else {
+            session.router.route_client(jsonrpc::notification(method, env.params.map(|p| p.get()))).await;
+            return accepted();
+        };
+        let n = session.next_internal.fetch_add(1, Ordering::Relaxed);
+        let internal = Id::string(&format!("stateless-{n}"));
+        let line = jsonrpc::with_id(env, &internal);
+        self.exchange(&session, internal, line, token, Some(original)).await
+    }
+
+    /// The upstream connection that serves stateless requests of this credential, opened (and
+    /// initialized by the proxy, on its first request) when there is none.
+    async fn stateless_session(
+        self: Arc<Self>,
+        headers: &HeaderMap,
+    ) -> Result<Arc<HttpSession>, Response<HttpBody>> {
+        let credential = Self::credential(headers);
+        let key = credential.clone().unwrap_or_default();
+        if let Some(s) = self.stateless.get(&key) {
+            return Ok(s.value().clone());
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(s) = self.stateless.get(&key) {
+            return Ok(s.value().clone());
+        }
+        let owner = match &credential {
+            Some(c) => format!("credential:{c}"),
+            // Without a credential, task ids (unguessable) are what binds a task to its client.
+            None => "stateless".to_owned(),
+        };
+        let id = format!("stateless-{}", uuid::Uuid::new_v4().simple());
+        let session = self.clone().spawn_session(headers, id, credential, owner).await?;
+        self.stateless.insert(key, session.clone());
+        tracing::info!(session = %short(&session.id), "opened an upstream connection for stateless requests");
+        Ok(session)
+    }
+
+    /// Sends one request into a session and answers the POST: with JSON when the answer comes first,
+    /// else with an SSE stream carrying what comes before it (progress, server requests) and then it.
+    async fn exchange(
+        self: Arc<Self>,
+        session: &Arc<HttpSession>,
+        id: Id,
+        line: Vec<u8>,
+        token: Option<String>,
+        original: Option<Id>,
+    ) -> Response<HttpBody> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let guard = FlightGuard(self.clone());
         let (tx, mut rx) = mpsc::unbounded_channel();
         let seq = session.seq.fetch_add(1, Ordering::Relaxed);
-        session.waiting.insert(id.clone(), Waiter { out: tx, seq, token });
-        session.router.route_client(body.to_vec()).await;
+        let stateless = original.is_some();
+        let answer_id = original.clone().unwrap_or_else(|| id.clone());
+        session.waiting.insert(id, Waiter { out: tx, seq, token, original });
+        session.router.route_client(line).await;
         let mut gone = session.gone.subscribe();
         let first = tokio::select! {
             first = rx.recv() => first,
@@ -626,38 +773,41 @@ impl Sidecar {
                 true => "the session ended before this request was answered",
                 false => "the request was cancelled (notifications/cancelled); it gets no answer",
             };
-            return rpc_error(StatusCode::OK, Some(&id), code::UPSTREAM_GONE, why);
+            return rpc_error(StatusCode::OK, Some(&answer_id), code::UPSTREAM_GONE, why);
         };
-        let is_answer =
-            Envelope::parse(&first).is_ok_and(|e| e.kind == Kind::Response && e.id.as_ref() == Some(&id));
-        let mut response = if is_answer {
-            drop(guard);
-            match upstream_refusal(&first) {
-                // The hosted server refused the credential: the client sees the HTTP answer itself
-                // (status and WWW-Authenticate), so its OAuth flow can act.
-                Some((status, challenge)) => {
-                    let mut r = full(status, "application/json", first);
-                    if let Some(c) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
-                        r.headers_mut().insert(header::WWW_AUTHENTICATE, c);
-                    }
-                    r
-                }
-                None => full(StatusCode::OK, "application/json", first),
+        let error_code = match Envelope::parse(&first) {
+            Ok(e) if e.kind == Kind::Response && e.id.as_ref() == Some(&answer_id) => {
+                e.error.map(|e| jsonrpc::error_code_of(e.get()))
             }
-        } else {
-            sse_response(SseBody {
-                rx,
-                first: Some(first),
-                ping: Box::pin(tokio::time::sleep(Duration::from_secs(15))),
-                _guard: Some(guard),
-            })
+            _ => {
+                return sse_response(SseBody {
+                    rx,
+                    first: Some(first),
+                    ping: Box::pin(tokio::time::sleep(Duration::from_secs(15))),
+                    _guard: Some(guard),
+                });
+            }
         };
-        if method.as_deref() == Some("initialize") {
-            response
-                .headers_mut()
-                .insert("mcp-session-id", HeaderValue::from_str(&session.id).expect("uuid"));
+        drop(guard);
+        match (upstream_refusal(&first), error_code.flatten()) {
+            // The hosted server refused the credential: the client sees the HTTP answer itself
+            // (status and WWW-Authenticate), so its OAuth flow can act.
+            (Some((status, challenge)), _) => {
+                let mut r = full(status, "application/json", first);
+                if let Some(c) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, c);
+                }
+                r
+            }
+            // 2026-07-28 errors about the request itself are HTTP 400, an unknown method is a 404.
+            (None, Some(code)) if code::is_modern_client_error(code) => {
+                full(StatusCode::BAD_REQUEST, "application/json", first)
+            }
+            (None, Some(code::METHOD_NOT_FOUND)) if stateless => {
+                full(StatusCode::NOT_FOUND, "application/json", first)
+            }
+            _ => full(StatusCode::OK, "application/json", first),
         }
-        response
     }
 
     async fn get(self: Arc<Self>, req: Request<Incoming>) -> Response<HttpBody> {
@@ -698,7 +848,28 @@ impl Sidecar {
         self: Arc<Self>,
         headers: &HeaderMap,
     ) -> Result<Arc<HttpSession>, Response<HttpBody>> {
-        if self.sessions.len() >= self.args.max_sessions {
+        let credential = Self::credential(headers);
+        let session_key = uuid::Uuid::new_v4().simple().to_string();
+        let owner = match &credential {
+            Some(c) => format!("credential:{c}"),
+            None => format!("session:{session_key}"),
+        };
+        let session = self.clone().spawn_session(headers, session_key, credential, owner).await?;
+        self.sessions.insert(session.id.clone(), session.clone());
+        tracing::info!(session = %short(&session.id), sessions = self.sessions.len(), "session opened");
+        Ok(session)
+    }
+
+    /// Starts an upstream (a process, or a connection to the hosted server) and the routing of a
+    /// session owned by `owner`, within the cap on sessions.
+    async fn spawn_session(
+        self: Arc<Self>,
+        headers: &HeaderMap,
+        id: String,
+        credential: Option<String>,
+        owner: String,
+    ) -> Result<Arc<HttpSession>, Response<HttpBody>> {
+        if self.sessions.len() + self.stateless.len() >= self.args.max_sessions {
             tracing::warn!(max = self.args.max_sessions, "refused a new session: too many sessions");
             let mut r = plain(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -729,12 +900,6 @@ impl Sidecar {
                 }
             },
         };
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let credential = Self::credential(headers);
-        let owner = match &credential {
-            Some(c) => format!("credential:{c}"),
-            None => format!("session:{id}"),
-        };
         let (client_w, client_r) = tokio::io::duplex(1 << 20);
         let session = Session::new(&self.config, &self.shared, owner, client_w, upstream_in);
         let router = session.router.clone();
@@ -751,6 +916,7 @@ impl Sidecar {
             backlog: Mutex::new(VecDeque::new()),
             last_active: Mutex::new(Instant::now()),
             gone: tokio::sync::watch::channel(false).0,
+            next_internal: std::sync::atomic::AtomicU64::new(1),
         });
         // What the session writes for the client goes to the HTTP streams.
         let out = Arc::downgrade(&http);
@@ -769,13 +935,16 @@ impl Sidecar {
         let watched = http.clone();
         tokio::spawn(async move {
             router.pump_upstream(upstream_out).await;
-            if this.sessions.remove(&watched.id).is_some() {
+            let stateless =
+                this.stateless.iter().find(|e| Arc::ptr_eq(e.value(), &watched)).map(|e| e.key().clone());
+            if this.sessions.remove(&watched.id).is_some() || stateless.is_some() {
                 tracing::warn!(session = %short(&watched.id), "the upstream of a session exited");
+            }
+            if let Some(key) = stateless {
+                this.stateless.remove(&key);
             }
             watched.close(Duration::ZERO).await;
         });
-        self.sessions.insert(id.clone(), http.clone());
-        tracing::info!(session = %short(&id), sessions = self.sessions.len(), "session opened");
         Ok(http)
     }
 }

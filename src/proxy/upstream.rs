@@ -111,6 +111,17 @@ impl Upstream {
         self.sink.send(jsonrpc::notification(method, params)).await
     }
 
+    /// Answers a request the upstream sent (e.g. an elicitation a 2026-07-28 client answered through
+    /// `tasks/update`) with the raw `result`. Returns `false` if the upstream is gone.
+    pub async fn answer(&self, id: &jsonrpc::Id, result: &str) -> bool {
+        self.sink.send(jsonrpc::result_response(id, result)).await
+    }
+
+    /// Refuses a request the upstream sent, with a JSON-RPC error.
+    pub async fn refuse(&self, id: &jsonrpc::Id, code: i64, message: &str) -> bool {
+        self.sink.send(jsonrpc::error_response(Some(id), code, message, None)).await
+    }
+
     /// Stops waiting for the answer to one of our requests (it will be dropped when it comes).
     pub fn forget(&self, id: &jsonrpc::Id) {
         self.pending.forget_own(id);

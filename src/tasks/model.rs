@@ -1,4 +1,10 @@
-//! The task as the 2025-11-25 spec defines it: status machine, record, and wire shape.
+//! The task: status machine, record, and its two wire shapes.
+//!
+//! One record, two renderers: [`TaskRecord::to_wire`] is the 2025-11-25 `Task` (`ttl`,
+//! `pollInterval`; a tool result with `isError` is `failed`), [`TaskRecord::to_created`] and
+//! [`TaskRecord::to_detailed`] are the 2026-07-28 Tasks extension's `CreateTaskResult` and
+//! `DetailedTask` (`ttlMs`, `pollIntervalMs`; a tool result with `isError` is `completed`, only a
+//! JSON-RPC error is `failed`; the result, error or pending input requests inline).
 
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -131,6 +137,63 @@ impl TaskRecord {
     }
 }
 
+impl TaskRecord {
+    /// The status a 2026-07-28 client sees: a tool result (even with `isError: true`) is `completed`;
+    /// only a JSON-RPC error is `failed`.
+    pub fn modern_status(&self) -> TaskStatus {
+        match (self.status, &self.outcome) {
+            (TaskStatus::Failed, Some(Outcome::Result(_))) => TaskStatus::Completed,
+            (status, _) => status,
+        }
+    }
+
+    /// The 2026-07-28 `Task` fields.
+    fn to_modern(&self, result_type: &str) -> Map<String, Value> {
+        let status = self.modern_status();
+        let mut m = Map::new();
+        m.insert("resultType".into(), Value::String(result_type.into()));
+        m.insert("taskId".into(), Value::String(self.id.clone()));
+        m.insert("status".into(), Value::String(status.as_str().into()));
+        // The legacy message of an isError result ("the tool returned an error result") would
+        // contradict `completed`.
+        if let Some(msg) = self.status_message.as_ref().filter(|_| status == self.status) {
+            m.insert("statusMessage".into(), Value::String(msg.clone()));
+        }
+        m.insert("createdAt".into(), Value::String(rfc3339(self.created_at)));
+        m.insert("lastUpdatedAt".into(), Value::String(rfc3339(self.last_updated_at)));
+        m.insert("ttlMs".into(), Value::from(self.ttl_ms));
+        m.insert("pollIntervalMs".into(), Value::from(self.poll_interval_ms.max(1)));
+        m
+    }
+
+    /// The 2026-07-28 `CreateTaskResult`: the task, flat, with `resultType: "task"`.
+    pub fn to_created(&self) -> Map<String, Value> {
+        self.to_modern("task")
+    }
+
+    /// The 2026-07-28 `DetailedTask` answered by `tasks/get` (and sent in `notifications/tasks`): the
+    /// result of a completed task, the error of a failed one, or `input_requests` (the outstanding
+    /// requests of an `input_required` one) inline.
+    pub fn to_detailed(&self, input_requests: Option<Value>) -> Map<String, Value> {
+        let mut m = self.to_modern("complete");
+        match (self.modern_status(), &self.outcome) {
+            (TaskStatus::Completed, Some(Outcome::Result(raw))) => {
+                let result = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
+                m.insert("result".into(), result);
+            }
+            (TaskStatus::Failed, Some(Outcome::Error(raw))) => {
+                let error = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
+                m.insert("error".into(), error);
+            }
+            (TaskStatus::InputRequired, _) => {
+                m.insert("inputRequests".into(), input_requests.unwrap_or_else(|| Value::Object(Map::new())));
+            }
+            _ => {}
+        }
+        m
+    }
+}
+
 /// RFC 3339 UTC time with milliseconds, e.g. `2025-11-25T10:30:00.123Z`.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
@@ -191,6 +254,41 @@ mod tests {
         assert_eq!(w["ttl"], 60_000);
         assert_eq!(w["pollInterval"], 1000);
         assert!(w.get("statusMessage").is_none());
+    }
+
+    #[test]
+    fn the_modern_shape_inlines_the_outcome() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_066_600_123);
+        let raw = |s: &str| RawValue::from_string(s.into()).unwrap();
+        let mut rec = TaskRecord {
+            id: "t1".into(),
+            owner: "o".into(),
+            tool: "slow".into(),
+            origin: Origin::Local,
+            status: TaskStatus::Failed,
+            status_message: Some("The tool returned an error result (isError: true).".into()),
+            created_at: t,
+            last_updated_at: t,
+            state_since: t,
+            ttl_ms: 60_000,
+            poll_interval_ms: 1000,
+            outcome: Some(Outcome::Result(raw(r#"{"content":[],"isError":true}"#))),
+            seq: 1,
+        };
+        let d = Value::Object(rec.to_detailed(None));
+        assert_eq!(d["status"], "completed", "isError is completed in 2026-07-28");
+        assert_eq!(d["resultType"], "complete");
+        assert_eq!(d["result"]["isError"], true);
+        assert!(d.get("statusMessage").is_none() && d.get("ttl").is_none() && d.get("error").is_none());
+        assert_eq!((d["ttlMs"].as_u64(), d["pollIntervalMs"].as_u64()), (Some(60_000), Some(1000)));
+        rec.outcome = Some(Outcome::Error(raw(r#"{"code":-32603,"message":"boom"}"#)));
+        let d = Value::Object(rec.to_detailed(None));
+        assert_eq!(d["status"], "failed");
+        assert_eq!(d["error"]["message"], "boom");
+        assert!(d.get("result").is_none());
+        let c = Value::Object(rec.to_created());
+        assert_eq!(c["resultType"], "task");
+        assert!(c.get("task").is_none() && c.get("error").is_none());
     }
 
     #[test]

@@ -14,7 +14,11 @@
 //!   deadline, a hand-off result; their work goes on as a task.
 //! * An upstream `elicitation/create` or `sampling/createMessage` made while a task's call runs moves
 //!   the task to `input_required` and reaches the client tagged with the task; the answer resumes it.
+//! * Requests of 2026-07-28 clients (per-request `_meta`, no session) are served by [`modern`]: the
+//!   proxy answers `server/discover`, initializes the upstream itself, and speaks the Tasks extension
+//!   (server-directed tasks, `DetailedTask`, `tasks/update`) from the same engine.
 
+use super::era::Era;
 use super::pending::{Pending, Reply};
 use super::upstream::{Upstream, UpstreamError};
 use crate::jsonrpc::{self, Id, code};
@@ -30,6 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod modern;
 mod sync_clients;
 mod tasks_api;
 
@@ -56,14 +61,35 @@ pub enum Rewrite {
         /// The task now holding the work.
         task_id: String,
     },
+    /// A 2026-07-28 call of a client that declared the Tasks extension, on a task tool: answered as
+    /// it is if it ends within `task_after_ms`, else it becomes a task (then [`Rewrite::HandedOff`]).
+    TaskWindow {
+        /// The tool called.
+        tool: String,
+        /// When the call was forwarded.
+        started: Instant,
+    },
 }
 
 /// What the router should do with a client request.
 pub enum Decision {
     /// Forward the original bytes, and treat the response as said.
     Forward(Rewrite),
+    /// Forward these bytes instead of the original (a field the upstream must not see was removed).
+    ForwardAs(Vec<u8>, Rewrite),
     /// The proxy answered (or will answer) it; nothing goes upstream.
     Handled,
+}
+
+/// What to do with a request the upstream sent to the client.
+pub enum ServerRequestRoute {
+    /// Forward the original bytes.
+    Forward,
+    /// Send these bytes instead (tagged with the task it belongs to).
+    Send(Vec<u8>),
+    /// Hold it: a 2026-07-28 task's input request, which its client reads from `tasks/get` and
+    /// answers with `tasks/update`.
+    Held,
 }
 
 /// What the upstream told us about itself.
@@ -77,6 +103,8 @@ struct UpstreamFacts {
     native_tools: HashSet<String>,
     /// `capabilities.tools` present (the upstream has tools to list).
     has_tools: bool,
+    /// The upstream's `initialize` result (whoever initialized it), for `server/discover`.
+    initialized: Option<Map<String, Value>>,
 }
 
 /// The task-aware interception of one session.
@@ -106,6 +134,13 @@ pub struct Interceptor {
     tools_known: tokio::sync::watch::Sender<bool>,
     /// Whether the proxy is listing the upstream's tools (it started after the handshake).
     discovering: AtomicBool,
+    /// Set once the proxy initialized the upstream itself (for a 2026-07-28 client, which has no
+    /// handshake).
+    own_init: tokio::sync::OnceCell<()>,
+    /// The client's own `notifications/initialized` is not forwarded (the proxy sent one already).
+    swallow_initialized: AtomicBool,
+    /// 2026-07-28 tasks of this session, with the input requests they wait on.
+    modern_tasks: DashMap<String, modern::InputRequests>,
 }
 
 impl Interceptor {
@@ -134,6 +169,9 @@ impl Interceptor {
             notion,
             tools_known: tokio::sync::watch::channel(false).0,
             discovering: AtomicBool::new(false),
+            own_init: tokio::sync::OnceCell::new(),
+            swallow_initialized: AtomicBool::new(false),
+            modern_tasks: DashMap::new(),
         })
     }
 
@@ -144,7 +182,8 @@ impl Interceptor {
         self.started.len()
     }
 
-    fn enabled(&self) -> bool {
+    /// Whether the proxy offers tasks (off: a pure passthrough, for either generation).
+    pub fn enabled(&self) -> bool {
         self.engine.config().enabled
     }
 
@@ -158,14 +197,23 @@ impl Interceptor {
         id: &Id,
         method: &str,
         params: Option<&RawValue>,
+        era: &Era,
     ) -> Decision {
         if !self.enabled() {
             return Decision::Forward(Rewrite::None);
+        }
+        if let Era::Modern(modern) = era {
+            return self.on_modern_request(id, method, params, modern).await;
         }
         match method {
             "initialize" => {
                 if params.and_then(|p| lookup(p.get(), &["capabilities", "tasks"])).is_some() {
                     self.client_speaks_tasks.store(true, Ordering::Relaxed);
+                }
+                if self.own_init.initialized() {
+                    // The proxy already initialized the upstream for a 2026-07-28 request: answer from
+                    // what it said, rather than initializing it twice.
+                    return self.reinitialize(id).await;
                 }
                 Decision::Forward(Rewrite::Initialize)
             }
@@ -174,6 +222,10 @@ impl Interceptor {
                 Decision::Forward(Rewrite::ToolsList { first_page })
             }
             "tools/call" => self.on_tools_call(id, params).await,
+            // A probe without a per-request version: answered all the same (a dual-era server has it).
+            "server/discover" => {
+                self.on_modern_request(id, method, params, &super::era::Modern { tasks: false }).await
+            }
             "tasks/get" | "tasks/result" | "tasks/cancel" | "tasks/list" => {
                 self.client_speaks_tasks.store(true, Ordering::Relaxed);
                 self.on_tasks_method(id, method, params).await
@@ -213,14 +265,22 @@ impl Interceptor {
         {
             let this = self.clone();
             let id = id.clone();
-            tokio::spawn(async move { this.run_handoff_tool(&id, &tool, call.get("arguments")).await });
+            tokio::spawn(
+                async move { this.run_handoff_tool(&id, &tool, call.get("arguments"), false).await },
+            );
             return Decision::Handled;
         }
         let Some(task) = call.remove("task") else {
+            if self.engine.config().requires_task(&tool) && !self.facts().native_tools.contains(&tool) {
+                let msg = format!(
+                    "Tool '{tool}' requires task-augmented execution (taskSupport is required); call it with params.task"
+                );
+                return self.reply_error(id, code::METHOD_NOT_FOUND, &msg).await;
+            }
             self.notion.note_client_call();
             if self.engine.config().taskifies(&tool) {
                 let token = call.get("_meta").and_then(|m| m.get("progressToken")).map(Value::to_string);
-                self.watch_plain_call(id.clone(), tool, token);
+                self.watch_plain_call(id.clone(), tool, token, sync_clients::HandOff::Text { modern: false });
             }
             return Decision::Forward(Rewrite::PlainCall);
         };
@@ -379,15 +439,16 @@ impl Interceptor {
         &self,
         id: &Id,
         rewrite: Rewrite,
+        modern: bool,
         result: Option<&RawValue>,
         error: Option<&RawValue>,
     ) -> Option<Option<Vec<u8>>> {
         match rewrite {
-            Rewrite::None | Rewrite::PlainCall => None,
+            Rewrite::None | Rewrite::PlainCall | Rewrite::TaskWindow { .. } => None,
             // An error (or a result we cannot read) passes through as the upstream sent it.
             Rewrite::Initialize => result.and_then(|r| self.rewrite_initialize(id, r)).map(Some),
             Rewrite::ToolsList { first_page } => {
-                result.and_then(|r| self.rewrite_tools_list(id, r, first_page)).map(Some)
+                result.and_then(|r| self.rewrite_tools_list(id, r, first_page, modern)).map(Some)
             }
             Rewrite::NativeTaskCall => {
                 if let Some(Value::String(t)) = result.and_then(|r| lookup(r.get(), &["task", "taskId"])) {
@@ -407,16 +468,21 @@ impl Interceptor {
         }
     }
 
+    /// Notes what the upstream's `initialize` result says about it.
+    fn learn_initialize(&self, result: &Map<String, Value>) {
+        let caps = result.get("capabilities").and_then(Value::as_object).cloned().unwrap_or_default();
+        let mut facts = self.facts();
+        facts.tools_call = lookup_value(&caps, &["tasks", "requests", "tools", "call"]).is_some();
+        facts.list = lookup_value(&caps, &["tasks", "list"]).is_some();
+        facts.has_tools = caps.contains_key("tools");
+        facts.initialized = Some(result.clone());
+    }
+
     fn rewrite_initialize(&self, id: &Id, result: &RawValue) -> Option<Vec<u8>> {
         let mut r: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
+        self.learn_initialize(&r);
         let caps = r.entry("capabilities").or_insert_with(|| json!({}));
         let caps = caps.as_object_mut()?;
-        {
-            let mut facts = self.facts();
-            facts.tools_call = lookup_value(caps, &["tasks", "requests", "tools", "call"]).is_some();
-            facts.list = lookup_value(caps, &["tasks", "list"]).is_some();
-            facts.has_tools = caps.contains_key("tools");
-        }
         let tasks = caps.entry("tasks").or_insert_with(|| json!({}));
         let tasks = tasks.as_object_mut()?;
         tasks.entry("list").or_insert_with(|| json!({}));
@@ -427,29 +493,42 @@ impl Interceptor {
         Some(jsonrpc::result_response(id, &Value::Object(r).to_string()))
     }
 
-    fn rewrite_tools_list(&self, id: &Id, result: &RawValue, first_page: bool) -> Option<Vec<u8>> {
+    /// Marks the tools that may run as tasks (2025-11-25: `execution.taskSupport`; 2026-07-28 has no
+    /// such field, the server decides), and adds the hand-off tools to the first page.
+    fn rewrite_tools_list(
+        &self,
+        id: &Id,
+        result: &RawValue,
+        first_page: bool,
+        modern: bool,
+    ) -> Option<Vec<u8>> {
         let mut r: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
         let tools = r.get_mut("tools")?.as_array_mut()?;
         self.learn_tools(tools);
         let facts = self.facts();
-        for tool in tools.iter_mut() {
+        for tool in tools.iter_mut().filter(|_| !modern) {
             let Some(tool) = tool.as_object_mut() else { continue };
             let Some(name) = tool.get("name").and_then(Value::as_str) else { continue };
             if facts.native_tools.contains(name) {
                 continue;
             }
-            if self.engine.config().taskifies(name) || self.notion.handles(name) {
-                let execution = tool.entry("execution").or_insert_with(|| json!({}));
-                if let Some(execution) = execution.as_object_mut() {
-                    execution.insert("taskSupport".into(), Value::String("optional".into()));
-                }
+            let support = match self.engine.config().requires_task(name) {
+                true => "required",
+                false if self.engine.config().taskifies(name) || self.notion.handles(name) => "optional",
+                false => continue,
+            };
+            let execution = tool.entry("execution").or_insert_with(|| json!({}));
+            if let Some(execution) = execution.as_object_mut() {
+                execution.insert("taskSupport".into(), Value::String(support.into()));
             }
         }
         if first_page && self.engine.config().sync_deadline_ms > 0 {
             tools.extend(sync_clients::handoff_tools());
         }
         drop(facts);
-        Some(jsonrpc::result_response(id, &Value::Object(r).to_string()))
+        let body = Value::Object(r).to_string();
+        let body = if modern { jsonrpc::mark_complete(&body) } else { body };
+        Some(jsonrpc::result_response(id, &body))
     }
 
     /// Notes what a page of the upstream's tools tells: Notion's protocol, tools with tasks of their own.
@@ -521,30 +600,65 @@ impl Interceptor {
     }
 
     /// An upstream request to the client. When it is made on behalf of a task, the task becomes
-    /// `input_required` and the request is tagged with it: the tagged line is returned. `None`: forward
-    /// the original.
-    pub fn on_server_request(&self, id: &Id, method: &str, params: Option<&RawValue>) -> Option<Vec<u8>> {
-        if !matches!(method, "elicitation/create" | "sampling/createMessage") || !self.enabled() {
-            return None;
+    /// `input_required`: a 2025-11-25 task's request is tagged with it and forwarded, a 2026-07-28
+    /// task's is held for its client to read from `tasks/get` and answer with `tasks/update`.
+    pub async fn on_server_request(
+        self: &Arc<Self>,
+        id: &Id,
+        method: &str,
+        params: Option<&RawValue>,
+    ) -> ServerRequestRoute {
+        if !matches!(method, "elicitation/create" | "sampling/createMessage" | "roots/list")
+            || !self.enabled()
+        {
+            return ServerRequestRoute::Forward;
         }
-        if lookup(params?.get(), &["_meta", RELATED_TASK]).is_some() {
-            return None; // the upstream's own task
+        if params.and_then(|p| lookup(p.get(), &["_meta", RELATED_TASK])).is_some() {
+            return ServerRequestRoute::Forward; // the upstream's own task
         }
-        let task_id = self.sole_running_task()?;
-        let tagged = with_related_task(params?.get(), &task_id).ok()?;
+        let task_id = match self.asking_call() {
+            Some(AskingCall::Task(task_id)) => task_id,
+            // A 2026-07-28 call still inside its window asks for input: it becomes a task now, so that
+            // its client can answer through tasks/update.
+            Some(AskingCall::Window { id: call, tool, started }) => {
+                match self.hand_off(&call, &tool, started, sync_clients::HandOff::Task).await {
+                    Some(task_id) => task_id,
+                    None => return ServerRequestRoute::Forward,
+                }
+            }
+            None => return ServerRequestRoute::Forward,
+        };
+        if self.modern_tasks.contains_key(&task_id) {
+            self.hold_input_request(&task_id, id, method, params);
+            return ServerRequestRoute::Held;
+        }
+        if method == "roots/list" {
+            return ServerRequestRoute::Forward; // 2025-11-25 tasks tag only elicitation and sampling
+        }
+        let Some(tagged) = params.and_then(|p| with_related_task(p.get(), &task_id).ok()) else {
+            return ServerRequestRoute::Forward;
+        };
         self.input_requests.insert(id.clone(), task_id.clone());
         let message = format!("Waiting for the client to answer {method}.");
         self.engine.set_status(&task_id, TaskStatus::InputRequired, Some(message));
-        Some(jsonrpc::request(id, method, Some(&tagged)))
+        ServerRequestRoute::Send(jsonrpc::request(id, method, Some(&tagged)))
     }
 
-    /// Which task a server request belongs to, when that is unambiguous over stdio: exactly one task's
-    /// call is in flight and no plain call could have asked instead.
-    fn sole_running_task(&self) -> Option<String> {
-        if self.running.len() != 1 || self.pending.count_client(|r| r.method.as_ref() == "tools/call") > 0 {
-            return None;
+    /// Which call a server request belongs to, when that is unambiguous (the upstream's requests carry
+    /// no link to the call that caused them): exactly one call is in flight, and it is a task's or a
+    /// 2026-07-28 call in its task window; a plain call could have asked itself.
+    fn asking_call(&self) -> Option<AskingCall> {
+        let calls = self.pending.client_calls();
+        match (self.running.len(), calls.as_slice()) {
+            (1, []) => self.running.iter().next().map(|e| AskingCall::Task(e.key().clone())),
+            (0, [(_, Rewrite::HandedOff { task_id })]) if self.modern_tasks.contains_key(task_id) => {
+                Some(AskingCall::Task(task_id.clone()))
+            }
+            (0, [(id, Rewrite::TaskWindow { tool, started })]) => {
+                Some(AskingCall::Window { id: id.clone(), tool: tool.clone(), started: *started })
+            }
+            _ => None,
         }
-        self.running.iter().next().map(|e| e.key().clone())
     }
 
     /// The client answered an upstream request: a task waiting on it resumes.
@@ -574,6 +688,10 @@ impl Interceptor {
                     Err(_) => return,
                 };
                 let Some(this) = this.upgrade() else { return };
+                if event.task.status.is_terminal() {
+                    // A 2026-07-28 task that ended waits on nothing any more.
+                    this.modern_tasks.remove(&event.task.id);
+                }
                 if event.owner != this.owner || !this.client_speaks_tasks.load(Ordering::Relaxed) {
                     continue;
                 }
@@ -596,6 +714,21 @@ impl Interceptor {
         // Let the woken tasks/result waiters queue their answers.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The call a server request belongs to.
+enum AskingCall {
+    /// A running task's call.
+    Task(String),
+    /// A 2026-07-28 call still inside its task window.
+    Window {
+        /// The client's request id.
+        id: Id,
+        /// The tool called.
+        tool: String,
+        /// When the call was forwarded.
+        started: Instant,
+    },
 }
 
 /// Reads a nested value out of raw JSON text (`None` if absent or the text is not an object).

@@ -9,6 +9,20 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How a call is answered when it is handed off to a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOff {
+    /// A normal tool result saying the work goes on as task T (clients that do not speak tasks; a
+    /// 2026-07-28 one gets `resultType: "complete"` on it).
+    Text {
+        /// The call is a 2026-07-28 request.
+        modern: bool,
+    },
+    /// A 2026-07-28 `CreateTaskResult` (`resultType: "task"`), for a client that declared the Tasks
+    /// extension.
+    Task,
+}
+
 /// The tool a model calls to check on work handed off at the sync deadline.
 pub const STATUS_TOOL: &str = "asyncify_task_status";
 /// The tool a model calls to fetch the result of work handed off at the sync deadline.
@@ -32,7 +46,13 @@ impl Interceptor {
         }
     }
 
-    pub(super) fn watch_plain_call(self: &Arc<Self>, id: Id, tool: String, token: Option<String>) {
+    pub(super) fn watch_plain_call(
+        self: &Arc<Self>,
+        id: Id,
+        tool: String,
+        token: Option<String>,
+        style: HandOff,
+    ) {
         let config = self.engine.config();
         let deadline = (config.sync_deadline_ms > 0).then(|| Duration::from_millis(config.sync_deadline_ms));
         let keepalive = token.filter(|_| config.keepalive_after_ms > 0).map(|t| {
@@ -65,7 +85,7 @@ impl Interceptor {
                     break;
                 }
                 if Some(wake) == deadline {
-                    this.hand_off(&id, &tool, start.into_std()).await;
+                    this.hand_off(&id, &tool, start.into_std(), style).await;
                     break;
                 }
                 if let (Some((token, _, every)), Some(k)) = (&keepalive, next_keepalive.as_mut()) {
@@ -99,20 +119,39 @@ impl Interceptor {
         self.client.send(jsonrpc::notification("notifications/progress", Some(&params))).await;
     }
 
-    /// The sync deadline passed: answer the client now and let the work go on as a task.
-    async fn hand_off(self: &Arc<Self>, id: &Id, tool: &str, started: Instant) {
+    /// The sync deadline (or a 2026-07-28 task window) passed: answer the client now and let the work go
+    /// on as a task. Returns the task, unless the answer came first (or no task could be made).
+    pub(super) async fn hand_off(
+        self: &Arc<Self>,
+        id: &Id,
+        tool: &str,
+        started: Instant,
+        style: HandOff,
+    ) -> Option<String> {
         let record = match self.engine.create(&self.owner, tool, Origin::Local, None) {
             Ok(created) => created,
             Err(e) => {
                 tracing::warn!(%id, tool, error = %e, "cannot hand off a call past the sync deadline; it stays synchronous");
-                return;
+                return None;
             }
         };
+        if style == HandOff::Task {
+            self.modern_tasks.insert(record.id.clone(), Default::default());
+        }
         self.started.insert(record.id.clone(), ());
         if !self.pending.set_rewrite(id, Rewrite::HandedOff { task_id: record.id.clone() }) {
             // The answer came in the meantime: no task needed.
+            self.modern_tasks.remove(&record.id);
             self.engine.discard(&record.id);
-            return;
+            return None;
+        }
+        self.stop_upstream_call_with_task(id, &record.id);
+        if style == HandOff::Task {
+            tracing::info!(%id, tool, task_id = %record.id, waited_ms = started.elapsed().as_millis() as u64, "a 2026-07-28 call became a task");
+            self.client
+                .send(jsonrpc::result_response(id, &Value::Object(record.to_created()).to_string()))
+                .await;
+            return Some(record.id);
         }
         crate::telemetry::metrics()
             .handoffs
@@ -129,12 +168,20 @@ impl Interceptor {
             "isError": false,
             "_meta": { RELATED_TASK: { "taskId": record.id } },
         });
-        self.client.send(jsonrpc::result_response(id, &result.to_string())).await;
-        // Cancelling the task cancels the call upstream, which knows it by the client's id.
+        let body = match style {
+            HandOff::Text { modern: true } => jsonrpc::mark_complete(&result.to_string()),
+            _ => result.to_string(),
+        };
+        self.client.send(jsonrpc::result_response(id, &body)).await;
+        Some(record.id)
+    }
+
+    /// Cancelling a handed-off task cancels its call upstream, which knows it by the client's id.
+    fn stop_upstream_call_with_task(self: &Arc<Self>, id: &Id, task_id: &str) {
         let this = Arc::downgrade(self);
         let id = id.clone();
         self.engine.on_stop(
-            &record.id,
+            task_id,
             Box::new(move || {
                 let Some(this) = this.upgrade() else { return };
                 tokio::spawn(async move { this.cancel_upstream(&id, "the task was cancelled").await });
@@ -142,14 +189,20 @@ impl Interceptor {
         );
     }
 
-    pub(super) async fn run_handoff_tool(&self, id: &Id, tool: &str, arguments: Option<&Value>) {
+    pub(super) async fn run_handoff_tool(
+        &self,
+        id: &Id,
+        tool: &str,
+        arguments: Option<&Value>,
+        modern: bool,
+    ) {
         let task_id =
             arguments.and_then(|a| a.get("taskId")).and_then(Value::as_str).unwrap_or_default().to_owned();
         let Some(record) = self.engine.get(&self.owner, &task_id) else {
             let text = format!(
                 "No task with id {task_id:?}: the id is wrong, or the task expired and its result is gone."
             );
-            self.client.send(jsonrpc::result_response(id, &tool_text(&text, true).to_string())).await;
+            self.client.send(era_result(id, &tool_text(&text, true).to_string(), modern)).await;
             return;
         };
         let record = if tool == RESULT_TOOL {
@@ -174,11 +227,11 @@ impl Interceptor {
         let line = match (tool, record.status, &record.outcome) {
             (RESULT_TOOL, TaskStatus::Completed | TaskStatus::Failed, Some(Outcome::Result(raw))) => {
                 let body = with_related_task(raw.get(), &record.id).unwrap_or_else(|_| raw.get().to_owned());
-                jsonrpc::result_response(id, &body)
+                era_result(id, &body, modern)
             }
             (RESULT_TOOL, TaskStatus::Failed, Some(Outcome::Error(raw))) => {
                 let text = format!("Task {} failed: {}", record.id, raw.get());
-                jsonrpc::result_response(id, &tool_text(&text, true).to_string())
+                era_result(id, &tool_text(&text, true).to_string(), modern)
             }
             _ => {
                 let secs =
@@ -198,10 +251,18 @@ impl Interceptor {
                 }
                 let mut result = tool_text(&text, record.status == TaskStatus::Cancelled);
                 result["structuredContent"] = Value::Object(record.to_wire());
-                jsonrpc::result_response(id, &result.to_string())
+                era_result(id, &result.to_string(), modern)
             }
         };
         self.client.send(line).await;
+    }
+}
+
+/// A result line, with `resultType: "complete"` for a 2026-07-28 request.
+pub(super) fn era_result(id: &Id, result: &str, modern: bool) -> Vec<u8> {
+    match modern {
+        true => jsonrpc::result_response(id, &jsonrpc::mark_complete(result)),
+        false => jsonrpc::result_response(id, result),
     }
 }
 

@@ -1,0 +1,269 @@
+//! Which protocol generation a request speaks, chosen per request.
+//!
+//! MCP 2025-11-25 (and earlier) is session-based: `initialize` opens a session, and every later
+//! request belongs to it. MCP 2026-07-28 is stateless: every request carries its protocol version,
+//! client info and client capabilities in `params._meta`, and the HTTP transport mirrors the method
+//! and name into headers (`Mcp-Method`, `Mcp-Name`) for intermediaries. The proxy serves both: a
+//! request with `_meta["io.modelcontextprotocol/protocolVersion"]` of a modern version is served
+//! statelessly; `initialize` opens a legacy session as before.
+
+use crate::jsonrpc::{self, Id, code};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+/// The stateless protocol version the proxy serves.
+pub const MODERN_VERSION: &str = "2026-07-28";
+/// The session-based versions the proxy serves (to clients; the upstream gets what it negotiates).
+pub const LEGACY_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+/// `_meta` key: the request's protocol version.
+pub const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+/// `_meta` key: the requesting client's capabilities.
+pub const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+/// `_meta` key (in results): the server's name and version.
+pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
+/// The Tasks extension (SEP-2663).
+pub const TASKS_EXTENSION: &str = "io.modelcontextprotocol/tasks";
+
+/// Every version the proxy serves, newest first (`server/discover`'s `supportedVersions`).
+pub fn supported_versions() -> Vec<&'static str> {
+    std::iter::once(MODERN_VERSION).chain(LEGACY_VERSIONS.iter().copied()).collect()
+}
+
+/// What a modern request says about its client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Modern {
+    /// The client declared the Tasks extension on this request.
+    pub tasks: bool,
+}
+
+/// The era of one request, read from its `_meta`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Era {
+    /// No per-request protocol version (or a session-based one): the legacy session rules.
+    Legacy,
+    /// A stateless 2026-07-28 request.
+    Modern(Modern),
+    /// A per-request version the proxy does not serve.
+    Unsupported(String),
+}
+
+impl Era {
+    /// Reads the era of a request from its params. Costs one substring search unless the request
+    /// carries a protocol version in `_meta` (legacy traffic is never parsed here).
+    pub fn of(params: Option<&RawValue>) -> Era {
+        let Some(params) = params else { return Era::Legacy };
+        if memchr::memmem::find(params.get().as_bytes(), META_VERSION.as_bytes()).is_none() {
+            return Era::Legacy;
+        }
+        #[derive(serde::Deserialize)]
+        struct Params<'a> {
+            #[serde(rename = "_meta", borrow)]
+            meta: Option<Meta<'a>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Meta<'a> {
+            #[serde(rename = "io.modelcontextprotocol/protocolVersion", borrow)]
+            version: Option<&'a RawValue>,
+            #[serde(rename = "io.modelcontextprotocol/clientCapabilities")]
+            capabilities: Option<Value>,
+        }
+        let Ok(Params { meta: Some(meta) }) = serde_json::from_str::<Params<'_>>(params.get()) else {
+            return Era::Legacy;
+        };
+        let Some(raw) = meta.version else { return Era::Legacy };
+        let version = match serde_json::from_str::<String>(raw.get()) {
+            Ok(v) => v,
+            Err(_) => return Era::Unsupported(raw.get().to_owned()),
+        };
+        if LEGACY_VERSIONS.contains(&version.as_str()) {
+            return Era::Legacy;
+        }
+        if version != MODERN_VERSION {
+            return Era::Unsupported(version);
+        }
+        let tasks = meta
+            .capabilities
+            .as_ref()
+            .and_then(|c| c.get("extensions"))
+            .and_then(|e| e.get(TASKS_EXTENSION))
+            .is_some_and(Value::is_object);
+        Era::Modern(Modern { tasks })
+    }
+
+    /// Whether this is a modern request.
+    pub fn is_modern(&self) -> bool {
+        matches!(self, Era::Modern(_))
+    }
+}
+
+/// The -32022 answer to a request for a version the proxy does not serve.
+pub fn unsupported_version(id: Option<&Id>, requested: &str) -> Vec<u8> {
+    let data = json!({ "supported": supported_versions(), "requested": requested });
+    let message = format!(
+        "Unsupported protocol version {requested:?}; this server supports {}",
+        supported_versions().join(", ")
+    );
+    jsonrpc::error_response(id, code::UNSUPPORTED_VERSION, &message, Some(&data))
+}
+
+/// The -32021 answer to a request that needs the Tasks extension and did not declare it.
+pub fn missing_tasks_extension(id: &Id, what: &str) -> Vec<u8> {
+    let data = json!({ "requiredCapabilities": { "extensions": { TASKS_EXTENSION: {} } } });
+    let message = format!(
+        "Missing required client capability: {what} needs the {TASKS_EXTENSION} extension declared in \
+         params._meta[\"{META_CAPABILITIES}\"].extensions"
+    );
+    jsonrpc::error_response(Some(id), code::MISSING_CAPABILITY, &message, Some(&data))
+}
+
+/// Where a modern request's `Mcp-Name` header comes from: `params.name` (tools/call, prompts/get),
+/// `params.uri` (resources/read), `params.taskId` (the Tasks extension's methods).
+pub fn name_field(method: &str) -> Option<&'static str> {
+    match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        "tasks/get" | "tasks/update" | "tasks/cancel" => Some("taskId"),
+        _ => None,
+    }
+}
+
+/// What the routing headers of a modern HTTP request say.
+#[derive(Debug, Default)]
+pub struct RoutingHeaders<'a> {
+    /// `MCP-Protocol-Version`.
+    pub version: Option<&'a str>,
+    /// `Mcp-Method`.
+    pub method: Option<&'a str>,
+    /// `Mcp-Name`, as sent (possibly `=?base64?…?=`).
+    pub name: Option<&'a str>,
+}
+
+/// Checks a modern HTTP request's headers against its body (2026-07-28 Streamable HTTP, "Server
+/// Validation"): every mismatch or missing required header is a `HeaderMismatch`, with a message
+/// naming the header and both values.
+pub fn check_headers(
+    headers: &RoutingHeaders<'_>,
+    method: &str,
+    params: Option<&RawValue>,
+) -> Result<(), String> {
+    match headers.version {
+        None => return Err("Header mismatch: the MCP-Protocol-Version header is required".into()),
+        Some(v) if v != MODERN_VERSION => {
+            return Err(format!(
+                "Header mismatch: MCP-Protocol-Version header value '{v}' does not match body value '{MODERN_VERSION}'"
+            ));
+        }
+        Some(_) => {}
+    }
+    match headers.method {
+        None => return Err("Header mismatch: the Mcp-Method header is required".into()),
+        Some(m) if m != method => {
+            return Err(format!(
+                "Header mismatch: Mcp-Method header value '{m}' does not match body value '{method}'"
+            ));
+        }
+        Some(_) => {}
+    }
+    let Some(field) = name_field(method) else { return Ok(()) };
+    let body = params
+        .and_then(|p| serde_json::from_str::<serde_json::Map<String, Value>>(p.get()).ok())
+        .and_then(|p| p.get(field).and_then(Value::as_str).map(str::to_owned));
+    match (headers.name, body) {
+        (_, None) => Ok(()),
+        (None, Some(_)) => Err(format!("Header mismatch: the Mcp-Name header is required for {method}")),
+        (Some(h), Some(b)) => {
+            let decoded = decode_header_value(h)
+                .ok_or_else(|| format!("Header mismatch: Mcp-Name header value '{h}' is not valid base64"))?;
+            if decoded == b {
+                Ok(())
+            } else {
+                Err(format!(
+                    "Header mismatch: Mcp-Name header value '{decoded}' does not match body value '{b}'"
+                ))
+            }
+        }
+    }
+}
+
+/// A header value, decoded from the `=?base64?…?=` sentinel form when it has it.
+pub fn decode_header_value(value: &str) -> Option<String> {
+    match value.strip_prefix("=?base64?").and_then(|v| v.strip_suffix("?=")) {
+        Some(encoded) => String::from_utf8(base64_decode(encoded)?).ok(),
+        None => Some(value.to_owned()),
+    }
+}
+
+/// Standard base64 (padding optional): the only place the proxy needs it.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in text.bytes().filter(|&c| c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn the_era_is_read_from_the_request_meta() {
+        assert_eq!(Era::of(None), Era::Legacy);
+        assert_eq!(Era::of(Some(&raw(r#"{"name":"x"}"#))), Era::Legacy);
+        let modern = raw(
+            r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{"extensions":{"io.modelcontextprotocol/tasks":{}}}}}"#,
+        );
+        assert_eq!(Era::of(Some(&modern)), Era::Modern(Modern { tasks: true }));
+        let plain = raw(r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}"#);
+        assert_eq!(Era::of(Some(&plain)), Era::Modern(Modern { tasks: false }));
+        let old = raw(r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2025-11-25"}}"#);
+        assert_eq!(Era::of(Some(&old)), Era::Legacy);
+        let future = raw(r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2099-01-01"}}"#);
+        assert_eq!(Era::of(Some(&future)), Era::Unsupported("2099-01-01".into()));
+    }
+
+    #[test]
+    fn headers_must_match_the_body() {
+        let params = raw(r#"{"name":"greet","arguments":{}}"#);
+        let ok =
+            RoutingHeaders { version: Some(MODERN_VERSION), method: Some("tools/call"), name: Some("greet") };
+        assert!(check_headers(&ok, "tools/call", Some(&params)).is_ok());
+        let encoded = RoutingHeaders { name: Some("=?base64?Z3JlZXQ=?="), ..ok };
+        assert!(check_headers(&encoded, "tools/call", Some(&params)).is_ok());
+        let wrong_method = RoutingHeaders { method: Some("tasks/get"), ..encoded };
+        assert!(
+            check_headers(&wrong_method, "tools/call", Some(&params)).unwrap_err().contains("Mcp-Method")
+        );
+        let wrong_name = RoutingHeaders { name: Some("other"), method: Some("tools/call"), ..wrong_method };
+        assert!(check_headers(&wrong_name, "tools/call", Some(&params)).unwrap_err().contains("'other'"));
+        let missing = RoutingHeaders { name: None, ..wrong_name };
+        assert!(check_headers(&missing, "tools/call", Some(&params)).is_err());
+        let no_version = RoutingHeaders { version: None, ..missing };
+        assert!(check_headers(&no_version, "ping", None).unwrap_err().contains("MCP-Protocol-Version"));
+    }
+
+    #[test]
+    fn base64_values_decode() {
+        assert_eq!(decode_header_value("=?base64?SGVsbG8sIOS4lueVjA==?=").unwrap(), "Hello, 世界");
+        assert_eq!(decode_header_value("plain").unwrap(), "plain");
+        assert!(decode_header_value("=?base64?***?=").is_none());
+    }
+}

@@ -1,0 +1,406 @@
+//! 2026-07-28 requests and the Tasks extension (SEP-2663), on the same engine as 2025-11-25 tasks.
+//!
+//! A modern client has no handshake: the proxy initializes the upstream itself (declaring the client
+//! capabilities an upstream may use: elicitation, sampling) on the first modern request, answers
+//! `server/discover` from what the upstream said, and forwards everything else on that session with
+//! `resultType: "complete"` added to the answer.
+//!
+//! Tasks are server-directed: a call of a task tool from a request that declares the extension runs
+//! as a plain call for up to `task_after_ms`, and becomes a task only if it is still running then
+//! (so a fast call costs nothing extra). `tasks/get` answers the `DetailedTask` with the result,
+//! error or input requests inline; `tasks/update` answers the upstream's held requests;
+//! `tasks/cancel` is an ack; `tasks/result` and `tasks/list` no longer exist.
+
+use super::sync_clients::{HandOff, RESULT_TOOL, STATUS_TOOL, era_result};
+use super::{Decision, Interceptor, Rewrite, lookup};
+use crate::jsonrpc::{self, Id, code};
+use crate::proxy::era::{self, Modern};
+use crate::proxy::pending::Reply;
+use crate::tasks::engine::CancelError;
+use crate::tasks::model::{Origin, Outcome, TaskStatus};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a DiscoverResult may be cached by the client.
+const DISCOVER_TTL_MS: u64 = 300_000;
+
+/// The requests a 2026-07-28 task waits on, by key (`inputRequests` in `tasks/get`).
+pub(super) type InputRequests = BTreeMap<String, HeldRequest>;
+
+/// An upstream request held for a 2026-07-28 task's client.
+pub(super) struct HeldRequest {
+    /// The upstream's id for it (its answer goes back under this id).
+    upstream_id: Id,
+    /// `{method, params}`, as `tasks/get` shows it.
+    request: Value,
+}
+
+/// Keys of input requests: never reused, in any task, for the life of the process.
+static INPUT_KEYS: AtomicU64 = AtomicU64::new(1);
+
+impl Interceptor {
+    /// A request of a 2026-07-28 client.
+    pub(super) async fn on_modern_request(
+        self: &Arc<Self>,
+        id: &Id,
+        method: &str,
+        params: Option<&RawValue>,
+        modern: &Modern,
+    ) -> Decision {
+        match method {
+            "tasks/result" | "tasks/list" => {
+                let msg = format!(
+                    "Method not found: {method} does not exist in protocol version {} (tasks/get returns a task's result inline)",
+                    era::MODERN_VERSION
+                );
+                return self.reply_error(id, code::METHOD_NOT_FOUND, &msg).await;
+            }
+            "tasks/get" | "tasks/update" | "tasks/cancel" if !modern.tasks => {
+                self.client.send(era::missing_tasks_extension(id, method)).await;
+                return Decision::Handled;
+            }
+            "tasks/get" | "tasks/update" | "tasks/cancel" => {
+                return self.on_modern_tasks_method(id, method, params).await;
+            }
+            _ => {}
+        }
+        if let Err(why) = self.ensure_initialized().await {
+            let msg = format!("The upstream server could not be initialized: {why}");
+            return self.reply_error(id, code::INTERNAL_ERROR, &msg).await;
+        }
+        match method {
+            "server/discover" => {
+                let result = self.discover_result();
+                self.reply_result(id, &result).await
+            }
+            "tools/list" => {
+                let first_page = params.and_then(|p| lookup(p.get(), &["cursor"])).is_none();
+                Decision::Forward(Rewrite::ToolsList { first_page })
+            }
+            "tools/call" => self.on_modern_call(id, params, modern).await,
+            _ => Decision::Forward(Rewrite::None),
+        }
+    }
+
+    /// Initializes the upstream on the proxy's own behalf, once, unless a client's `initialize` did.
+    async fn ensure_initialized(self: &Arc<Self>) -> Result<(), String> {
+        if self.facts().initialized.is_some() && !self.own_init.initialized() {
+            return Ok(()); // a legacy client initialized it on this session
+        }
+        self.own_init
+            .get_or_try_init(|| async {
+                let params = json!({
+                    "protocolVersion": era::LEGACY_VERSIONS[0],
+                    "capabilities": { "elicitation": {}, "sampling": {} },
+                    "clientInfo": { "name": "mcp-asyncify", "version": env!("CARGO_PKG_VERSION") },
+                });
+                let reply = self
+                    .upstream
+                    .request("initialize", Some(&params.to_string()), Some(Duration::from_secs(30)))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let result = match reply {
+                    Reply::Result(raw) => serde_json::from_str::<Map<String, Value>>(raw.get())
+                        .map_err(|e| format!("its initialize result is not an object ({e})"))?,
+                    Reply::Error(e) => return Err(format!("it refused initialize: {}", e.get())),
+                };
+                self.learn_initialize(&result);
+                self.upstream.notify("notifications/initialized", None).await;
+                tracing::info!("initialized the upstream for a 2026-07-28 client");
+                self.on_initialized();
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// A 2025-11-25 `initialize` after the proxy initialized the upstream itself: answered from what the
+    /// upstream said then (tasks added as usual), and the client's `notifications/initialized` is kept
+    /// back, so the upstream sees one handshake.
+    pub(super) async fn reinitialize(&self, id: &Id) -> Decision {
+        let Some(result) = self.facts().initialized.clone() else {
+            return Decision::Forward(Rewrite::Initialize);
+        };
+        let raw = RawValue::from_string(Value::Object(result).to_string()).expect("valid JSON");
+        self.swallow_initialized.store(true, Ordering::Relaxed);
+        match self.rewrite_initialize(id, &raw) {
+            Some(line) => self.client.send(line).await,
+            None => self.client.send(jsonrpc::result_response(id, raw.get())).await,
+        };
+        Decision::Handled
+    }
+
+    /// Whether the client's `notifications/initialized` must not reach the upstream (it was sent).
+    pub fn take_swallow_initialized(&self) -> bool {
+        self.swallow_initialized.swap(false, Ordering::Relaxed)
+    }
+
+    /// `server/discover`: the upstream's capabilities (never the legacy `tasks`), plus the Tasks
+    /// extension, its server info and instructions, and every version the proxy serves.
+    fn discover_result(&self) -> Value {
+        let init = self.facts().initialized.clone().unwrap_or_default();
+        let mut caps = init.get("capabilities").and_then(Value::as_object).cloned().unwrap_or_default();
+        caps.remove("tasks");
+        let extensions = caps.entry("extensions").or_insert_with(|| json!({}));
+        if let Some(extensions) = extensions.as_object_mut() {
+            extensions.insert(era::TASKS_EXTENSION.into(), json!({}));
+        }
+        let mut result = json!({
+            "resultType": "complete",
+            "supportedVersions": era::supported_versions(),
+            "capabilities": caps,
+            "ttlMs": DISCOVER_TTL_MS,
+            // What the upstream offers can depend on the credential it was reached with.
+            "cacheScope": if self.owner.starts_with("credential:") { "private" } else { "public" },
+        });
+        if let Some(info) = init.get("serverInfo") {
+            result["_meta"] = json!({ era::META_SERVER_INFO: info });
+        }
+        if let Some(instructions) = init.get("instructions") {
+            result["instructions"] = instructions.clone();
+        }
+        result
+    }
+
+    /// A 2026-07-28 `tools/call`.
+    async fn on_modern_call(
+        self: &Arc<Self>,
+        id: &Id,
+        params: Option<&RawValue>,
+        modern: &Modern,
+    ) -> Decision {
+        let Some(mut call) = params.and_then(|p| serde_json::from_str::<Map<String, Value>>(p.get()).ok())
+        else {
+            return Decision::Forward(Rewrite::None); // let the upstream judge malformed calls
+        };
+        let Some(tool) = call.get("name").and_then(Value::as_str).map(str::to_owned) else {
+            return Decision::Forward(Rewrite::None);
+        };
+        // A 2025-11-25 `task` hint means nothing in 2026-07-28 (the server decides), and must not reach
+        // the upstream, which would take it for its own.
+        let stripped = call.remove("task").is_some();
+        let forward = |rewrite: Rewrite| match stripped {
+            true => Decision::ForwardAs(
+                jsonrpc::request(id, "tools/call", Some(&Value::Object(call.clone()).to_string())),
+                rewrite,
+            ),
+            false => Decision::Forward(rewrite),
+        };
+        let config = self.engine.config();
+        if call.get("arguments").and_then(|a| a.get("allow_async")).is_some()
+            || tool == self.notion.poll_tool()
+        {
+            self.notion.note_client_call();
+            return forward(Rewrite::None);
+        }
+        if config.sync_deadline_ms > 0 && (tool == STATUS_TOOL || tool == RESULT_TOOL) {
+            let this = self.clone();
+            let id = id.clone();
+            tokio::spawn(async move { this.run_handoff_tool(&id, &tool, call.get("arguments"), true).await });
+            return Decision::Handled;
+        }
+        self.tools_known().await;
+        let native = self.facts().native_tools.contains(&tool);
+        if !native && config.requires_task(&tool) && !modern.tasks {
+            self.client.send(era::missing_tasks_extension(id, &format!("tool '{tool}'"))).await;
+            return Decision::Handled;
+        }
+        let notion = self.notion.handles(&tool);
+        if native || !(notion || config.taskifies(&tool)) {
+            self.notion.note_client_call();
+            return forward(Rewrite::None);
+        }
+        if !modern.tasks {
+            // No task for a request that did not ask for them; the sync-client help still applies.
+            self.notion.note_client_call();
+            let token = call.get("_meta").and_then(|m| m.get("progressToken")).map(Value::to_string);
+            self.watch_plain_call(id.clone(), tool, token, HandOff::Text { modern: true });
+            return forward(Rewrite::PlainCall);
+        }
+        if notion || config.task_after_ms == 0 {
+            let this = self.clone();
+            let id = id.clone();
+            let origin = if notion { Origin::Notion } else { Origin::Local };
+            tokio::spawn(async move { this.run_engine_task(&id, &tool, call, origin).await });
+            return Decision::Handled;
+        }
+        self.notion.note_client_call();
+        self.watch_task_window(id.clone(), tool.clone());
+        forward(Rewrite::TaskWindow { tool, started: Instant::now() })
+    }
+
+    /// A call in its task window: still running after `task_after_ms`, it becomes a task.
+    fn watch_task_window(self: &Arc<Self>, id: Id, tool: String) {
+        let window = Duration::from_millis(self.engine.config().task_after_ms);
+        let this = self.clone();
+        let started = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            let in_window = this
+                .pending
+                .client_calls()
+                .iter()
+                .any(|(i, r)| *i == id && matches!(r, Rewrite::TaskWindow { .. }));
+            if in_window {
+                this.hand_off(&id, &tool, started, HandOff::Task).await;
+            }
+        });
+    }
+
+    /// A task run by the engine from the start (a Notion task, or any task when `task_after_ms` is 0):
+    /// answered inline if it ends within `task_after_ms`, else as a `CreateTaskResult`.
+    async fn run_engine_task(
+        self: &Arc<Self>,
+        id: &Id,
+        tool: &str,
+        call: Map<String, Value>,
+        origin: Origin,
+    ) {
+        let record = match self.engine.create(&self.owner, tool, origin, None) {
+            Ok(created) => created,
+            Err(e) => {
+                let line = jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &e.to_string(), None);
+                self.client.send(line).await;
+                return;
+            }
+        };
+        self.started.insert(record.id.clone(), ());
+        self.modern_tasks.insert(record.id.clone(), InputRequests::new());
+        if origin == Origin::Notion {
+            let stop = self.engine.stop_signal(&record.id);
+            let this = self.clone();
+            let task_id = record.id.clone();
+            tokio::spawn(async move {
+                this.notion.run_task(&this.engine, &this.upstream, &task_id, call, stop).await
+            });
+        } else {
+            self.start_local_task(&record.id, &Value::Object(call).to_string()).await;
+        }
+        let window = Duration::from_millis(self.engine.config().task_after_ms);
+        if !window.is_zero()
+            && let Ok(Some(done)) =
+                tokio::time::timeout(window, self.engine.wait_terminal(&self.owner, &record.id)).await
+        {
+            let line = match &done.outcome {
+                Some(Outcome::Result(raw)) => Some(era_result(id, raw.get(), true)),
+                Some(Outcome::Error(raw)) => Some(jsonrpc::error_object_response(id, raw.get())),
+                None => None,
+            };
+            if let Some(line) = line {
+                // Finished inside the window: the client never learns of the task.
+                self.modern_tasks.remove(&record.id);
+                self.engine.discard(&record.id);
+                self.client.send(line).await;
+                return;
+            }
+        }
+        let current = self.engine.get(&self.owner, &record.id).unwrap_or(record);
+        self.client
+            .send(jsonrpc::result_response(id, &Value::Object(current.to_created()).to_string()))
+            .await;
+    }
+
+    /// `tasks/get`, `tasks/update` and `tasks/cancel` of a client that declared the extension.
+    async fn on_modern_tasks_method(
+        self: &Arc<Self>,
+        id: &Id,
+        method: &str,
+        params: Option<&RawValue>,
+    ) -> Decision {
+        let params =
+            params.and_then(|p| serde_json::from_str::<Map<String, Value>>(p.get()).ok()).unwrap_or_default();
+        let Some(task_id) = params.get("taskId").and_then(Value::as_str) else {
+            return self
+                .reply_error(id, code::INVALID_PARAMS, &format!("{method} needs params.taskId (a string)"))
+                .await;
+        };
+        let not_found = || format!("Task not found: {task_id:?} is unknown or expired");
+        let Some(record) = self.engine.get(&self.owner, task_id) else {
+            return self.reply_error(id, code::INVALID_PARAMS, &not_found()).await;
+        };
+        let ack = json!({ "resultType": "complete" });
+        match method {
+            "tasks/get" => {
+                let detailed = record.to_detailed(self.input_requests_of(task_id));
+                self.reply_result(id, &Value::Object(detailed)).await
+            }
+            "tasks/cancel" => match self.engine.cancel(&self.owner, task_id) {
+                // Cancelling an ended task is acknowledged all the same (it is idempotent in 2026-07-28).
+                Ok(_) | Err(CancelError::Terminal(_)) => {
+                    self.refuse_held_requests(task_id, "the task was cancelled").await;
+                    self.reply_result(id, &ack).await
+                }
+                Err(CancelError::NotFound) => self.reply_error(id, code::INVALID_PARAMS, &not_found()).await,
+            },
+            _ => {
+                let responses = match params.get("inputResponses") {
+                    Some(Value::Object(r)) => r,
+                    other => {
+                        let msg = format!(
+                            "tasks/update needs params.inputResponses, an object of answers by input request key; got {}",
+                            other.map_or("nothing".to_owned(), Value::to_string)
+                        );
+                        return self.reply_error(id, code::INVALID_PARAMS, &msg).await;
+                    }
+                };
+                self.answer_held_requests(task_id, responses).await;
+                self.reply_result(id, &ack).await
+            }
+        }
+    }
+
+    /// The input requests a task waits on, as `tasks/get` shows them.
+    fn input_requests_of(&self, task_id: &str) -> Option<Value> {
+        let held = self.modern_tasks.get(task_id)?;
+        Some(Value::Object(held.iter().map(|(k, h)| (k.clone(), h.request.clone())).collect()))
+    }
+
+    /// Holds an upstream request for a 2026-07-28 task: the task shows it under a fresh key until its
+    /// client answers it with `tasks/update`.
+    pub(super) fn hold_input_request(&self, task_id: &str, id: &Id, method: &str, params: Option<&RawValue>) {
+        let key = format!("input-{}", INPUT_KEYS.fetch_add(1, Ordering::Relaxed));
+        let params =
+            params.and_then(|p| serde_json::from_str::<Value>(p.get()).ok()).unwrap_or_else(|| json!({}));
+        let request = json!({ "method": method, "params": params });
+        if let Some(mut held) = self.modern_tasks.get_mut(task_id) {
+            held.insert(key.clone(), HeldRequest { upstream_id: id.clone(), request });
+        }
+        tracing::info!(task_id, key, method, "a 2026-07-28 task waits for input");
+        let message = format!("Waiting for the client to answer {method} (tasks/update).");
+        self.engine.set_status(task_id, TaskStatus::InputRequired, Some(message));
+    }
+
+    /// `tasks/update`: each answer whose key is still outstanding goes upstream; unknown and already
+    /// answered keys are ignored. The task resumes once nothing is outstanding.
+    async fn answer_held_requests(&self, task_id: &str, responses: &Map<String, Value>) {
+        let answered: Vec<(Id, String)> = match self.modern_tasks.get_mut(task_id) {
+            Some(mut held) => responses
+                .iter()
+                .filter_map(|(key, answer)| held.remove(key).map(|h| (h.upstream_id, answer.to_string())))
+                .collect(),
+            None => Vec::new(),
+        };
+        for (upstream_id, answer) in &answered {
+            self.upstream.answer(upstream_id, answer).await;
+        }
+        let outstanding = self.modern_tasks.get(task_id).is_some_and(|held| !held.is_empty());
+        if !answered.is_empty() && !outstanding {
+            self.engine.set_status(task_id, TaskStatus::Working, None);
+        }
+    }
+
+    /// Refuses what a task's upstream call still waits on (its task was cancelled).
+    async fn refuse_held_requests(&self, task_id: &str, why: &str) {
+        let held: Vec<HeldRequest> = match self.modern_tasks.get_mut(task_id) {
+            Some(mut held) => std::mem::take(&mut *held).into_values().collect(),
+            None => return,
+        };
+        for h in held {
+            self.upstream.refuse(&h.upstream_id, code::INTERNAL_ERROR, why).await;
+        }
+    }
+}
