@@ -3,10 +3,10 @@
 
 mod common;
 
-use common::{BIN, Served};
-use serde_json::{Value, json};
+use common::{BIN, Reply, Served};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 /// The sidecar on a free address, with an HTTP/1.1 client for the tests.
@@ -35,23 +35,7 @@ impl Sidecar {
 
     /// One HTTP/1.1 exchange (Connection: close); `headers` as "Name: value" lines.
     fn http(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> Reply {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-        if !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("host:")) {
-            req.push_str(&format!("Host: {}\r\n", self.addr));
-        }
-        for h in headers {
-            req.push_str(h);
-            req.push_str("\r\n");
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        let mut raw = Vec::new();
-        let _ = s.read_to_end(&mut raw);
-        Reply::parse(&raw)
+        common::http(&self.addr, method, path, headers, body)
     }
 
     /// A POST of one JSON-RPC message to /mcp.
@@ -95,61 +79,6 @@ impl Sidecar {
             .find(|m| m.get("id") == Some(&id))
             .unwrap_or_else(|| panic!("no answer: {}", r.body))
     }
-}
-
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Reply {
-    fn parse(raw: &[u8]) -> Reply {
-        let text = String::from_utf8_lossy(raw).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let mut lines = head.lines();
-        let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
-        let mut reply = Reply { status, headers, body: body.to_owned() };
-        if reply.header("transfer-encoding") == Some("chunked") {
-            reply.body = dechunk(body);
-        }
-        reply
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-
-    /// The JSON-RPC messages in the body (one JSON document, or SSE `data:` lines).
-    fn messages(&self) -> Vec<Value> {
-        if self.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")) {
-            self.body
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .filter_map(|d| serde_json::from_str(d).ok())
-                .collect()
-        } else {
-            serde_json::from_str(&self.body).into_iter().collect()
-        }
-    }
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! receiver [`TaskEngine::create`] hands it. Every transition is broadcast as a [`StatusEvent`] so
 //! that each session can send `notifications/tasks/status` to its own client.
 
-use super::model::{Origin, Outcome, TaskRecord, TaskStatus};
+use super::model::{Generation, Origin, Outcome, TaskRecord, TaskStatus};
 use super::store::{StoreError, TaskStore};
 use crate::config::TasksConfig;
 use crate::telemetry::{self, metrics::task_attrs};
@@ -84,6 +84,7 @@ impl TaskEngine {
         owner: &str,
         tool: &str,
         origin: Origin,
+        generation: Generation,
         requested_ttl_ms: Option<u64>,
     ) -> Result<TaskRecord, StoreError> {
         let now = SystemTime::now();
@@ -93,6 +94,7 @@ impl TaskEngine {
             owner: owner.into(),
             tool: tool.into(),
             origin,
+            generation,
             status: TaskStatus::Working,
             status_message: None,
             created_at: now,
@@ -104,7 +106,7 @@ impl TaskEngine {
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
         };
         self.store.insert(record.clone(), self.config.max_live_tasks)?;
-        let attrs = task_attrs(tool, origin.as_str());
+        let attrs = task_attrs(tool, origin.as_str(), generation.protocol_version());
         telemetry::metrics().task_created.add(1, &attrs);
         telemetry::metrics().task_active.add(1, &[KeyValue::new("asyncify.task.status", "working")]);
         telemetry::trace::task_started(&record.id, tool, origin.as_str());
@@ -243,11 +245,12 @@ impl TaskEngine {
     /// Records a transition in the task metrics and the task's span.
     fn measure_transition(&self, record: &TaskRecord, left: Option<(TaskStatus, SystemTime)>) {
         let m = telemetry::metrics();
-        let [tool, origin] = task_attrs(&record.tool, record.origin.as_str());
+        let [tool, origin, version] =
+            task_attrs(&record.tool, record.origin.as_str(), record.generation.protocol_version());
         if let Some((old, since)) = left {
             let spent = record.state_since.duration_since(since).unwrap_or_default();
             let state = KeyValue::new("asyncify.task.state", old.as_str());
-            m.task_state.record(spent.as_secs_f64(), &[tool.clone(), origin.clone(), state]);
+            m.task_state.record(spent.as_secs_f64(), &[tool.clone(), origin.clone(), version.clone(), state]);
             m.task_active.add(-1, &[KeyValue::new("asyncify.task.status", old.as_str())]);
             if !record.status.is_terminal() {
                 m.task_active.add(1, &[KeyValue::new("asyncify.task.status", record.status.as_str())]);
@@ -261,7 +264,7 @@ impl TaskEngine {
         if record.status.is_terminal() && left.is_some() {
             let total = record.last_updated_at.duration_since(record.created_at).unwrap_or_default();
             let status = KeyValue::new("asyncify.task.status", record.status.as_str());
-            m.task_duration.record(total.as_secs_f64(), &[tool, origin, status]);
+            m.task_duration.record(total.as_secs_f64(), &[tool, origin, version, status]);
             telemetry::trace::task_ended(&record.id, record.status.as_str());
         }
     }
@@ -392,7 +395,9 @@ impl TaskEngine {
         for id in &expired {
             if let Some(record) = self.store.remove(id) {
                 let m = telemetry::metrics();
-                m.task_expired.add(1, &task_attrs(&record.tool, record.origin.as_str()));
+                let attrs =
+                    task_attrs(&record.tool, record.origin.as_str(), record.generation.protocol_version());
+                m.task_expired.add(1, &attrs);
                 if !record.status.is_terminal() {
                     self.stop_work(id);
                     m.task_active.add(-1, &[KeyValue::new("asyncify.task.status", record.status.as_str())]);
@@ -455,7 +460,7 @@ mod tests {
     #[tokio::test]
     async fn several_waiters_all_get_the_result() {
         let e = engine(10);
-        let t = e.create("me", "slow", Origin::Local, None).unwrap();
+        let t = e.create("me", "slow", Origin::Local, Generation::Legacy, None).unwrap();
         let waiters: Vec<_> = (0..3)
             .map(|_| {
                 let (e, id) = (e.clone(), t.id.clone());
@@ -474,7 +479,7 @@ mod tests {
     #[tokio::test]
     async fn cancel_is_refused_for_terminal_tasks_and_strangers() {
         let e = engine(10);
-        let t = e.create("me", "slow", Origin::Local, Some(5000)).unwrap();
+        let t = e.create("me", "slow", Origin::Local, Generation::Legacy, Some(5000)).unwrap();
         let stop = e.stop_signal(&t.id);
         assert_eq!(e.cancel("someone else", &t.id).unwrap_err(), CancelError::NotFound);
         let c = e.cancel("me", &t.id).unwrap();
@@ -488,9 +493,9 @@ mod tests {
     #[tokio::test]
     async fn ttl_is_capped_and_expiry_deletes() {
         let e = engine(10);
-        let t = e.create("me", "slow", Origin::Local, Some(u64::MAX)).unwrap();
+        let t = e.create("me", "slow", Origin::Local, Generation::Legacy, Some(u64::MAX)).unwrap();
         assert_eq!(t.ttl_ms, TasksConfig::default().max_ttl_ms);
-        let short = e.create("me", "slow", Origin::Local, Some(1)).unwrap();
+        let short = e.create("me", "slow", Origin::Local, Generation::Legacy, Some(1)).unwrap();
         let stop = e.stop_signal(&short.id);
         let waiter = {
             let (e, id) = (e.clone(), short.id.clone());
@@ -507,9 +512,9 @@ mod tests {
     async fn list_pages_with_opaque_cursors() {
         let e = engine(2);
         for _ in 0..5 {
-            e.create("me", "t", Origin::Local, None).unwrap();
+            e.create("me", "t", Origin::Local, Generation::Legacy, None).unwrap();
         }
-        e.create("other", "t", Origin::Local, None).unwrap();
+        e.create("other", "t", Origin::Local, Generation::Legacy, None).unwrap();
         let (p1, c1) = e.list("me", None).unwrap();
         let (p2, c2) = e.list("me", c1.as_deref()).unwrap();
         let (p3, c3) = e.list("me", c2.as_deref()).unwrap();

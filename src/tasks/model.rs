@@ -75,6 +75,25 @@ impl Origin {
     }
 }
 
+/// The protocol generation of the client that asked for a task (a low-cardinality label too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Generation {
+    /// MCP 2025-11-25 (`params.task`, `tasks/result`, `tasks/list`).
+    Legacy,
+    /// MCP 2026-07-28 with the Tasks extension (server-directed, `tasks/update`).
+    Modern,
+}
+
+impl Generation {
+    /// The protocol version, as `mcp.protocol.version`.
+    pub fn protocol_version(self) -> &'static str {
+        match self {
+            Generation::Legacy => "2025-11-25",
+            Generation::Modern => "2026-07-28",
+        }
+    }
+}
+
 /// The final payload of a task: exactly what the underlying request returned.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -95,6 +114,8 @@ pub struct TaskRecord {
     pub tool: String,
     /// Local call or Notion task.
     pub origin: Origin,
+    /// The generation of the client that asked for it.
+    pub generation: Generation,
     /// Current status.
     pub status: TaskStatus,
     /// Human-readable detail.
@@ -239,6 +260,7 @@ mod tests {
             owner: "o".into(),
             tool: "slow".into(),
             origin: Origin::Local,
+            generation: Generation::Legacy,
             status: TaskStatus::Working,
             status_message: None,
             created_at: t,
@@ -265,6 +287,7 @@ mod tests {
             owner: "o".into(),
             tool: "slow".into(),
             origin: Origin::Local,
+            generation: Generation::Modern,
             status: TaskStatus::Failed,
             status_message: Some("The tool returned an error result (isError: true).".into()),
             created_at: t,

@@ -130,10 +130,11 @@ impl Metrics {
 }
 
 /// Attributes of a task's metrics.
-pub fn task_attrs(tool: &str, origin: &str) -> [KeyValue; 2] {
+pub fn task_attrs(tool: &str, origin: &str, protocol_version: &'static str) -> [KeyValue; 3] {
     [
         KeyValue::new("gen_ai.tool.name", tool.to_owned()),
         KeyValue::new("asyncify.task.origin", origin.to_owned()),
+        KeyValue::new("mcp.protocol.version", protocol_version),
     ]
 }
 

@@ -58,12 +58,16 @@ struct Operation {
     tool: Option<String>,
     server: Option<Context>,
     client: Option<(Instant, Context)>,
+    /// `mcp.protocol.version`: the request's own (2026-07-28) or its session's.
+    version: Option<String>,
 }
 
 /// The client requests of one session being answered, for their durations and spans.
 #[derive(Default)]
 pub struct Operations {
     open: DashMap<Id, Operation>,
+    /// The protocol version the client's `initialize` asked for (its session's generation).
+    session_version: std::sync::OnceLock<String>,
 }
 
 fn op_attrs(method: &str, tool: Option<&str>) -> Vec<KeyValue> {
@@ -82,8 +86,12 @@ fn record_operation(
     method: &str,
     tool: Option<&str>,
     error: Option<&str>,
+    version: Option<&str>,
 ) {
     let mut attrs = op_attrs(method, tool);
+    if let Some(v) = version {
+        attrs.push(KeyValue::new("mcp.protocol.version", v.to_owned()));
+    }
     if let Some(e) = error {
         attrs.push(KeyValue::new("error.type", e.to_owned()));
     }
@@ -92,19 +100,23 @@ fn record_operation(
 
 /// Records a request the proxy made upstream (`mcp.client.operation.duration`), answered now.
 pub fn record_client_operation(started: Instant, method: &str, tool: Option<&str>, error: Option<&str>) {
-    record_operation(&metrics().client_operation, started, method, tool, error);
+    record_operation(&metrics().client_operation, started, method, tool, error, None);
 }
 
 #[derive(serde::Deserialize)]
 struct CallParams<'a> {
     #[serde(borrow, default)]
     name: Option<&'a str>,
+    #[serde(rename = "protocolVersion", borrow, default)]
+    initialize_version: Option<&'a str>,
     #[serde(rename = "_meta", borrow, default)]
     meta: Option<TraceMeta<'a>>,
 }
 
 #[derive(serde::Deserialize)]
 struct TraceMeta<'a> {
+    #[serde(rename = "io.modelcontextprotocol/protocolVersion", borrow, default)]
+    version: Option<&'a str>,
     #[serde(borrow, default)]
     traceparent: Option<&'a str>,
     #[serde(borrow, default)]
@@ -121,6 +133,17 @@ impl Operations {
     pub fn started(&self, id: &Id, method: &str, params: Option<&RawValue>) {
         let parsed: Option<CallParams<'_>> = params.and_then(|p| serde_json::from_str(p.get()).ok());
         let tool = parsed.as_ref().and_then(|p| p.name).filter(|_| method == "tools/call").map(str::to_owned);
+        if method == "initialize"
+            && let Some(v) = parsed.as_ref().and_then(|p| p.initialize_version)
+        {
+            let _ = self.session_version.set(v.to_owned());
+        }
+        let version = parsed
+            .as_ref()
+            .and_then(|p| p.meta.as_ref())
+            .and_then(|m| m.version)
+            .map(str::to_owned)
+            .or_else(|| self.session_version.get().cloned());
         let server = trace_on().then(|| {
             let meta = parsed.as_ref().and_then(|p| p.meta.as_ref());
             let parent = extract(meta.and_then(|m| m.traceparent), meta.and_then(|m| m.tracestate));
@@ -137,7 +160,14 @@ impl Operations {
         });
         self.open.insert(
             id.clone(),
-            Operation { started: Instant::now(), method: method.to_owned(), tool, server, client: None },
+            Operation {
+                started: Instant::now(),
+                method: method.to_owned(),
+                tool,
+                server,
+                client: None,
+                version,
+            },
         );
     }
 
@@ -203,6 +233,7 @@ impl Operations {
             &op.method,
             op.tool.as_deref(),
             error.as_deref(),
+            op.version.as_deref(),
         );
         if let Some((_, cx)) = op.client {
             cx.span().end();

@@ -329,3 +329,86 @@ impl Drop for Served {
         let _ = self.child.wait();
     }
 }
+
+/// One HTTP/1.1 exchange with `addr` (Connection: close); `headers` as "Name: value" lines.
+pub fn http(addr: &str, method: &str, path: &str, headers: &[&str], body: &[u8]) -> Reply {
+    use std::net::TcpStream;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("host:")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    Reply::parse(&raw)
+}
+
+/// An HTTP answer, read whole.
+pub struct Reply {
+    /// The status code.
+    pub status: u16,
+    /// Headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The body (de-chunked).
+    pub body: String,
+}
+
+impl Reply {
+    /// Parses a raw HTTP/1.1 response.
+    pub fn parse(raw: &[u8]) -> Reply {
+        let text = String::from_utf8_lossy(raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let mut reply = Reply { status, headers, body: body.to_owned() };
+        if reply.header("transfer-encoding") == Some("chunked") {
+            reply.body = dechunk(body);
+        }
+        reply
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The JSON-RPC messages in the body (one JSON document, or SSE `data:` lines).
+    pub fn messages(&self) -> Vec<Value> {
+        if self.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")) {
+            self.body
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str(d).ok())
+                .collect()
+        } else {
+            serde_json::from_str(&self.body).into_iter().collect()
+        }
+    }
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}

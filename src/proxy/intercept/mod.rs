@@ -24,7 +24,7 @@ use super::upstream::{Upstream, UpstreamError};
 use crate::jsonrpc::{self, Id, code};
 use crate::notion::adapter::NotionAdapter;
 use crate::tasks::engine::TaskEngine;
-use crate::tasks::model::{Origin, Outcome, RELATED_TASK, TaskStatus, with_related_task};
+use crate::tasks::model::{Generation, Origin, Outcome, RELATED_TASK, TaskStatus, with_related_task};
 use crate::transport::lines::LineSink;
 use dashmap::DashMap;
 use serde_json::value::RawValue;
@@ -314,7 +314,7 @@ impl Interceptor {
             }
         };
         let origin = if notion { Origin::Notion } else { Origin::Local };
-        let record = match self.engine.create(&self.owner, &tool, origin, ttl) {
+        let record = match self.engine.create(&self.owner, &tool, origin, Generation::Legacy, ttl) {
             Ok(created) => created,
             Err(e) => return self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
         };

@@ -17,7 +17,7 @@ use crate::jsonrpc::{self, Id, code};
 use crate::proxy::era::{self, Modern};
 use crate::proxy::pending::Reply;
 use crate::tasks::engine::CancelError;
-use crate::tasks::model::{Origin, Outcome, TaskStatus};
+use crate::tasks::model::{Generation, Origin, Outcome, TaskStatus};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -260,7 +260,7 @@ impl Interceptor {
         call: Map<String, Value>,
         origin: Origin,
     ) {
-        let record = match self.engine.create(&self.owner, tool, origin, None) {
+        let record = match self.engine.create(&self.owner, tool, origin, Generation::Modern, None) {
             Ok(created) => created,
             Err(e) => {
                 let line = jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &e.to_string(), None);

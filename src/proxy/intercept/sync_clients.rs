@@ -3,7 +3,7 @@
 
 use super::{Interceptor, Rewrite, lookup};
 use crate::jsonrpc::{self, Id};
-use crate::tasks::model::{Origin, Outcome, RELATED_TASK, TaskStatus, with_related_task};
+use crate::tasks::model::{Generation, Origin, Outcome, RELATED_TASK, TaskStatus, with_related_task};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -128,7 +128,11 @@ impl Interceptor {
         started: Instant,
         style: HandOff,
     ) -> Option<String> {
-        let record = match self.engine.create(&self.owner, tool, Origin::Local, None) {
+        let generation = match style {
+            HandOff::Text { modern: false } => Generation::Legacy,
+            _ => Generation::Modern,
+        };
+        let record = match self.engine.create(&self.owner, tool, Origin::Local, generation, None) {
             Ok(created) => created,
             Err(e) => {
                 tracing::warn!(%id, tool, error = %e, "cannot hand off a call past the sync deadline; it stays synchronous");

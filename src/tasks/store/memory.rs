@@ -113,6 +113,7 @@ mod tests {
             owner: owner.into(),
             tool: "t".into(),
             origin: Origin::Local,
+            generation: crate::tasks::model::Generation::Legacy,
             status: TaskStatus::Working,
             status_message: None,
             created_at: now,
