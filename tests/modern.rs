@@ -289,6 +289,9 @@ fn a_legacy_handshake_after_a_modern_probe_gets_the_same_upstream() {
     assert!(result.get("resultType").is_none(), "legacy answers are unchanged: {result}");
 }
 
+/// A header to set (`Some`) or remove (`None`).
+type HeaderTweak<'a> = (&'a str, Option<&'a str>);
+
 /// The sidecar in front of the fixture, with an HTTP client for stateless requests.
 struct Stateless {
     served: Served,
@@ -303,7 +306,7 @@ impl Stateless {
     }
 
     /// A stateless POST with the standard headers; `tweak` changes them (None removes one).
-    fn post(&self, auth: Option<&str>, msg: &Value, tweak: &[(&str, Option<&str>)]) -> Reply {
+    fn post(&self, auth: Option<&str>, msg: &Value, tweak: &[HeaderTweak]) -> Reply {
         let method = msg["method"].as_str().unwrap_or_default();
         let name =
             ["name", "uri", "taskId"].iter().find_map(|k| msg["params"][k].as_str()).map(str::to_owned);
@@ -412,7 +415,7 @@ fn stateless_http_requests_need_no_session_and_get_tasks() {
 fn stateless_http_headers_must_match_the_body() {
     let s = Stateless::start(&[]);
     let call = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":modern(json!({"name":"echo","arguments":{"text":"x"}}), true)});
-    let cases: [(&str, &[(&str, Option<&str>)]); 6] = [
+    let cases: [(&str, &[HeaderTweak]); 6] = [
         ("Mcp-Method disagrees", &[("Mcp-Method", Some("tasks/get"))]),
         ("Mcp-Name disagrees", &[("Mcp-Name", Some("other"))]),
         ("Mcp-Name missing", &[("Mcp-Name", None)]),
