@@ -67,6 +67,20 @@ fn until_terminal(p: &mut Peer, id_base: u64, task_id: &str) -> Value {
     unreachable!()
 }
 
+/// Polls tasks/get until the task has `status`.
+fn until_status(p: &mut Peer, id_base: u64, task_id: &str, status: &str) -> Value {
+    let deadline = Instant::now() + common::WAIT;
+    for n in 0.. {
+        let t = ok(p, id_base + n, "tasks/get", json!({"taskId": task_id}));
+        if t["status"] == status {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "task {task_id} never became {status}: {t}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unreachable!()
+}
+
 fn assert_created(r: &Value) -> String {
     assert_eq!(r["resultType"], "task", "a flat CreateTaskResult: {r}");
     assert!(r.get("task").is_none() && r.get("content").is_none(), "{r}");
@@ -168,14 +182,11 @@ fn cancelling_a_running_task_cancels_it() {
 
 #[test]
 fn input_requests_are_shown_by_tasks_get_and_answered_by_tasks_update() {
-    // The call asks for input inside its window: it becomes a task at once, waiting for that input.
-    let mut p = wrapper(&["--task-after-ms", "5000"]);
-    let started = Instant::now();
+    // A task from the start (no window), which then asks for input.
+    let mut p = wrapper(&["--task-after-ms", "0"]);
     let created = ok(&mut p, 1, "tools/call", json!({"name": "ask", "arguments": {"message": "Your name?"}}));
-    assert!(started.elapsed() < Duration::from_secs(4), "no waiting for the window when input is needed");
     let task_id = assert_created(&created);
-    let t = ok(&mut p, 2, "tasks/get", json!({"taskId": task_id}));
-    assert_eq!(t["status"], "input_required", "{t}");
+    let t = until_status(&mut p, 200, &task_id, "input_required");
     let requests = t["inputRequests"].as_object().expect("inputRequests").clone();
     assert_eq!(requests.len(), 1, "{t}");
     let (key, request) = requests.iter().next().unwrap();
@@ -203,6 +214,85 @@ fn input_requests_are_shown_by_tasks_get_and_answered_by_tasks_update() {
     let again =
         ok(&mut p, 6, "tasks/update", json!({"taskId": task_id, "inputResponses": {key.clone(): answer}}));
     assert_eq!(again, json!({"resultType": "complete"}));
+}
+
+#[test]
+fn a_plain_call_that_asks_gets_input_required_and_resumes_on_retry() {
+    let mut p = wrapper(&[]);
+    // Round 1: the upstream asks (elicitation); the client gets the question as the call's answer.
+    let r1 =
+        ask(&mut p, 1, "tools/call", json!({"name": "ask", "arguments": {"message": "Your name?"}}), false);
+    let r1 = r1["result"].clone();
+    assert_eq!(r1["resultType"], "input_required", "{r1}");
+    assert!(r1.get("taskId").is_none());
+    let state = r1["requestState"].as_str().expect("a requestState").to_owned();
+    let (key, question) =
+        r1["inputRequests"].as_object().unwrap().iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    assert_eq!(
+        (question["method"].as_str(), question["params"]["message"].as_str()),
+        (Some("elicitation/create"), Some("Your name?"))
+    );
+    assert!(
+        p.backlog.iter().all(|l| !l.contains("\"method\":\"elicitation/create\"")),
+        "no server request reaches a modern client"
+    );
+
+    // A state the proxy never gave is refused clearly.
+    let bad = ask(
+        &mut p,
+        2,
+        "tools/call",
+        json!({"name": "ask", "arguments": {"message": "?"}, "requestState": "forged"}),
+        false,
+    );
+    assert_eq!(bad["error"]["code"], -32602, "{bad}");
+
+    // Round 2: the retry carries the answer; the same upstream call finishes with it.
+    let answer = json!({"action": "accept", "content": {"answer": "Ada"}});
+    let r2 = ask(
+        &mut p,
+        3,
+        "tools/call",
+        json!({"name": "ask", "arguments": {"message": "Your name?"}, "inputResponses": {key: answer}, "requestState": state}),
+        false,
+    );
+    assert_eq!(r2["result"]["resultType"], "complete", "{r2}");
+    assert_eq!(r2["result"]["content"][0]["text"], "answer: Ada");
+    // The state is spent.
+    let again =
+        ask(&mut p, 4, "tools/call", json!({"name": "ask", "arguments": {}, "requestState": state}), false);
+    assert_eq!(again["error"]["code"], -32602, "{again}");
+}
+
+#[test]
+fn input_gathered_before_the_window_then_a_task() {
+    // test_tool_with_task asks for a name, then works for a second: the question comes back as a
+    // round of input_required; the retry runs past the window and becomes a task whose result has the
+    // name (the tasks-mrtr-composition scenario).
+    let mut p = Peer::start(&[
+        "--log-level",
+        "warn",
+        "--task-after-ms",
+        "300",
+        "--",
+        BIN,
+        "test-server",
+        "--conformance",
+    ]);
+    let r1 = ok(&mut p, 1, "tools/call", json!({"name": "test_tool_with_task", "arguments": {}}));
+    assert_eq!(r1["resultType"], "input_required", "{r1}");
+    assert!(r1.get("taskId").is_none());
+    let key = r1["inputRequests"].as_object().unwrap().keys().next().unwrap().clone();
+    let retry = json!({
+        "name": "test_tool_with_task", "arguments": {},
+        "inputResponses": {key: {"action": "accept", "content": {"name": "Alice"}}},
+        "requestState": r1["requestState"],
+    });
+    let r2 = ok(&mut p, 2, "tools/call", retry);
+    let task_id = assert_created(&r2);
+    let done = until_terminal(&mut p, 10, &task_id);
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(done["result"]["content"][0]["text"].as_str().unwrap().contains("Alice"), "{done}");
 }
 
 #[test]
@@ -253,6 +343,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(r["error"]["code"], -32602, "{r}");
     let created = ok(&mut p, 3, "tools/call", json!({"name": "ask", "arguments": {"message": "?"}}));
     let task_id = assert_created(&created);
+    until_status(&mut p, 300, &task_id, "input_required");
     for (id, bad) in [(4, json!("yes")), (5, json!(null)), (6, json!([1]))] {
         let r = ask(&mut p, id, "tasks/update", json!({"taskId": task_id, "inputResponses": bad}), true);
         assert_eq!(r["error"]["code"], -32602, "inputResponses {bad}: {r}");
@@ -443,12 +534,41 @@ fn stateless_http_headers_must_match_the_body() {
 }
 
 #[test]
+fn stateless_http_calls_take_their_input_in_rounds() {
+    let s = Stateless::start(&[]);
+    let (status, r1) = s.call(
+        None,
+        json!(1),
+        "tools/call",
+        json!({"name": "ask", "arguments": {"message": "Name?"}}),
+        false,
+    );
+    assert_eq!(status, 200);
+    let r1 = r1["result"].clone();
+    assert_eq!(r1["resultType"], "input_required", "{r1}");
+    let key = r1["inputRequests"].as_object().unwrap().keys().next().unwrap().clone();
+    let retry = json!({
+        "name": "ask", "arguments": {"message": "Name?"},
+        "inputResponses": {key: {"action": "accept", "content": {"answer": "Grace"}}},
+        "requestState": r1["requestState"],
+    });
+    let (status, r2) = s.call(None, json!(1), "tools/call", retry, false);
+    assert_eq!(status, 200);
+    assert_eq!(r2["result"]["content"][0]["text"], "answer: Grace", "{r2}");
+}
+
+#[test]
 fn stateless_tasks_are_bound_to_the_credential() {
     let s = Stateless::start(&["--task-after-ms", "0"]);
     let alice = Some("Bearer alice");
     let bob = Some("Bearer bob");
     let created = s.ok(alice, json!(1), "tools/call", json!({"name": "ask", "arguments": {"message": "?"}}));
     let task_id = assert_created(&created);
+    let deadline = Instant::now() + common::WAIT;
+    while s.ok(alice, json!(9), "tasks/get", json!({"taskId": task_id}))["status"] != "input_required" {
+        assert!(Instant::now() < deadline, "the task never asked for input");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for (id, method) in [(2, "tasks/get"), (3, "tasks/update"), (4, "tasks/cancel")] {
         let (status, r) =
             s.call(bob, json!(id), method, json!({"taskId": task_id, "inputResponses": {"k": {}}}), true);

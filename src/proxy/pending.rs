@@ -72,12 +72,14 @@ impl Pending {
             .is_none()
     }
 
-    /// The ids and rewrites of the client's `tools/call`s in flight.
-    pub fn client_calls(&self) -> Vec<(Id, Rewrite)> {
+    /// The client's requests in flight that may make the upstream ask the client something
+    /// (`tools/call`, `prompts/get`, `resources/read`): id, rewrite, and whether it is a 2026-07-28
+    /// request.
+    pub fn client_calls(&self) -> Vec<(Id, Rewrite, bool)> {
         self.client
             .iter()
-            .filter(|e| e.value().method.as_ref() == "tools/call")
-            .map(|e| (e.key().clone(), e.value().rewrite.clone()))
+            .filter(|e| matches!(e.value().method.as_ref(), "tools/call" | "prompts/get" | "resources/read"))
+            .map(|e| (e.key().clone(), e.value().rewrite.clone(), e.value().modern))
             .collect()
     }
 

@@ -216,6 +216,15 @@ impl Router {
             Kind::Request => {
                 let id = env.id.clone().expect("a request has an id");
                 let method = env.method.unwrap_or_default();
+                if self.intercept.is_parked(&id) {
+                    // The upstream still works on a call under this id (waiting for the client's
+                    // answers): a second request with it would be mistaken for it.
+                    let msg = format!(
+                        "invalid request: id {id} is still in use by a call waiting for your answers (retry it with its requestState), use another id"
+                    );
+                    self.client.send(jsonrpc::error_response(Some(&id), code::INVALID_REQUEST, &msg, None)).await;
+                    return;
+                }
                 if let Some(ops) = &self.ops {
                     ops.started(&id, method, env.params);
                 }
@@ -372,10 +381,18 @@ impl Router {
     pub async fn fail_pending(&self, why: &str) {
         let mut orphaned: Vec<String> = self.pending.fail_own().into_iter().map(String::from).collect();
         for (id, req) in self.pending.drain_client() {
-            if let Rewrite::HandedOff { task_id } = req.rewrite {
-                orphaned.push(task_id);
-                continue;
-            }
+            let id = match req.rewrite {
+                Rewrite::HandedOff { task_id } => {
+                    orphaned.push(task_id);
+                    continue;
+                }
+                // A parked call's client waits (if at all) on its retry.
+                Rewrite::Parked { state } => match self.intercept.parked_failed(&state) {
+                    Some(retry) => retry,
+                    None => continue,
+                },
+                _ => id,
+            };
             let msg = format!("the upstream server {why} before answering this `{}` request", req.method);
             let data = serde_json::json!({ "upstream": why });
             self.client

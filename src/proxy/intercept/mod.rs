@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod modern;
+mod mrtr;
 mod sync_clients;
 mod tasks_api;
 
@@ -60,6 +61,12 @@ pub enum Rewrite {
     HandedOff {
         /// The task now holding the work.
         task_id: String,
+    },
+    /// A 2026-07-28 call waiting for its client's answers to the upstream's questions (multi
+    /// round-trip requests): its answer goes to the client's retry.
+    Parked {
+        /// The `requestState` the client retries with.
+        state: String,
     },
     /// A 2026-07-28 call of a client that declared the Tasks extension, on a task tool: answered as
     /// it is if it ends within `task_after_ms`, else it becomes a task (then [`Rewrite::HandedOff`]).
@@ -141,6 +148,10 @@ pub struct Interceptor {
     swallow_initialized: AtomicBool,
     /// 2026-07-28 tasks of this session, with the input requests they wait on.
     modern_tasks: DashMap<String, modern::InputRequests>,
+    /// 2026-07-28 calls waiting for their client's answers, by `requestState`.
+    parked: DashMap<String, mrtr::Parked>,
+    /// The `requestState` of each parked call, by the call's id.
+    parked_calls: DashMap<Id, String>,
 }
 
 impl Interceptor {
@@ -172,6 +183,8 @@ impl Interceptor {
             own_init: tokio::sync::OnceCell::new(),
             swallow_initialized: AtomicBool::new(false),
             modern_tasks: DashMap::new(),
+            parked: DashMap::new(),
+            parked_calls: DashMap::new(),
         })
     }
 
@@ -456,6 +469,7 @@ impl Interceptor {
                 }
                 None
             }
+            Rewrite::Parked { state } => Some(self.parked_answered(&state, result, error)),
             Rewrite::HandedOff { task_id } => {
                 let reply = match (result, error) {
                     (Some(r), _) => Reply::Result(r.to_owned()),
@@ -618,13 +632,10 @@ impl Interceptor {
         }
         let task_id = match self.asking_call() {
             Some(AskingCall::Task(task_id)) => task_id,
-            // A 2026-07-28 call still inside its window asks for input: it becomes a task now, so that
-            // its client can answer through tasks/update.
-            Some(AskingCall::Window { id: call, tool, started }) => {
-                match self.hand_off(&call, &tool, started, sync_clients::HandOff::Task).await {
-                    Some(task_id) => task_id,
-                    None => return ServerRequestRoute::Forward,
-                }
+            // A 2026-07-28 call that is not a task (yet) asks: its client answers through a retry.
+            Some(AskingCall::Modern { id: call, window }) => {
+                self.park_question(&call, window, id, method, params);
+                return ServerRequestRoute::Held;
             }
             None => return ServerRequestRoute::Forward,
         };
@@ -645,17 +656,25 @@ impl Interceptor {
     }
 
     /// Which call a server request belongs to, when that is unambiguous (the upstream's requests carry
-    /// no link to the call that caused them): exactly one call is in flight, and it is a task's or a
-    /// 2026-07-28 call in its task window; a plain call could have asked itself.
+    /// no link to the call that caused them): exactly one call that could ask is in flight. A task's
+    /// question goes to its task; a 2026-07-28 call's to its client's next round; a 2025-11-25 plain
+    /// call's is forwarded as it is.
     fn asking_call(&self) -> Option<AskingCall> {
         let calls = self.pending.client_calls();
         match (self.running.len(), calls.as_slice()) {
             (1, []) => self.running.iter().next().map(|e| AskingCall::Task(e.key().clone())),
-            (0, [(_, Rewrite::HandedOff { task_id })]) if self.modern_tasks.contains_key(task_id) => {
+            (0, [(_, Rewrite::HandedOff { task_id }, _)]) if self.modern_tasks.contains_key(task_id) => {
                 Some(AskingCall::Task(task_id.clone()))
             }
-            (0, [(id, Rewrite::TaskWindow { tool, started })]) => {
-                Some(AskingCall::Window { id: id.clone(), tool: tool.clone(), started: *started })
+            (0, [(id, Rewrite::TaskWindow { tool, .. }, _)]) => {
+                Some(AskingCall::Modern { id: id.clone(), window: Some(tool.clone()) })
+            }
+            (0, [(id, Rewrite::Parked { state }, _)]) => {
+                let window = self.parked.get(state).and_then(|p| p.window());
+                Some(AskingCall::Modern { id: id.clone(), window })
+            }
+            (0, [(id, Rewrite::None | Rewrite::PlainCall, true)]) => {
+                Some(AskingCall::Modern { id: id.clone(), window: None })
             }
             _ => None,
         }
@@ -720,14 +739,12 @@ impl Interceptor {
 enum AskingCall {
     /// A running task's call.
     Task(String),
-    /// A 2026-07-28 call still inside its task window.
-    Window {
-        /// The client's request id.
+    /// A 2026-07-28 call that is not a task.
+    Modern {
+        /// The call's id (as the upstream knows it).
         id: Id,
-        /// The tool called.
-        tool: String,
-        /// When the call was forwarded.
-        started: Instant,
+        /// The tool, for a declared-task call in its window (its retries keep the window).
+        window: Option<String>,
     },
 }
 

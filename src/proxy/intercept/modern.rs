@@ -31,16 +31,30 @@ const DISCOVER_TTL_MS: u64 = 300_000;
 /// The requests a 2026-07-28 task waits on, by key (`inputRequests` in `tasks/get`).
 pub(super) type InputRequests = BTreeMap<String, HeldRequest>;
 
-/// An upstream request held for a 2026-07-28 task's client.
+/// An upstream request held for a 2026-07-28 client (in a task's `inputRequests`, or a plain call's
+/// `input_required` answer).
 pub(super) struct HeldRequest {
     /// The upstream's id for it (its answer goes back under this id).
-    upstream_id: Id,
-    /// `{method, params}`, as `tasks/get` shows it.
-    request: Value,
+    pub(super) upstream_id: Id,
+    /// `{method, params}`, as the client is shown it.
+    pub(super) request: Value,
 }
 
-/// Keys of input requests: never reused, in any task, for the life of the process.
+impl HeldRequest {
+    /// The upstream's request `id`, shown as `{method, params}`.
+    pub(super) fn new(id: &Id, method: &str, params: Option<&RawValue>) -> Self {
+        let params = params.and_then(|p| serde_json::from_str::<Value>(p.get()).ok()).unwrap_or_else(|| json!({}));
+        HeldRequest { upstream_id: id.clone(), request: json!({ "method": method, "params": params }) }
+    }
+}
+
+/// Keys of input requests: never reused, in any task or call, for the life of the process.
 static INPUT_KEYS: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh input request key.
+pub(super) fn input_key() -> String {
+    format!("input-{}", INPUT_KEYS.fetch_add(1, Ordering::Relaxed))
+}
 
 impl Interceptor {
     /// A request of a 2026-07-28 client.
@@ -65,6 +79,18 @@ impl Interceptor {
             }
             "tasks/get" | "tasks/update" | "tasks/cancel" => {
                 return self.on_modern_tasks_method(id, method, params).await;
+            }
+            "tools/call" | "prompts/get" | "resources/read" => {
+                // A retry with answers to a parked call's questions (multi round-trip requests).
+                if let Some(p) = params.filter(|p| p.get().contains("\"requestState\""))
+                    && let Ok(p) = serde_json::from_str::<Map<String, Value>>(p.get())
+                    && let Some(state) = p.get("requestState").and_then(Value::as_str)
+                {
+                    let this = self.clone();
+                    let (id, state, modern) = (id.clone(), state.to_owned(), modern.clone());
+                    tokio::spawn(async move { this.on_retry(&id, &state, &p, &modern).await });
+                    return Decision::Handled;
+                }
             }
             _ => {}
         }
@@ -244,7 +270,7 @@ impl Interceptor {
                 .pending
                 .client_calls()
                 .iter()
-                .any(|(i, r)| *i == id && matches!(r, Rewrite::TaskWindow { .. }));
+                .any(|(i, r, _)| *i == id && matches!(r, Rewrite::TaskWindow { .. }));
             if in_window {
                 this.hand_off(&id, &tool, started, HandOff::Task).await;
             }
@@ -362,12 +388,9 @@ impl Interceptor {
     /// Holds an upstream request for a 2026-07-28 task: the task shows it under a fresh key until its
     /// client answers it with `tasks/update`.
     pub(super) fn hold_input_request(&self, task_id: &str, id: &Id, method: &str, params: Option<&RawValue>) {
-        let key = format!("input-{}", INPUT_KEYS.fetch_add(1, Ordering::Relaxed));
-        let params =
-            params.and_then(|p| serde_json::from_str::<Value>(p.get()).ok()).unwrap_or_else(|| json!({}));
-        let request = json!({ "method": method, "params": params });
+        let key = input_key();
         if let Some(mut held) = self.modern_tasks.get_mut(task_id) {
-            held.insert(key.clone(), HeldRequest { upstream_id: id.clone(), request });
+            held.insert(key.clone(), HeldRequest::new(id, method, params));
         }
         tracing::info!(task_id, key, method, "a 2026-07-28 task waits for input");
         let message = format!("Waiting for the client to answer {method} (tasks/update).");

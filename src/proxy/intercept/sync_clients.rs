@@ -128,6 +128,19 @@ impl Interceptor {
         started: Instant,
         style: HandOff,
     ) -> Option<String> {
+        self.hand_off_as(id, id, tool, started, style).await
+    }
+
+    /// Hands off the upstream call `id`, answering the client's request `reply_to`: the call itself,
+    /// or a 2026-07-28 retry of it after a round of questions.
+    pub(super) async fn hand_off_as(
+        self: &Arc<Self>,
+        id: &Id,
+        reply_to: &Id,
+        tool: &str,
+        started: Instant,
+        style: HandOff,
+    ) -> Option<String> {
         let generation = match style {
             HandOff::Text { modern: false } => Generation::Legacy,
             _ => Generation::Modern,
@@ -153,7 +166,7 @@ impl Interceptor {
         if style == HandOff::Task {
             tracing::info!(%id, tool, task_id = %record.id, waited_ms = started.elapsed().as_millis() as u64, "a 2026-07-28 call became a task");
             self.client
-                .send(jsonrpc::result_response(id, &Value::Object(record.to_created()).to_string()))
+                .send(jsonrpc::result_response(reply_to, &Value::Object(record.to_created()).to_string()))
                 .await;
             return Some(record.id);
         }
@@ -176,7 +189,7 @@ impl Interceptor {
             HandOff::Text { modern: true } => jsonrpc::mark_complete(&result.to_string()),
             _ => result.to_string(),
         };
-        self.client.send(jsonrpc::result_response(id, &body)).await;
+        self.client.send(jsonrpc::result_response(reply_to, &body)).await;
         Some(record.id)
     }
 
