@@ -29,6 +29,10 @@ pub struct FixtureArgs {
     /// Be a raw line echo server instead (byte-exact tests).
     #[arg(long)]
     pub raw: bool,
+    /// Be the conformance suite's upstream instead (`greet`, `slow_compute`, `failing_job`, …; see
+    /// `sim::conformance`).
+    #[arg(long, conflicts_with = "raw")]
+    pub conformance: bool,
     /// Serve Streamable HTTP at http://ADDR/mcp instead of stdio.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<std::net::SocketAddr>,
@@ -259,6 +263,9 @@ impl ServerHandler for Fixture {
 pub async fn run(args: FixtureArgs) -> anyhow::Result<()> {
     if args.raw {
         return raw().await;
+    }
+    if args.conformance {
+        return super::conformance::run(args.http).await;
     }
     if let Some(addr) = args.http {
         return super::serve_http(Fixture::default(), addr).await;

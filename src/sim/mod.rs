@@ -2,9 +2,12 @@
 //!
 //! [`fixture`] is the test upstream (slow, failing, progress-sending, elicitation-asking and crashing
 //! tools) used by the end-to-end tests and the benches; it is reachable as the hidden
-//! `mcp-asyncify test-server` command so tests need only the one binary.
+//! `mcp-asyncify test-server` command so tests need only the one binary. [`conformance`] is the
+//! upstream for the official conformance suite's tasks scenarios (`test-server --conformance`).
 
 pub mod fixture;
+
+pub mod conformance;
 
 /// The Notion simulator: Notion's hosted tools with their async protocol and rate limit.
 pub mod notion;
