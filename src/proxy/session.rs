@@ -222,7 +222,9 @@ impl Router {
                     let msg = format!(
                         "invalid request: id {id} is still in use by a call waiting for your answers (retry it with its requestState), use another id"
                     );
-                    self.client.send(jsonrpc::error_response(Some(&id), code::INVALID_REQUEST, &msg, None)).await;
+                    self.client
+                        .send(jsonrpc::error_response(Some(&id), code::INVALID_REQUEST, &msg, None))
+                        .await;
                     return;
                 }
                 if let Some(ops) = &self.ops {

@@ -43,7 +43,8 @@ pub(super) struct HeldRequest {
 impl HeldRequest {
     /// The upstream's request `id`, shown as `{method, params}`.
     pub(super) fn new(id: &Id, method: &str, params: Option<&RawValue>) -> Self {
-        let params = params.and_then(|p| serde_json::from_str::<Value>(p.get()).ok()).unwrap_or_else(|| json!({}));
+        let params =
+            params.and_then(|p| serde_json::from_str::<Value>(p.get()).ok()).unwrap_or_else(|| json!({}));
         HeldRequest { upstream_id: id.clone(), request: json!({ "method": method, "params": params }) }
     }
 }

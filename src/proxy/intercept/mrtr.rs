@@ -122,7 +122,13 @@ impl Interceptor {
     }
 
     /// A modern request carrying `requestState`: a retry of a parked call, with answers.
-    pub(super) async fn on_retry(self: &Arc<Self>, id: &Id, state: &str, params: &Map<String, Value>, modern: &Modern) {
+    pub(super) async fn on_retry(
+        self: &Arc<Self>,
+        id: &Id,
+        state: &str,
+        params: &Map<String, Value>,
+        modern: &Modern,
+    ) {
         let responses = match params.get("inputResponses") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(r)) => r.clone(),
@@ -135,7 +141,8 @@ impl Interceptor {
         };
         let (answers, now) = {
             let Some(mut p) = self.parked.get_mut(state) else {
-                let msg = "Invalid params: requestState is unknown or expired; send the request again without it";
+                let msg =
+                    "Invalid params: requestState is unknown or expired; send the request again without it";
                 let line = jsonrpc::error_response(Some(id), code::INVALID_PARAMS, msg, None);
                 self.client.send(line).await;
                 return;
@@ -198,7 +205,12 @@ impl Interceptor {
 
     /// The upstream answered a parked call: the waiting request gets the answer, or it is kept for
     /// the retry. Returns the line to send, if any.
-    pub(super) fn parked_answered(&self, state: &str, result: Option<&RawValue>, error: Option<&RawValue>) -> Option<Vec<u8>> {
+    pub(super) fn parked_answered(
+        &self,
+        state: &str,
+        result: Option<&RawValue>,
+        error: Option<&RawValue>,
+    ) -> Option<Vec<u8>> {
         let placeholder = Id::string("parked");
         let answer = match (result, error) {
             (Some(r), _) => jsonrpc::result_response(&placeholder, &jsonrpc::mark_complete(r.get())),
