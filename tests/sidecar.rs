@@ -4,9 +4,9 @@
 mod common;
 
 use common::{BIN, Reply, Served};
+use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 /// The sidecar on a free address, with an HTTP/1.1 client for the tests.
