@@ -265,6 +265,23 @@ fn a_plain_call_that_asks_gets_input_required_and_resumes_on_retry() {
 }
 
 #[test]
+fn questions_that_cannot_be_attributed_end_their_calls_instead_of_hanging() {
+    // Two calls ask at once: the upstream's requests say nothing of which call asked, so neither
+    // can be put to its client; they are refused, and both calls end.
+    let mut p = wrapper(&[]);
+    for id in [1, 2] {
+        p.request(id, "tools/call", modern(json!({"name": "ask", "arguments": {"message": "?"}}), false));
+    }
+    for id in [1, 2] {
+        let r = p.response(id);
+        let refused = r.get("error").is_some() || r["result"]["isError"] == true;
+        let asked = r["result"]["resultType"] == "input_required";
+        assert!(refused || asked, "call {id} ended with a clear answer: {r}");
+    }
+    assert!(p.backlog.iter().all(|l| !l.contains("\"method\":\"elicitation/create\"")));
+}
+
+#[test]
 fn input_gathered_before_the_window_then_a_task() {
     // test_tool_with_task asks for a name, then works for a second: the question comes back as a
     // round of input_required; the retry runs past the window and becomes a task whose result has the

@@ -96,6 +96,29 @@ impl Era {
     }
 }
 
+/// How long a 2026-07-28 client may cache a list the upstream gave (the upstream's changes are not
+/// announced to stateless clients, so not long).
+const LIST_TTL_MS: u64 = 60_000;
+
+/// A 2026-07-28 answer to `method`, from the upstream's result: `resultType: "complete"`, and for the
+/// cacheable results (lists, `resources/read`) `ttlMs` and `cacheScope` when the upstream gave none.
+/// Scoped `private`: what a 2025-11-25 upstream lists may depend on who asks.
+pub fn complete_result(method: &str, result: &str) -> String {
+    let ttl_ms = match method {
+        "tools/list" | "prompts/list" | "resources/list" | "resources/templates/list" => LIST_TTL_MS,
+        // The contents of a resource may change at any time.
+        "resources/read" => 0,
+        _ => return jsonrpc::mark_complete(result),
+    };
+    let Ok(mut r) = serde_json::from_str::<serde_json::Map<String, Value>>(result) else {
+        return result.to_owned();
+    };
+    r.entry("resultType").or_insert_with(|| json!("complete"));
+    r.entry("ttlMs").or_insert_with(|| json!(ttl_ms));
+    r.entry("cacheScope").or_insert_with(|| json!("private"));
+    Value::Object(r).to_string()
+}
+
 /// The -32022 answer to a request for a version the proxy does not serve.
 pub fn unsupported_version(id: Option<&Id>, requested: &str) -> Vec<u8> {
     let data = json!({ "supported": supported_versions(), "requested": requested });

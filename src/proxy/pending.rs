@@ -48,6 +48,9 @@ pub enum OwnWaiter {
 /// Both in-flight tables of one session.
 pub struct Pending {
     client: DashMap<Id, ClientRequest>,
+    /// Client requests given up while the upstream still had them (their task was cancelled): a late
+    /// answer is dropped rather than sent to a client that no longer waits for it.
+    abandoned: DashMap<Id, ()>,
     own: DashMap<Id, OwnWaiter>,
     prefix: String,
     next: AtomicU64,
@@ -58,6 +61,7 @@ impl Pending {
     pub fn new() -> Self {
         Pending {
             client: DashMap::new(),
+            abandoned: DashMap::new(),
             own: DashMap::new(),
             prefix: format!("mcp-asyncify-{}-", uuid::Uuid::new_v4().simple()),
             next: AtomicU64::new(1),
@@ -103,6 +107,22 @@ impl Pending {
     /// Forgets a client request (answered, or cancelled by the client).
     pub fn finish_client(&self, id: &Id) -> Option<ClientRequest> {
         self.client.remove(id).map(|(_, r)| r)
+    }
+
+    /// Gives up a client request the upstream still works on: it no longer counts as in flight, and
+    /// its answer, if one still comes, is dropped.
+    pub fn abandon_client(&self, id: &Id) {
+        if self.client.remove(id).is_some() {
+            if self.abandoned.len() >= 10_000 {
+                self.abandoned.clear(); // upstreams that never answer cancelled calls: stay bounded
+            }
+            self.abandoned.insert(id.clone(), ());
+        }
+    }
+
+    /// Whether an answer is for a request given up (and forgets it).
+    pub fn take_abandoned(&self, id: &Id) -> bool {
+        self.abandoned.remove(id).is_some()
     }
 
     /// Takes every client request still waiting (used when the upstream is gone).

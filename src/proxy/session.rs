@@ -338,7 +338,12 @@ impl Router {
                 if let Some(ops) = &self.ops {
                     ops.upstream_answered(id, env.error.map(crate::telemetry::trace::error_code));
                 }
-                if let Some(req) = self.pending.finish_client(id) {
+                let req = self.pending.finish_client(id);
+                if req.is_none() && self.pending.take_abandoned(id) {
+                    tracing::debug!(%id, "dropped the answer to a call whose task was cancelled");
+                    return;
+                }
+                if let Some(req) = req {
                     let modern = req.modern;
                     if let Some(rewritten) =
                         self.intercept.on_upstream_response(id, req.rewrite, modern, env.result, env.error)
@@ -350,7 +355,8 @@ impl Router {
                     }
                     // A 2026-07-28 answer says it is complete (not a task, not a request for input).
                     if modern && let Some(result) = env.result {
-                        let line = jsonrpc::result_response(id, &jsonrpc::mark_complete(result.get()));
+                        let line =
+                            jsonrpc::result_response(id, &era::complete_result(&req.method, result.get()));
                         drop(env);
                         self.client.send(line).await;
                         return;

@@ -199,7 +199,11 @@ impl TaskRecord {
         let mut m = self.to_modern("complete");
         match (self.modern_status(), &self.outcome) {
             (TaskStatus::Completed, Some(Outcome::Result(raw))) => {
-                let result = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
+                // The original result, as a 2026-07-28 result: it says it is complete.
+                let mut result = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
+                if let Value::Object(r) = &mut result {
+                    r.entry("resultType").or_insert_with(|| Value::String("complete".into()));
+                }
                 m.insert("result".into(), result);
             }
             (TaskStatus::Failed, Some(Outcome::Error(raw))) => {

@@ -146,6 +146,9 @@ pub struct Interceptor {
     own_init: tokio::sync::OnceCell<()>,
     /// The client's own `notifications/initialized` is not forwarded (the proxy sent one already).
     swallow_initialized: AtomicBool,
+    /// The client opened a 2025-11-25 session (`initialize`): it can answer requests from the
+    /// upstream. A 2026-07-28 client never can.
+    legacy_client: AtomicBool,
     /// 2026-07-28 tasks of this session, with the input requests they wait on.
     modern_tasks: DashMap<String, modern::InputRequests>,
     /// 2026-07-28 calls waiting for their client's answers, by `requestState`.
@@ -182,6 +185,7 @@ impl Interceptor {
             discovering: AtomicBool::new(false),
             own_init: tokio::sync::OnceCell::new(),
             swallow_initialized: AtomicBool::new(false),
+            legacy_client: AtomicBool::new(false),
             modern_tasks: DashMap::new(),
             parked: DashMap::new(),
             parked_calls: DashMap::new(),
@@ -220,6 +224,7 @@ impl Interceptor {
         }
         match method {
             "initialize" => {
+                self.legacy_client.store(true, Ordering::Relaxed);
                 if params.and_then(|p| lookup(p.get(), &["capabilities", "tasks"])).is_some() {
                     self.client_speaks_tasks.store(true, Ordering::Relaxed);
                 }
@@ -541,7 +546,7 @@ impl Interceptor {
         }
         drop(facts);
         let body = Value::Object(r).to_string();
-        let body = if modern { jsonrpc::mark_complete(&body) } else { body };
+        let body = if modern { super::era::complete_result("tools/list", &body) } else { body };
         Some(jsonrpc::result_response(id, &body))
     }
 
@@ -637,7 +642,24 @@ impl Interceptor {
                 self.park_question(&call, window, id, method, params);
                 return ServerRequestRoute::Held;
             }
-            None => return ServerRequestRoute::Forward,
+            None if self.legacy_client.load(Ordering::Relaxed) => return ServerRequestRoute::Forward,
+            None => {
+                // Only 2026-07-28 clients here, and they cannot receive requests: refuse it, so that
+                // the call that asked ends instead of waiting forever.
+                let calls = self.pending.client_calls().len() + self.running.len();
+                tracing::warn!(
+                    method,
+                    calls,
+                    "refused a request from the upstream: it cannot be told which call asked (several are in flight), and a 2026-07-28 client cannot be asked directly"
+                );
+                let msg = format!(
+                    "{method} refused by mcp-asyncify: {calls} calls are in flight and the proxy cannot tell which one asked; a 2026-07-28 client can only be asked on behalf of one call at a time"
+                );
+                let this = self.clone();
+                let id = id.clone();
+                tokio::spawn(async move { this.upstream.refuse(&id, code::INTERNAL_ERROR, &msg).await });
+                return ServerRequestRoute::Held;
+            }
         };
         if self.modern_tasks.contains_key(&task_id) {
             self.hold_input_request(&task_id, id, method, params);

@@ -43,8 +43,15 @@ pub(super) struct HeldRequest {
 impl HeldRequest {
     /// The upstream's request `id`, shown as `{method, params}`.
     pub(super) fn new(id: &Id, method: &str, params: Option<&RawValue>) -> Self {
-        let params =
+        let mut params =
             params.and_then(|p| serde_json::from_str::<Value>(p.get()).ok()).unwrap_or_else(|| json!({}));
+        // The upstream's progress token for its own request means nothing to the client.
+        if let Some(meta) = params.get_mut("_meta").and_then(Value::as_object_mut) {
+            meta.remove("progressToken");
+            if meta.is_empty() {
+                params.as_object_mut().map(|p| p.remove("_meta"));
+            }
+        }
         HeldRequest { upstream_id: id.clone(), request: json!({ "method": method, "params": params }) }
     }
 }

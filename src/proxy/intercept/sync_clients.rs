@@ -201,6 +201,8 @@ impl Interceptor {
             task_id,
             Box::new(move || {
                 let Some(this) = this.upgrade() else { return };
+                // The call no longer counts as in flight (nor asks anything of anyone).
+                this.pending.abandon_client(&id);
                 tokio::spawn(async move { this.cancel_upstream(&id, "the task was cancelled").await });
             }),
         );
