@@ -313,6 +313,45 @@ fn input_gathered_before_the_window_then_a_task() {
 }
 
 #[test]
+fn subscriptions_listen_delivers_task_changes_until_cancelled() {
+    let mut p = wrapper(&["--task-after-ms", "0"]);
+    let a = assert_created(&ok(
+        &mut p,
+        1,
+        "tools/call",
+        json!({"name": "slow", "arguments": {"ms": 300, "text": "A"}}),
+    ));
+    let b = assert_created(&ok(
+        &mut p,
+        2,
+        "tools/call",
+        json!({"name": "slow", "arguments": {"ms": 900, "text": "B"}}),
+    ));
+    p.request(
+        "sub-1",
+        "subscriptions/listen",
+        modern(json!({"notifications": {"taskIds": [a, "someone-elses"]}}), true),
+    );
+    let ack =
+        p.next_matching("the acknowledgment", |v| v["method"] == "notifications/subscriptions/acknowledged");
+    assert_eq!(ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "sub-1");
+    assert_eq!(ack["params"]["notifications"]["taskIds"], json!([a]), "only the caller's own tasks: {ack}");
+    let done = p.next_matching("notifications/tasks", |v| {
+        v["method"] == "notifications/tasks" && v["params"]["status"] == "completed"
+    });
+    assert_eq!(done["params"]["taskId"], a);
+    assert_eq!(done["params"]["result"]["content"][0]["text"], "A");
+    assert_eq!(done["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "sub-1");
+    // Cancelled: nothing more on it (task B's end is not announced; it was never asked for anyway).
+    p.notify("notifications/cancelled", json!({"requestId": "sub-1"}));
+    assert_eq!(until_terminal(&mut p, 10, &b)["status"], "completed");
+    assert!(p.drain(Duration::from_millis(200)).iter().all(|l| !l.contains("notifications/tasks\"")));
+    // Listening to tasks needs the extension.
+    let r = ask(&mut p, 3, "subscriptions/listen", json!({"notifications": {"taskIds": [a]}}), false);
+    assert_eq!(r["error"]["code"], -32021, "{r}");
+}
+
+#[test]
 fn requests_without_the_extension_never_get_a_task() {
     let mut p = wrapper(&["--task-after-ms", "0", "--task-tools", "slow,fail", "--task-required", "fail"]);
     let started = Instant::now();
@@ -572,6 +611,41 @@ fn stateless_http_calls_take_their_input_in_rounds() {
     let (status, r2) = s.call(None, json!(1), "tools/call", retry, false);
     assert_eq!(status, 200);
     assert_eq!(r2["result"]["content"][0]["text"], "answer: Grace", "{r2}");
+}
+
+#[test]
+fn a_stateless_subscription_streams_on_its_own_post() {
+    use std::io::{Read, Write};
+    let s = Stateless::start(&["--task-after-ms", "0"]);
+    let created = s.ok(
+        None,
+        json!(1),
+        "tools/call",
+        json!({"name": "slow", "arguments": {"ms": 300, "text": "streamed"}}),
+    );
+    let task_id = assert_created(&created);
+    let body = json!({"jsonrpc": "2.0", "id": 7, "method": "subscriptions/listen", "params": modern(json!({"notifications": {"taskIds": [task_id]}}), true)}).to_string();
+    let mut conn = std::net::TcpStream::connect(&s.served.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMCP-Protocol-Version: {VERSION}\r\nMcp-Method: subscriptions/listen\r\nContent-Length: {}\r\n\r\n",
+        s.served.addr,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(body.as_bytes()).unwrap();
+    let (mut seen, deadline) = (String::new(), Instant::now() + common::WAIT);
+    while !(seen.contains("notifications/tasks\"") && seen.contains("\"completed\"")) {
+        assert!(Instant::now() < deadline, "no notifications/tasks on the stream: {seen}");
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = conn.read(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    assert!(seen.contains("text/event-stream"), "{seen}");
+    assert!(seen.contains("notifications/subscriptions/acknowledged"), "{seen}");
+    assert!(seen.contains("\"io.modelcontextprotocol/subscriptionId\":7"), "the client's own id: {seen}");
+    assert!(seen.contains("streamed"), "the result inline: {seen}");
 }
 
 #[test]

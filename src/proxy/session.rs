@@ -266,6 +266,9 @@ impl Router {
                 // already handed off as a task is not cancelled this way (the spec keeps
                 // notifications/cancelled away from tasks): its response still completes the task.
                 let cancelled = cancelled_request_id(env.params);
+                if cancelled.as_ref().is_some_and(|id| self.intercept.end_subscription(id)) {
+                    return; // a subscription the proxy served; the upstream never saw it
+                }
                 if let Some(id) = &cancelled
                     && let Some(req) = self.pending.finish_client(id)
                 {
@@ -376,8 +379,15 @@ impl Router {
                 }
             }
             Kind::Notification => {
-                if env.method == Some("notifications/progress") {
+                let method = env.method.unwrap_or_default();
+                if method == "notifications/progress" {
                     self.intercept.on_upstream_progress(env.params);
+                } else if let Some(lines) = self.intercept.on_upstream_notification(method, env.params) {
+                    drop(env);
+                    for line in lines {
+                        self.client.send(line).await;
+                    }
+                    return;
                 }
             }
         }

@@ -28,6 +28,7 @@
 #![allow(clippy::result_large_err)]
 
 use super::era::{self, Era};
+use super::intercept::SUBSCRIPTION_ID;
 use super::session::{Router, Session, Shared};
 use crate::config::Config;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
@@ -139,6 +140,12 @@ impl HttpSession {
                     let _ = w.out.send(line);
                     return;
                 }
+                if env.kind == Kind::Notification
+                    && memchr::memmem::find(&line, SUBSCRIPTION_ID.as_bytes()).is_some()
+                    && let Some(subscription) = env.params.and_then(|p| subscription_of(p.get()))
+                {
+                    return self.to_subscriber(&subscription, &line);
+                }
                 let token = (env.method == Some("notifications/progress"))
                     .then(|| env.params.and_then(|p| progress_token(p.get())))
                     .flatten();
@@ -180,6 +187,25 @@ impl HttpSession {
             tracing::warn!(session = %short(&self.id), "dropped a server message: no stream open for 1000 messages");
         }
         backlog.push_back(line);
+    }
+
+    /// A message of a `subscriptions/listen` goes on that request's stream, and nowhere else. When
+    /// the stream is gone, so is the subscription: it is cancelled as if the client had.
+    fn to_subscriber(&self, subscription: &Id, line: &Bytes) {
+        if let Some(w) = self.waiting.get(subscription) {
+            let line = match &w.original {
+                Some(original) => Bytes::from(with_subscription_id(line, original)),
+                None => line.clone(),
+            };
+            if w.out.send(line).is_ok() {
+                return;
+            }
+        }
+        self.waiting.remove(subscription);
+        let params = format!("{{\"requestId\":{},\"reason\":\"the stream closed\"}}", subscription.as_json());
+        let cancel = jsonrpc::notification("notifications/cancelled", Some(&params));
+        let router = self.router.clone();
+        tokio::spawn(async move { router.route_client(cancel).await });
     }
 
     /// The client is done with the session (DELETE, or idle): its HTTP side ends now, but while tasks
@@ -430,6 +456,24 @@ fn upstream_refusal(line: &[u8]) -> Option<(StatusCode, Option<String>)> {
     let status = StatusCode::from_u16(u16::try_from(err.pointer("/data/status")?.as_u64()?).ok()?).ok()?;
     let challenge = err.pointer("/data/www_authenticate").and_then(|c| c.as_str()).map(str::to_owned);
     matches!(status.as_u16(), 401 | 403).then_some((status, challenge))
+}
+
+/// The subscription a notification belongs to (`_meta["io.modelcontextprotocol/subscriptionId"]`).
+fn subscription_of(params: &str) -> Option<Id> {
+    let v: serde_json::Value = serde_json::from_str(params).ok()?;
+    let raw = v.pointer("/_meta")?.get(SUBSCRIPTION_ID)?;
+    let raw = serde_json::value::RawValue::from_string(raw.to_string()).ok()?;
+    Some(Id::from_raw(&raw))
+}
+
+/// A subscription's message with the client's own id for it (stateless requests travel under ours).
+fn with_subscription_id(line: &[u8], original: &Id) -> Vec<u8> {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(line) else { return line.to_vec() };
+    if let Some(meta) = v.pointer_mut("/params/_meta").and_then(|m| m.as_object_mut()) {
+        let id = serde_json::from_str(original.as_json()).unwrap_or(serde_json::Value::Null);
+        meta.insert(SUBSCRIPTION_ID.into(), id);
+    }
+    serde_json::to_vec(&v).unwrap_or_else(|_| line.to_vec())
 }
 
 /// The `progressToken` of a progress notification's params, as JSON text.

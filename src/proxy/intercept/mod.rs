@@ -36,9 +36,11 @@ use std::time::{Duration, Instant};
 
 mod modern;
 mod mrtr;
+mod subscriptions;
 mod sync_clients;
 mod tasks_api;
 
+pub use subscriptions::SUBSCRIPTION_ID;
 pub use sync_clients::{RESULT_TOOL, STATUS_TOOL};
 
 /// What to do with the upstream's response to a client request.
@@ -155,6 +157,8 @@ pub struct Interceptor {
     parked: DashMap<String, mrtr::Parked>,
     /// The `requestState` of each parked call, by the call's id.
     parked_calls: DashMap<Id, String>,
+    /// Open `subscriptions/listen` requests, by id.
+    subscriptions: DashMap<Id, subscriptions::Subscription>,
 }
 
 impl Interceptor {
@@ -189,6 +193,7 @@ impl Interceptor {
             modern_tasks: DashMap::new(),
             parked: DashMap::new(),
             parked_calls: DashMap::new(),
+            subscriptions: DashMap::new(),
         })
     }
 
@@ -732,6 +737,9 @@ impl Interceptor {
                 if event.task.status.is_terminal() {
                     // A 2026-07-28 task that ended waits on nothing any more.
                     this.modern_tasks.remove(&event.task.id);
+                }
+                if event.owner == this.owner {
+                    this.notify_task_subscribers(&event.task).await;
                 }
                 if event.owner != this.owner || !this.client_speaks_tasks.load(Ordering::Relaxed) {
                     continue;

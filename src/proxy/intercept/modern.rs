@@ -111,6 +111,7 @@ impl Interceptor {
                 let result = self.discover_result();
                 self.reply_result(id, &result).await
             }
+            "subscriptions/listen" => self.on_listen(id, params, modern).await,
             "tools/list" => {
                 let first_page = params.and_then(|p| lookup(p.get(), &["cursor"])).is_none();
                 Decision::Forward(Rewrite::ToolsList { first_page })
@@ -388,7 +389,7 @@ impl Interceptor {
     }
 
     /// The input requests a task waits on, as `tasks/get` shows them.
-    fn input_requests_of(&self, task_id: &str) -> Option<Value> {
+    pub(super) fn input_requests_of(&self, task_id: &str) -> Option<Value> {
         let held = self.modern_tasks.get(task_id)?;
         Some(Value::Object(held.iter().map(|(k, h)| (k.clone(), h.request.clone())).collect()))
     }
