@@ -352,6 +352,65 @@ fn subscriptions_listen_delivers_task_changes_until_cancelled() {
 }
 
 #[test]
+fn notion_tasks_reach_a_modern_client() {
+    let mut p = Peer::start(&[
+        "--log-level",
+        "warn",
+        "--",
+        BIN,
+        "notion-sim",
+        "--work-ms",
+        "1500",
+        "--suggested-backoff-ms",
+        "200",
+        "--rate-limit",
+        "0",
+    ]);
+    let created = ok(
+        &mut p,
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "sprint-template"}}),
+    );
+    let task_id = assert_created(&created);
+    let done = until_terminal(&mut p, 10, &task_id);
+    assert_eq!(done["status"], "completed", "{done}");
+    let result = &done["result"];
+    let page = result["structuredContent"]["page"].clone();
+    assert_eq!(page["duplicated_from"], "sprint-template", "{done}");
+    for part in ["content", "structuredContent"] {
+        assert!(!result[part].to_string().contains("async_task"), "no Notion envelope in {part}: {result}");
+    }
+}
+
+#[test]
+fn a_modern_client_without_tasks_still_gets_the_hand_off() {
+    let mut p = wrapper(&["--sync-deadline-ms", "300"]);
+    let started = Instant::now();
+    let r = ask(
+        &mut p,
+        1,
+        "tools/call",
+        json!({"name": "slow", "arguments": {"ms": 1500, "text": "late"}}),
+        false,
+    );
+    assert!(started.elapsed() < Duration::from_millis(1400), "answered at the deadline");
+    let r = r["result"].clone();
+    assert_eq!(r["resultType"], "complete", "{r}");
+    let task_id =
+        r["_meta"]["io.modelcontextprotocol/related-task"]["taskId"].as_str().expect("the task").to_owned();
+    let fetched = ask(
+        &mut p,
+        2,
+        "tools/call",
+        json!({"name": "asyncify_task_result", "arguments": {"taskId": task_id}}),
+        false,
+    );
+    assert_eq!(fetched["result"]["resultType"], "complete", "{fetched}");
+    assert_eq!(fetched["result"]["content"][0]["text"], "late");
+}
+
+#[test]
 fn requests_without_the_extension_never_get_a_task() {
     let mut p = wrapper(&["--task-after-ms", "0", "--task-tools", "slow,fail", "--task-required", "fail"]);
     let started = Instant::now();
