@@ -36,10 +36,14 @@ enum Path {
     Proxy,
     ProxyNoTasks,
     ProxyTelemetry,
+    /// The same calls as a 2026-07-28 client sends them: no handshake, the protocol version and the
+    /// Tasks extension in every request's `_meta` (answered inline: echo finishes inside the window).
+    ProxyModern,
 }
 
 impl Path {
-    const ALL: [Path; 5] = [Path::Direct, Path::Relay, Path::Proxy, Path::ProxyNoTasks, Path::ProxyTelemetry];
+    const ALL: [Path; 6] =
+        [Path::Direct, Path::Relay, Path::Proxy, Path::ProxyNoTasks, Path::ProxyTelemetry, Path::ProxyModern];
 
     fn name(self) -> &'static str {
         match self {
@@ -48,6 +52,7 @@ impl Path {
             Path::Proxy => "mcp-asyncify",
             Path::ProxyNoTasks => "mcp-asyncify --no-tasks",
             Path::ProxyTelemetry => "mcp-asyncify + telemetry",
+            Path::ProxyModern => "mcp-asyncify, 2026-07-28 stateless",
         }
     }
 
@@ -64,7 +69,7 @@ impl Path {
                 c.args(["-c", "cat | \"$0\" --log-level error test-server | cat", BIN]);
                 c
             }
-            Path::Proxy | Path::ProxyNoTasks | Path::ProxyTelemetry => {
+            Path::Proxy | Path::ProxyNoTasks | Path::ProxyTelemetry | Path::ProxyModern => {
                 let mut c = Command::new(BIN);
                 c.args(["--log-level", "error"]);
                 if self == Path::ProxyNoTasks {
@@ -146,7 +151,12 @@ struct Session {
     line: Vec<u8>,
     next_id: u64,
     dog: Arc<Watchdog>,
+    /// Requests carry the 2026-07-28 `_meta` (and there was no handshake).
+    modern: bool,
 }
+
+/// The `_meta` of a 2026-07-28 request that declares the Tasks extension.
+const MODERN_META: &str = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"load-bench","version":"0"},"io.modelcontextprotocol/clientCapabilities":{"extensions":{"io.modelcontextprotocol/tasks":{}}}}"#;
 
 impl Session {
     fn start(path: Path, dog: &Arc<Watchdog>) -> Session {
@@ -161,7 +171,24 @@ impl Session {
         dog.pgid.store(u64::from(child.id()), Ordering::Relaxed);
         let input = child.stdin.take();
         let output = BufReader::with_capacity(256 * 1024, child.stdout.take().unwrap());
-        let mut s = Session { child, input, output, line: Vec::new(), next_id: 1, dog: dog.clone() };
+        let modern = path == Path::ProxyModern;
+        let mut s = Session { child, input, output, line: Vec::new(), next_id: 1, dog: dog.clone(), modern };
+        if modern {
+            // No handshake: the first request (discovery) makes the proxy initialize the upstream.
+            s.write(format!("{{\"jsonrpc\":\"2.0\",\"id\":\"init\",\"method\":\"server/discover\",\"params\":{{{MODERN_META}}}}}\n").as_bytes());
+            loop {
+                s.read_line();
+                if contains(&s.line, br#""id":"init""#) {
+                    break;
+                }
+            }
+            assert!(
+                contains(&s.line, b"supportedVersions"),
+                "discover failed: {}",
+                String::from_utf8_lossy(&s.line)
+            );
+            return s;
+        }
         s.write(
             br#"{"jsonrpc":"2.0","id":"init","method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"load-bench","version":"0"}}}
 "#,
@@ -223,10 +250,11 @@ impl Session {
         self.next_id += count as u64;
         let text = "abcdefghijklmnopqrstuvwxyz0123456789".repeat(TEXT_LEN / 36 + 1);
         let text = &text[..TEXT_LEN];
+        let meta = if self.modern { format!(",{MODERN_META}") } else { String::new() };
         let requests: Vec<Vec<u8>> = (0..count as u64)
             .map(|i| {
                 format!(
-                    "{{\"jsonrpc\":\"2.0\",\"id\":{},\"method\":\"tools/call\",\"params\":{{\"name\":\"echo\",\"arguments\":{{\"text\":\"{text}\"}}}}}}\n",
+                    "{{\"jsonrpc\":\"2.0\",\"id\":{},\"method\":\"tools/call\",\"params\":{{\"name\":\"echo\",\"arguments\":{{\"text\":\"{text}\"}}{meta}}}}}\n",
                     first + i
                 )
                 .into_bytes()
@@ -425,6 +453,13 @@ fn main() {
         "telemetry on (Prometheus + OTLP metrics and traces) vs off: p50 at 1 in flight {:.2}×, throughput at 64 in flight {:.2}× (goal: cost under 5 %)",
         p50_of(Path::ProxyTelemetry) / p50_of(Path::Proxy),
         median(Path::ProxyTelemetry, 64).rate / median(Path::Proxy, 64).rate
+    );
+    println!(
+        "2026-07-28 stateless vs 2025-11-25 session through the proxy: p50 at 1 in flight {:.2}×, throughput at 64 in flight {:.2}× (vs direct: p50 {:.2}×, throughput {:.2}×)",
+        p50_of(Path::ProxyModern) / p50_of(Path::Proxy),
+        median(Path::ProxyModern, 64).rate / median(Path::Proxy, 64).rate,
+        p50_of(Path::ProxyModern) / p50_of(Path::Direct),
+        median(Path::ProxyModern, 64).rate / median(Path::Direct, 64).rate
     );
     println!("(bench took {:.0} s)", started.elapsed().as_secs_f64());
 }
