@@ -99,6 +99,11 @@ impl Pending {
         }
     }
 
+    /// What will be done with a pending request's response (`None`: it is not pending).
+    pub fn rewrite_of(&self, id: &Id) -> Option<Rewrite> {
+        self.client.get(id).map(|r| r.rewrite.clone())
+    }
+
     /// Whether a client request is still waiting for the upstream.
     pub fn is_client_pending(&self, id: &Id) -> bool {
         self.client.contains_key(id)

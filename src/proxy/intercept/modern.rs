@@ -275,11 +275,7 @@ impl Interceptor {
         let started = Instant::now();
         tokio::spawn(async move {
             tokio::time::sleep(window).await;
-            let in_window = this
-                .pending
-                .client_calls()
-                .iter()
-                .any(|(i, r, _)| *i == id && matches!(r, Rewrite::TaskWindow { .. }));
+            let in_window = matches!(this.pending.rewrite_of(&id), Some(Rewrite::TaskWindow { .. }));
             if in_window {
                 this.hand_off(&id, &tool, started, HandOff::Task).await;
             }
