@@ -151,6 +151,8 @@ pub struct Interceptor {
     /// The client opened a 2025-11-25 session (`initialize`): it can answer requests from the
     /// upstream. A 2026-07-28 client never can.
     legacy_client: AtomicBool,
+    /// The client sent 2026-07-28 requests.
+    modern_client: AtomicBool,
     /// 2026-07-28 tasks of this session, with the input requests they wait on.
     modern_tasks: DashMap<String, modern::InputRequests>,
     /// 2026-07-28 calls waiting for their client's answers, by `requestState`.
@@ -190,6 +192,7 @@ impl Interceptor {
             own_init: tokio::sync::OnceCell::new(),
             swallow_initialized: AtomicBool::new(false),
             legacy_client: AtomicBool::new(false),
+            modern_client: AtomicBool::new(false),
             modern_tasks: DashMap::new(),
             parked: DashMap::new(),
             parked_calls: DashMap::new(),
@@ -225,6 +228,7 @@ impl Interceptor {
             return Decision::Forward(Rewrite::None);
         }
         if let Era::Modern(modern) = era {
+            self.modern_client.store(true, Ordering::Relaxed);
             return self.on_modern_request(id, method, params, modern).await;
         }
         match method {
@@ -647,7 +651,13 @@ impl Interceptor {
                 self.park_question(&call, window, id, method, params);
                 return ServerRequestRoute::Held;
             }
-            None if self.legacy_client.load(Ordering::Relaxed) => return ServerRequestRoute::Forward,
+            // A client that opened a session, or that never said which generation it speaks (a bare
+            // client), gets the request as it is.
+            None if self.legacy_client.load(Ordering::Relaxed)
+                || !self.modern_client.load(Ordering::Relaxed) =>
+            {
+                return ServerRequestRoute::Forward;
+            }
             None => {
                 // Only 2026-07-28 clients here, and they cannot receive requests: refuse it, so that
                 // the call that asked ends instead of waiting forever.
