@@ -195,6 +195,24 @@ pub struct ProxyConfig {
     /// After the client goes away (or on SIGINT/SIGTERM), how long the upstream gets to exit by itself
     /// once its stdin is closed, before it is sent SIGTERM (and SIGKILL after the same time again).
     pub shutdown_grace_ms: u64,
+    /// Which generation the upstream speaks: 2025-11-25 (`legacy`), 2026-07-28 (`modern`), or found
+    /// out with `server/discover` when the proxy opens the conversation (`auto`).
+    pub upstream_protocol: UpstreamProtocol,
+}
+
+/// How the proxy speaks to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// 2025-11-25: one `initialize`d session (the client's, or the proxy's own for a 2026-07-28
+    /// client).
+    #[default]
+    Legacy,
+    /// 2026-07-28: stateless requests with per-request `_meta`; never `initialize`.
+    Modern,
+    /// `server/discover` first when the proxy opens the conversation; `initialize` on an error or no
+    /// answer. (Some 2025-11-25 stdio servers exit when the first message is not `initialize`.)
+    Auto,
 }
 
 /// `[log]`: logging to stderr.
@@ -219,7 +237,11 @@ pub enum LogFormat {
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { max_message_bytes: 16 * 1024 * 1024, shutdown_grace_ms: 3000 }
+        ProxyConfig {
+            max_message_bytes: 16 * 1024 * 1024,
+            shutdown_grace_ms: 3000,
+            upstream_protocol: UpstreamProtocol::Legacy,
+        }
     }
 }
 
@@ -243,6 +265,8 @@ pub struct Overrides {
     pub max_message_bytes: Option<usize>,
     /// `--shutdown-grace-ms` / `MCP_ASYNCIFY_SHUTDOWN_GRACE_MS`.
     pub shutdown_grace_ms: Option<u64>,
+    /// `--upstream-protocol` / `MCP_ASYNCIFY_UPSTREAM_PROTOCOL`.
+    pub upstream_protocol: Option<UpstreamProtocol>,
     /// `--sync-deadline-ms` / `MCP_ASYNCIFY_SYNC_DEADLINE_MS`.
     pub sync_deadline_ms: Option<u64>,
     /// `--task-tools` / `MCP_ASYNCIFY_TASK_TOOLS` (comma-separated).
@@ -367,6 +391,9 @@ impl Config {
         }
         if let Some(v) = o.shutdown_grace_ms {
             self.proxy.shutdown_grace_ms = v;
+        }
+        if let Some(v) = o.upstream_protocol {
+            self.proxy.upstream_protocol = v;
         }
         if let Some(v) = o.sync_deadline_ms {
             self.tasks.sync_deadline_ms = v;

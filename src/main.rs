@@ -51,6 +51,11 @@ struct CommonArgs {
     #[arg(long, global = true, env = "MCP_ASYNCIFY_SHUTDOWN_GRACE_MS", value_name = "MS")]
     shutdown_grace_ms: Option<u64>,
 
+    /// Which protocol generation the upstream speaks: legacy (2025-11-25), modern (2026-07-28), or auto
+    /// (probe with server/discover) [default: legacy].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_UPSTREAM_PROTOCOL", value_enum, value_name = "GEN")]
+    upstream_protocol: Option<mcp_asyncify::config::UpstreamProtocol>,
+
     /// Tools that may run as tasks, by name or glob, comma-separated [default: *].
     #[arg(long, global = true, env = "MCP_ASYNCIFY_TASK_TOOLS", value_name = "GLOBS", value_delimiter = ',')]
     task_tools: Option<Vec<String>>,
@@ -133,6 +138,7 @@ fn main() {
         log_format: cli.common.log_format,
         max_message_bytes: cli.common.max_message_bytes,
         shutdown_grace_ms: cli.common.shutdown_grace_ms,
+        upstream_protocol: cli.common.upstream_protocol,
         sync_deadline_ms: cli.common.sync_deadline_ms,
         task_tools: cli.common.task_tools.clone(),
         task_after_ms: cli.common.task_after_ms,

@@ -495,6 +495,89 @@ fn a_legacy_handshake_after_a_modern_probe_gets_the_same_upstream() {
     assert!(result.get("resultType").is_none(), "legacy answers are unchanged: {result}");
 }
 
+/// The proxy with `--upstream-protocol GEN` in front of a 2026-07-28 upstream that runs tasks itself
+/// (a second mcp-asyncify with a 200 ms task window, in front of the fixture).
+fn in_front_of_a_modern_upstream(protocol: &str) -> Peer {
+    Peer::start(&[
+        "--log-level",
+        "warn",
+        "--upstream-protocol",
+        protocol,
+        "--",
+        BIN,
+        "--log-level",
+        "warn",
+        "--task-after-ms",
+        "200",
+        "--",
+        BIN,
+        "test-server",
+    ])
+}
+
+#[test]
+fn a_modern_upstreams_own_tasks_pass_through_to_modern_clients() {
+    let mut p = in_front_of_a_modern_upstream("auto");
+    let d = ok(&mut p, 1, "server/discover", json!({}));
+    assert_eq!(d["capabilities"]["extensions"][EXT], json!({}));
+    assert!(d["supportedVersions"].as_array().unwrap().contains(&json!("2025-11-25")), "{d}");
+    // The upstream decides: its task (its id, its window) reaches the client untouched.
+    let created =
+        ok(&mut p, 2, "tools/call", json!({"name": "slow", "arguments": {"ms": 800, "text": "theirs"}}));
+    let task_id = assert_created(&created);
+    let done = until_terminal(&mut p, 10, &task_id);
+    assert_eq!(done["result"]["content"][0]["text"], "theirs", "{done}");
+    // Its input rounds too: the requestState is the upstream's, and the retry goes to it.
+    let r1 = ask(&mut p, 3, "tools/call", json!({"name": "ask", "arguments": {"message": "Name?"}}), false);
+    let r1 = r1["result"].clone();
+    assert_eq!(r1["resultType"], "input_required", "{r1}");
+    let key = r1["inputRequests"].as_object().unwrap().keys().next().unwrap().clone();
+    let retry = json!({"name": "ask", "arguments": {"message": "Name?"}, "inputResponses": {key: {"action": "accept", "content": {"answer": "Lin"}}}, "requestState": r1["requestState"]});
+    let r2 = ask(&mut p, 4, "tools/call", retry, false);
+    assert_eq!(r2["result"]["content"][0]["text"], "answer: Lin", "{r2}");
+}
+
+#[test]
+fn a_legacy_client_reaches_a_modern_upstream() {
+    let mut p = in_front_of_a_modern_upstream("modern");
+    // The handshake is answered from the upstream's discovery, with the proxy's 2025-11-25 tasks.
+    let init = p.initialize(json!({"tasks": {}}));
+    assert_eq!(init["protocolVersion"], "2025-11-25");
+    assert!(init["capabilities"]["tasks"]["requests"]["tools"]["call"].is_object(), "{init}");
+    assert_eq!(init["serverInfo"]["name"], "asyncify-fixture");
+    // Requests reach it with the per-request metadata it needs.
+    assert_eq!(
+        p.ok(2, "tools/call", json!({"name": "echo", "arguments": {"text": "hi"}}))["content"][0]["text"],
+        "hi"
+    );
+    let r = p.ok(3, "tools/call", json!({"name": "slow", "arguments": {"ms": 300}, "task": {}}));
+    let task_id = r["task"]["taskId"].as_str().unwrap().to_owned();
+    assert_eq!(p.ok(4, "tasks/result", json!({"taskId": task_id}))["content"][0]["text"], "slept 300 ms");
+}
+
+#[test]
+fn auto_falls_back_to_initialize_when_discovery_is_not_understood() {
+    // The raw fixture answers every request with its params: no supportedVersions, so 2025-11-25.
+    let mut p = Peer::start(&[
+        "--log-level",
+        "warn",
+        "--upstream-protocol",
+        "auto",
+        "--",
+        BIN,
+        "test-server",
+        "--raw",
+    ]);
+    let d = ok(&mut p, 1, "server/discover", json!({}));
+    assert_eq!(d["capabilities"]["extensions"][EXT], json!({}), "{d}");
+    let r = ok(&mut p, 2, "raw/echo", json!({"x": 1}));
+    assert_eq!(r["x"], 1);
+    assert!(
+        r["_meta"]["io.modelcontextprotocol/protocolVersion"] == VERSION,
+        "the client's own request, forwarded: {r}"
+    );
+}
+
 /// A header to set (`Some`) or remove (`None`).
 type HeaderTweak<'a> = (&'a str, Option<&'a str>);
 

@@ -119,6 +119,32 @@ pub fn complete_result(method: &str, result: &str) -> String {
     Value::Object(r).to_string()
 }
 
+/// The `_meta` the proxy sends with its own requests to a 2026-07-28 upstream (and adds to a 2025-11-25
+/// client's requests it forwards there): the version, who asks, and the client capabilities a
+/// 2025-11-25 upstream would have been told at `initialize` (elicitation, sampling).
+pub fn proxy_meta() -> Value {
+    json!({
+        META_VERSION: MODERN_VERSION,
+        "io.modelcontextprotocol/clientInfo": { "name": "mcp-asyncify", "version": env!("CARGO_PKG_VERSION") },
+        META_CAPABILITIES: { "elicitation": {}, "sampling": {} },
+    })
+}
+
+/// Raw params with the proxy's `_meta` merged in (keys already there win): how a request the proxy
+/// sends or forwards reaches a 2026-07-28 upstream.
+pub fn with_proxy_meta(params: Option<&str>) -> String {
+    let mut p = params
+        .and_then(|p| serde_json::from_str::<serde_json::Map<String, Value>>(p).ok())
+        .unwrap_or_default();
+    let meta = p.entry("_meta").or_insert_with(|| json!({}));
+    if let (Some(meta), Value::Object(ours)) = (meta.as_object_mut(), proxy_meta()) {
+        for (k, v) in ours {
+            meta.entry(k).or_insert(v);
+        }
+    }
+    Value::Object(p).to_string()
+}
+
 /// The -32022 answer to a request for a version the proxy does not serve.
 pub fn unsupported_version(id: Option<&Id>, requested: &str) -> Vec<u8> {
     let data = json!({ "supported": supported_versions(), "requested": requested });

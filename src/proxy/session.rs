@@ -87,6 +87,7 @@ impl Session {
             upstream,
             pending.clone(),
             notion,
+            config.proxy.upstream_protocol,
         );
         intercept.spawn_status_notifier();
         let router = Arc::new(Router::new(
@@ -249,6 +250,9 @@ impl Router {
                 if !self.pending.track_client(id.clone(), method, rewrite, era.is_modern()) {
                     tracing::warn!(%id, method, "the client reused the id of a request still in flight");
                 }
+                // A 2025-11-25 client's request to a 2026-07-28 upstream gets the per-request `_meta`.
+                let replaced = replaced
+                    .or_else(|| (!era.is_modern()).then(|| self.intercept.to_upstream_line(&env)).flatten());
                 if let Some(line) = replaced {
                     drop(env);
                     self.upstream.send(line).await;

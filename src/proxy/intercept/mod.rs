@@ -21,6 +21,7 @@
 use super::era::Era;
 use super::pending::{Pending, Reply};
 use super::upstream::{Upstream, UpstreamError};
+use crate::config::UpstreamProtocol;
 use crate::jsonrpc::{self, Id, code};
 use crate::notion::adapter::NotionAdapter;
 use crate::tasks::engine::TaskEngine;
@@ -114,10 +115,16 @@ struct UpstreamFacts {
     has_tools: bool,
     /// The upstream's `initialize` result (whoever initialized it), for `server/discover`.
     initialized: Option<Map<String, Value>>,
+    /// A 2026-07-28 upstream: its `server/discover` result.
+    discovered: Option<Map<String, Value>>,
+    /// The 2026-07-28 upstream runs tasks itself (declares the Tasks extension).
+    upstream_tasks: bool,
 }
 
 /// The task-aware interception of one session.
 pub struct Interceptor {
+    /// What the upstream speaks (as configured; `Auto` is settled by the probe, in `facts`).
+    upstream_protocol: UpstreamProtocol,
     engine: Arc<TaskEngine>,
     owner: String,
     client: LineSink,
@@ -153,6 +160,8 @@ pub struct Interceptor {
     legacy_client: AtomicBool,
     /// The client sent 2026-07-28 requests.
     modern_client: AtomicBool,
+    /// The upstream speaks 2026-07-28 (found by discovery).
+    modern_upstream: AtomicBool,
     /// 2026-07-28 tasks of this session, with the input requests they wait on.
     modern_tasks: DashMap<String, modern::InputRequests>,
     /// 2026-07-28 calls waiting for their client's answers, by `requestState`.
@@ -172,8 +181,10 @@ impl Interceptor {
         upstream: Upstream,
         pending: Arc<Pending>,
         notion: Arc<NotionAdapter>,
+        upstream_protocol: UpstreamProtocol,
     ) -> Arc<Self> {
         Arc::new(Interceptor {
+            upstream_protocol,
             engine,
             owner,
             client,
@@ -193,6 +204,7 @@ impl Interceptor {
             swallow_initialized: AtomicBool::new(false),
             legacy_client: AtomicBool::new(false),
             modern_client: AtomicBool::new(false),
+            modern_upstream: AtomicBool::new(false),
             modern_tasks: DashMap::new(),
             parked: DashMap::new(),
             parked_calls: DashMap::new(),
@@ -237,10 +249,18 @@ impl Interceptor {
                 if params.and_then(|p| lookup(p.get(), &["capabilities", "tasks"])).is_some() {
                     self.client_speaks_tasks.store(true, Ordering::Relaxed);
                 }
+                if self.upstream_protocol != UpstreamProtocol::Legacy {
+                    // The proxy opens the conversation itself, to learn what the upstream speaks.
+                    if let Err(why) = self.ensure_initialized().await {
+                        let msg = format!("The upstream server could not be initialized: {why}");
+                        return self.reply_error(id, code::INTERNAL_ERROR, &msg).await;
+                    }
+                }
                 if self.own_init.initialized() {
-                    // The proxy already initialized the upstream for a 2026-07-28 request: answer from
-                    // what it said, rather than initializing it twice.
-                    return self.reinitialize(id).await;
+                    // The proxy already opened the conversation with the upstream (for a 2026-07-28
+                    // request, or to find out what it speaks): answer from what it said, rather than
+                    // initializing it twice.
+                    return self.reinitialize(id, params).await;
                 }
                 Decision::Forward(Rewrite::Initialize)
             }
@@ -371,6 +391,7 @@ impl Interceptor {
     /// [`Self::task_call_answered`], and cancelling the task cancels the call upstream.
     async fn start_local_task(self: &Arc<Self>, task_id: &str, params: &str) {
         self.running.insert(task_id.to_owned(), ());
+        let params = &self.for_upstream(params);
         match self.upstream.send_for_task("tools/call", params, task_id).await {
             Ok(request_id) => {
                 let this = Arc::downgrade(self);
@@ -588,6 +609,7 @@ impl Interceptor {
             for _ in 0..100 {
                 let params =
                     cursor.as_ref().map_or_else(|| "{}".to_owned(), |c| json!({ "cursor": c }).to_string());
+                let params = this.for_upstream(&params);
                 let page = match this
                     .upstream
                     .request("tools/list", Some(&params), Some(Duration::from_secs(30)))

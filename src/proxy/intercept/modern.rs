@@ -13,6 +13,7 @@
 
 use super::sync_clients::{HandOff, RESULT_TOOL, STATUS_TOOL, era_result};
 use super::{Decision, Interceptor, Rewrite, lookup};
+use crate::config::UpstreamProtocol;
 use crate::jsonrpc::{self, Id, code};
 use crate::proxy::era::{self, Modern};
 use crate::proxy::pending::Reply;
@@ -27,6 +28,38 @@ use std::time::{Duration, Instant};
 
 /// How long a DiscoverResult may be cached by the client.
 const DISCOVER_TTL_MS: u64 = 300_000;
+/// How long the probe of a possibly 2026-07-28 upstream waits for `server/discover` (the spec's
+/// fallback: no answer means 2025-11-25).
+const DISCOVER_PROBE: Duration = Duration::from_secs(3);
+
+/// The 2025-11-25 `initialize` result a 2026-07-28 upstream would have given, from its
+/// `server/discover` result: the client's version when the proxy serves it, the upstream's
+/// capabilities, server info and instructions.
+fn legacy_initialize_result(
+    discovered: &Map<String, Value>,
+    params: Option<&RawValue>,
+) -> Map<String, Value> {
+    let requested = params
+        .and_then(|p| lookup(p.get(), &["protocolVersion"]))
+        .and_then(|v| v.as_str().map(str::to_owned));
+    let version = requested
+        .filter(|v| era::LEGACY_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| era::LEGACY_VERSIONS[0].to_owned());
+    let mut caps = discovered.get("capabilities").and_then(Value::as_object).cloned().unwrap_or_default();
+    caps.remove("extensions");
+    let mut result = Map::new();
+    result.insert("protocolVersion".into(), json!(version));
+    result.insert("capabilities".into(), Value::Object(caps));
+    let info = discovered.get("_meta").and_then(|m| m.get(era::META_SERVER_INFO)).cloned();
+    result.insert(
+        "serverInfo".into(),
+        info.unwrap_or_else(|| json!({ "name": "mcp-asyncify", "version": env!("CARGO_PKG_VERSION") })),
+    );
+    if let Some(instructions) = discovered.get("instructions") {
+        result.insert("instructions".into(), instructions.clone());
+    }
+    result
+}
 
 /// The requests a 2026-07-28 task waits on, by key (`inputRequests` in `tasks/get`).
 pub(super) type InputRequests = BTreeMap<String, HeldRequest>;
@@ -93,6 +126,8 @@ impl Interceptor {
                 if let Some(p) = params.filter(|p| p.get().contains("\"requestState\""))
                     && let Ok(p) = serde_json::from_str::<Map<String, Value>>(p.get())
                     && let Some(state) = p.get("requestState").and_then(Value::as_str)
+                    // A 2026-07-28 upstream's own rounds are its business.
+                    && !(self.modern_upstream.load(Ordering::Relaxed) && !self.parked.contains_key(state))
                 {
                     let this = self.clone();
                     let (id, state, modern) = (id.clone(), state.to_owned(), modern.clone());
@@ -122,12 +157,28 @@ impl Interceptor {
     }
 
     /// Initializes the upstream on the proxy's own behalf, once, unless a client's `initialize` did.
-    async fn ensure_initialized(self: &Arc<Self>) -> Result<(), String> {
+    pub(super) async fn ensure_initialized(self: &Arc<Self>) -> Result<(), String> {
         if self.facts().initialized.is_some() && !self.own_init.initialized() {
             return Ok(()); // a legacy client initialized it on this session
         }
         self.own_init
             .get_or_try_init(|| async {
+                if self.upstream_protocol != UpstreamProtocol::Legacy {
+                    match self.discover_upstream().await {
+                        Ok(()) => return Ok(()),
+                        Err(why) if self.upstream_protocol == UpstreamProtocol::Modern => {
+                            return Err(format!(
+                                "it does not answer server/discover as a 2026-07-28 server: {why}"
+                            ));
+                        }
+                        Err(why) => {
+                            tracing::info!(
+                                why,
+                                "the upstream does not speak 2026-07-28; initializing it as 2025-11-25"
+                            );
+                        }
+                    }
+                }
                 let params = json!({
                     "protocolVersion": era::LEGACY_VERSIONS[0],
                     "capabilities": { "elicitation": {}, "sampling": {} },
@@ -153,12 +204,85 @@ impl Interceptor {
             .map(|_| ())
     }
 
-    /// A 2025-11-25 `initialize` after the proxy initialized the upstream itself: answered from what the
-    /// upstream said then (tasks added as usual), and the client's `notifications/initialized` is kept
-    /// back, so the upstream sees one handshake.
-    pub(super) async fn reinitialize(&self, id: &Id) -> Decision {
-        let Some(result) = self.facts().initialized.clone() else {
-            return Decision::Forward(Rewrite::Initialize);
+    /// Asks the upstream `server/discover`: a 2026-07-28 upstream answers with the versions it
+    /// supports, and is then spoken to statelessly (its own requests and the forwarded ones carry the
+    /// per-request `_meta`; it is never sent `initialize`).
+    async fn discover_upstream(self: &Arc<Self>) -> Result<(), String> {
+        let params = json!({ "_meta": era::proxy_meta() }).to_string();
+        let reply = self
+            .upstream
+            .request("server/discover", Some(&params), Some(DISCOVER_PROBE))
+            .await
+            .map_err(|e| e.to_string())?;
+        let result = match reply {
+            Reply::Result(raw) => serde_json::from_str::<Map<String, Value>>(raw.get())
+                .map_err(|e| format!("its answer is not an object ({e})"))?,
+            Reply::Error(e) => return Err(format!("it answered {}", e.get())),
+        };
+        let versions = result.get("supportedVersions").and_then(Value::as_array);
+        if !versions.is_some_and(|v| v.iter().any(|v| v == era::MODERN_VERSION)) {
+            return Err(format!("its supportedVersions do not include {}", era::MODERN_VERSION));
+        }
+        let caps = result.get("capabilities").and_then(Value::as_object).cloned().unwrap_or_default();
+        {
+            let mut facts = self.facts();
+            facts.has_tools = caps.contains_key("tools");
+            facts.upstream_tasks = caps
+                .get("extensions")
+                .and_then(|e| e.get(era::TASKS_EXTENSION))
+                .is_some_and(Value::is_object);
+            facts.discovered = Some(result);
+        }
+        self.modern_upstream.store(true, Ordering::Relaxed);
+        tracing::info!("the upstream speaks 2026-07-28; its requests go statelessly");
+        self.on_initialized();
+        Ok(())
+    }
+
+    /// Whether the upstream speaks 2026-07-28 (found by discovery).
+    pub fn upstream_is_modern(&self) -> bool {
+        self.modern_upstream.load(Ordering::Relaxed)
+    }
+
+    /// Whether a 2026-07-28 upstream runs tasks itself: then its tasks, not the proxy's, reach
+    /// 2026-07-28 clients.
+    pub(super) fn upstream_runs_tasks(&self) -> bool {
+        let facts = self.facts();
+        facts.discovered.is_some() && facts.upstream_tasks
+    }
+
+    /// Params for a request to the upstream: with the per-request `_meta` of 2026-07-28 when the
+    /// upstream speaks it and they have none.
+    pub(super) fn for_upstream(&self, params: &str) -> String {
+        if !self.upstream_is_modern() || params.contains(era::META_VERSION) {
+            return params.to_owned();
+        }
+        era::with_proxy_meta(Some(params))
+    }
+
+    /// A 2025-11-25 client's request on its way to a 2026-07-28 upstream, with the `_meta` it needs
+    /// (`None`: send it as it is).
+    pub fn to_upstream_line(&self, env: &jsonrpc::Envelope<'_>) -> Option<Vec<u8>> {
+        let id = env.id.as_ref()?;
+        if !self.upstream_is_modern() || env.params.is_some_and(|p| p.get().contains(era::META_VERSION)) {
+            return None;
+        }
+        let params = era::with_proxy_meta(env.params.map(RawValue::get));
+        Some(jsonrpc::request(id, env.method?, Some(&params)))
+    }
+
+    /// A 2025-11-25 `initialize` when the proxy has opened the conversation with the upstream itself
+    /// (for a 2026-07-28 client, or to find out what it speaks): answered from what the upstream said
+    /// (its `initialize` result, or its `server/discover` result), with tasks added as usual; the
+    /// client's `notifications/initialized` is kept back, so the upstream sees one handshake.
+    pub(super) async fn reinitialize(&self, id: &Id, params: Option<&RawValue>) -> Decision {
+        let result = {
+            let facts = self.facts();
+            match (&facts.initialized, &facts.discovered) {
+                (Some(init), _) => init.clone(),
+                (None, Some(discovered)) => legacy_initialize_result(discovered, params),
+                (None, None) => return Decision::Forward(Rewrite::Initialize),
+            }
         };
         let raw = RawValue::from_string(Value::Object(result).to_string()).expect("valid JSON");
         self.swallow_initialized.store(true, Ordering::Relaxed);
@@ -177,6 +301,21 @@ impl Interceptor {
     /// `server/discover`: the upstream's capabilities (never the legacy `tasks`), plus the Tasks
     /// extension, its server info and instructions, and every version the proxy serves.
     fn discover_result(&self) -> Value {
+        if let Some(discovered) = self.facts().discovered.clone() {
+            // A 2026-07-28 upstream's own answer, with the Tasks extension the proxy offers and every
+            // version it serves.
+            let mut result = Value::Object(discovered);
+            result["supportedVersions"] = json!(era::supported_versions());
+            result["resultType"] = json!("complete");
+            if !result["capabilities"].is_object() {
+                result["capabilities"] = json!({});
+            }
+            if !result["capabilities"]["extensions"].is_object() {
+                result["capabilities"]["extensions"] = json!({});
+            }
+            result["capabilities"]["extensions"][era::TASKS_EXTENSION] = json!({});
+            return result;
+        }
         let init = self.facts().initialized.clone().unwrap_or_default();
         let mut caps = init.get("capabilities").and_then(Value::as_object).cloned().unwrap_or_default();
         caps.remove("tasks");
@@ -237,6 +376,11 @@ impl Interceptor {
             let id = id.clone();
             tokio::spawn(async move { this.run_handoff_tool(&id, &tool, call.get("arguments"), true).await });
             return Decision::Handled;
+        }
+        if self.upstream_runs_tasks() {
+            // A 2026-07-28 upstream with tasks of its own decides itself; its tasks pass untouched.
+            self.notion.note_client_call();
+            return forward(Rewrite::None);
         }
         self.tools_known().await;
         let native = self.facts().native_tools.contains(&tool);
@@ -351,6 +495,9 @@ impl Interceptor {
         };
         let not_found = || format!("Task not found: {task_id:?} is unknown or expired");
         let Some(record) = self.engine.get(&self.owner, task_id) else {
+            if self.upstream_runs_tasks() {
+                return Decision::Forward(Rewrite::None); // the upstream's own task
+            }
             return self.reply_error(id, code::INVALID_PARAMS, &not_found()).await;
         };
         let ack = json!({ "resultType": "complete" });

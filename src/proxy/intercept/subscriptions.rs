@@ -59,6 +59,9 @@ impl Interceptor {
                 .filter(|t| self.engine.get(&self.owner, t).is_some())
                 .map(str::to_owned)
                 .collect();
+            if mine.is_empty() && self.upstream_runs_tasks() {
+                return Decision::Forward(super::Rewrite::None); // the upstream's own tasks
+            }
             granted.insert("taskIds".into(), json!(mine));
             subscription.task_ids = mine.into_iter().collect();
         }
