@@ -127,7 +127,7 @@ impl Interceptor {
                     && let Ok(p) = serde_json::from_str::<Map<String, Value>>(p.get())
                     && let Some(state) = p.get("requestState").and_then(Value::as_str)
                     // A 2026-07-28 upstream's own rounds are its business.
-                    && !(self.modern_upstream.load(Ordering::Relaxed) && !self.parked.contains_key(state))
+                    && (!self.modern_upstream.load(Ordering::Relaxed) || self.parked.contains_key(state))
                 {
                     let this = self.clone();
                     let (id, state, modern) = (id.clone(), state.to_owned(), modern.clone());
