@@ -214,16 +214,29 @@ pub fn check_headers(
         Some(_) => {}
     }
     let Some(field) = name_field(method) else { return Ok(()) };
-    let body = params
-        .and_then(|p| serde_json::from_str::<serde_json::Map<String, Value>>(p.get()).ok())
-        .and_then(|p| p.get(field).and_then(Value::as_str).map(str::to_owned));
+    // Only the named field is read (a call's arguments may be large).
+    #[derive(serde::Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow, default)]
+        name: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, default)]
+        uri: Option<std::borrow::Cow<'a, str>>,
+        #[serde(rename = "taskId", borrow, default)]
+        task_id: Option<std::borrow::Cow<'a, str>>,
+    }
+    let named = params.and_then(|p| serde_json::from_str::<Named<'_>>(p.get()).ok());
+    let body = named.and_then(|n| match field {
+        "name" => n.name,
+        "uri" => n.uri,
+        _ => n.task_id,
+    });
     match (headers.name, body) {
         (_, None) => Ok(()),
         (None, Some(_)) => Err(format!("Header mismatch: the Mcp-Name header is required for {method}")),
         (Some(h), Some(b)) => {
             let decoded = decode_header_value(h)
                 .ok_or_else(|| format!("Header mismatch: Mcp-Name header value '{h}' is not valid base64"))?;
-            if decoded == b {
+            if decoded == *b {
                 Ok(())
             } else {
                 Err(format!(

@@ -530,6 +530,14 @@ impl Interceptor {
     fn rewrite_initialize(&self, id: &Id, result: &RawValue) -> Option<Vec<u8>> {
         let mut r: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
         self.learn_initialize(&r);
+        // A handshake is 2025-11-25 at the newest: an upstream that echoes a later version asked for
+        // in `initialize` would have the client believe in a session 2026-07-28 does not have.
+        if r.get("protocolVersion")
+            .and_then(Value::as_str)
+            .is_some_and(|v| v > super::era::LEGACY_VERSIONS[0])
+        {
+            r.insert("protocolVersion".into(), json!(super::era::LEGACY_VERSIONS[0]));
+        }
         let caps = r.entry("capabilities").or_insert_with(|| json!({}));
         let caps = caps.as_object_mut()?;
         let tasks = caps.entry("tasks").or_insert_with(|| json!({}));
