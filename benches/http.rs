@@ -1,4 +1,5 @@
-//! HTTP load: a 1 KB `tools/call` round trip over Streamable HTTP (MCP 2025-11-25), direct to an rmcp
+//! HTTP load: a 1 KB `tools/call` round trip over Streamable HTTP (MCP 2025-11-25, and 2026-07-28
+//! stateless through the sidecar), direct to an rmcp
 //! Streamable HTTP server and through the sidecar (`mcp-asyncify serve`), measured in one run on the
 //! same machine.
 //!
@@ -43,6 +44,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 const REPS: usize = 3;
 const LEVELS: [usize; 3] = [1, 8, 64];
 const PROTOCOL: &str = "2025-11-25";
+const MODERN: &str = "2026-07-28";
 /// A measured run stops issuing calls after this long (an upstream stalling every answer would
 /// otherwise make the bench take minutes); a warm-up after `WARM_UP`.
 const RUN_BUDGET: Duration = Duration::from_secs(2);
@@ -53,16 +55,21 @@ enum Path {
     Direct,
     Sidecar,
     SidecarStdio,
+    /// The sidecar in front of the stdio fixture, called the 2026-07-28 way: stateless POSTs (no
+    /// session; `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name` headers and the per-request `_meta`
+    /// with the Tasks extension), served on the upstream connection the sidecar keeps for them.
+    SidecarStdioModern,
 }
 
 impl Path {
-    const ALL: [Path; 3] = [Path::Direct, Path::Sidecar, Path::SidecarStdio];
+    const ALL: [Path; 4] = [Path::Direct, Path::Sidecar, Path::SidecarStdio, Path::SidecarStdioModern];
 
     fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct (rmcp HTTP server)",
             Path::Sidecar => "sidecar → HTTP upstream",
             Path::SidecarStdio => "sidecar → stdio upstream",
+            Path::SidecarStdioModern => "sidecar → stdio upstream, 2026-07-28 stateless",
         }
     }
 }
@@ -194,7 +201,7 @@ impl Setup {
             dog: dog.clone(),
         };
         let mut upstream_url = None;
-        if path != Path::SidecarStdio {
+        if !matches!(path, Path::SidecarStdio | Path::SidecarStdioModern) {
             let addr = format!("127.0.0.1:{}", free_port());
             let mut c = Command::new(BIN);
             c.args(["--log-level", "error", "test-server", "--http", &addr]);
@@ -262,6 +269,17 @@ struct McpClient {
     protocol: HeaderValue,
     next_id: AtomicU64,
     dog: Arc<Watchdog>,
+    /// Stateless 2026-07-28 requests (no session; routing headers and `_meta` on each).
+    modern: bool,
+}
+
+/// The `_meta` of a 2026-07-28 request that declares the Tasks extension.
+fn modern_meta() -> serde_json::Value {
+    serde_json::json!({
+        "io.modelcontextprotocol/protocolVersion": MODERN,
+        "io.modelcontextprotocol/clientInfo": {"name": "http-bench", "version": "0"},
+        "io.modelcontextprotocol/clientCapabilities": {"extensions": {"io.modelcontextprotocol/tasks": {}}},
+    })
 }
 
 struct Reply {
@@ -271,7 +289,7 @@ struct Reply {
 }
 
 impl McpClient {
-    async fn open(url: &str, dog: &Arc<Watchdog>) -> McpClient {
+    async fn open(url: &str, dog: &Arc<Watchdog>, modern: bool) -> McpClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let http = Client::builder(TokioExecutor::new())
@@ -285,7 +303,21 @@ impl McpClient {
             protocol: HeaderValue::from_static(PROTOCOL),
             next_id: AtomicU64::new(1),
             dog: dog.clone(),
+            modern,
         };
+        if modern {
+            // No handshake: discovery (which makes the sidecar open its upstream connection).
+            c.protocol = HeaderValue::from_static(MODERN);
+            let discover = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover",
+                "params": {"_meta": modern_meta()}});
+            let r = c.post_as(Bytes::from(discover.to_string()), "server/discover", None).await;
+            let text = String::from_utf8_lossy(&r.body).into_owned();
+            assert!(
+                r.status == StatusCode::OK && text.contains("supportedVersions"),
+                "http bench: discover: {text}"
+            );
+            return c;
+        }
         let init = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
             "protocolVersion": PROTOCOL,
             "capabilities": {},
@@ -312,9 +344,20 @@ impl McpClient {
     }
 
     async fn post(&self, body: Bytes) -> Reply {
+        self.post_as(body, "tools/call", Some("echo")).await
+    }
+
+    /// A POST of `body`, whose method (and name) a stateless request repeats in its headers.
+    async fn post_as(&self, body: Bytes, method: &str, name: Option<&str>) -> Reply {
         let mut req = Request::post(self.uri.clone())
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json, text/event-stream");
+        if self.modern {
+            req = req.header("mcp-protocol-version", self.protocol.clone()).header("mcp-method", method);
+            if let Some(name) = name {
+                req = req.header("mcp-name", name);
+            }
+        }
         if let Some(session) = &self.session {
             req = req
                 .header("mcp-session-id", session.clone())
@@ -356,8 +399,11 @@ impl McpClient {
         let requests: Arc<Vec<Bytes>> = Arc::new(
             (0..count as u64)
                 .map(|i| {
-                    let call = serde_json::json!({"jsonrpc": "2.0", "id": first + i, "method": "tools/call",
+                    let mut call = serde_json::json!({"jsonrpc": "2.0", "id": first + i, "method": "tools/call",
                         "params": {"name": "echo", "arguments": {"text": text}}});
+                    if self.modern {
+                        call["params"]["_meta"] = modern_meta();
+                    }
                     Bytes::from(call.to_string())
                 })
                 .collect(),
@@ -438,7 +484,7 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
     let mut idle: Vec<(Path, u64, u64)> = Vec::new();
     for path in Path::ALL {
         let setup = Setup::start(path, &dog);
-        let client = Arc::new(McpClient::open(&setup.url, &dog).await);
+        let client = Arc::new(McpClient::open(&setup.url, &dog, path == Path::SidecarStdioModern).await);
         dog.stage(format!("idle call on {}", path.name()));
         client.run(1, 1, RUN_BUDGET).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -460,7 +506,8 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
                 let count = calls_at(level);
                 let setup = Setup::start(path, &dog);
                 dog.stage(format!("initialize of {}", path.name()));
-                let client = Arc::new(McpClient::open(&setup.url, &dog).await);
+                let client =
+                    Arc::new(McpClient::open(&setup.url, &dog, path == Path::SidecarStdioModern).await);
                 dog.stage(format!("warm-up of {} at {level} in flight", path.name()));
                 client.run((count / 10).max(200), level, WARM_UP).await;
                 dog.stage(format!("run {} of {} at {level} in flight", rep + 1, path.name()));
@@ -557,6 +604,12 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
         "throughput at 64 in flight: sidecar/direct = {:.2} (→ stdio upstream: {:.2})",
         rate_ratio(Path::Sidecar),
         rate_ratio(Path::SidecarStdio)
+    );
+    println!(
+        "2026-07-28 stateless vs 2025-11-25 session (sidecar → stdio upstream): p50 at 1 in flight {:.2}×, \
+         throughput at 64 in flight {:.2}×",
+        median(Path::SidecarStdioModern, 1).p50_us / median(Path::SidecarStdio, 1).p50_us,
+        median(Path::SidecarStdioModern, 64).rate / median(Path::SidecarStdio, 64).rate
     );
     for path in Path::ALL {
         let p50 = median(path, 1).p50_us;
