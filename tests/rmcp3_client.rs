@@ -411,7 +411,7 @@ async fn rmcp3_client_through_the_wrapper_in_front_of_the_modern_upstream() {
 /// A 2025-11-25 client of the proxy cannot answer an MRTR round: the proxy should ask it the
 /// question as a plain `elicitation/create` request and retry the upstream with the answer.
 #[test]
-#[ignore = "proxy bug: a modern upstream's input_required answer reaches a 2025-11-25 client verbatim (inline, and as a legacy task's completed result)"]
+
 fn a_2025_11_25_client_is_asked_a_modern_upstreams_question_as_an_elicitation() {
     let upstream = example_bin("modern_upstream");
     let mut p = common::Peer::start(&[

@@ -6,7 +6,7 @@
 //! classified by a light envelope parse; what is not intercepted is forwarded as its original bytes.
 
 use super::era::{self, Era};
-use super::intercept::{Decision, Interceptor, Rewrite, ServerRequestRoute};
+use super::intercept::{ClientAnswer, Decision, Interceptor, Rewrite, ServerRequestRoute};
 use super::pending::{OwnWaiter, Pending, Reply};
 use super::upstream::Upstream;
 use crate::config::Config;
@@ -289,7 +289,15 @@ impl Router {
             }
             Kind::Response => {
                 if let Some(id) = &env.id {
-                    self.intercept.on_client_response(id);
+                    match self.intercept.on_client_answer(id, env.result, env.error) {
+                        ClientAnswer::NotOurs => self.intercept.on_client_response(id),
+                        ClientAnswer::Taken => return,
+                        ClientAnswer::Retry(line) => {
+                            drop(env);
+                            self.upstream.send(line).await;
+                            return;
+                        }
+                    }
                 }
             }
             Kind::Notification if env.method == Some("notifications/initialized") => {
@@ -352,6 +360,16 @@ impl Router {
                 }
                 if let Some(req) = req {
                     let modern = req.modern;
+                    // A 2026-07-28 upstream asks a 2025-11-25 client's call something: the client is
+                    // asked the 2025-11-25 way, and the call waits for the retry.
+                    if !modern && let Some(asks) = self.intercept.legacy_round(id, env.result) {
+                        self.pending.track_client(id.clone(), &req.method, req.rewrite, false);
+                        drop(env);
+                        for ask in asks {
+                            self.client.send(ask).await;
+                        }
+                        return;
+                    }
                     if let Some(rewritten) =
                         self.intercept.on_upstream_response(id, req.rewrite, modern, env.result, env.error)
                     {

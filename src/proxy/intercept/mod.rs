@@ -41,6 +41,7 @@ mod subscriptions;
 mod sync_clients;
 mod tasks_api;
 
+pub use mrtr::ClientAnswer;
 pub use subscriptions::SUBSCRIPTION_ID;
 pub use sync_clients::{RESULT_TOOL, STATUS_TOOL};
 
@@ -170,6 +171,13 @@ pub struct Interceptor {
     parked_calls: DashMap<Id, String>,
     /// Open `subscriptions/listen` requests, by id.
     subscriptions: DashMap<Id, subscriptions::Subscription>,
+    /// A 2025-11-25 client's calls on a 2026-07-28 upstream (method, params), to send again with
+    /// answers when the upstream asks something.
+    retries: DashMap<Id, (String, String)>,
+    /// The proxy's questions to a 2025-11-25 client: the call and the upstream's key, by request id.
+    asks: DashMap<Id, (Id, String)>,
+    /// Rounds of questions in progress, by call.
+    rounds: DashMap<Id, mrtr::LegacyRound>,
 }
 
 impl Interceptor {
@@ -209,6 +217,9 @@ impl Interceptor {
             parked: DashMap::new(),
             parked_calls: DashMap::new(),
             subscriptions: DashMap::new(),
+            retries: DashMap::new(),
+            asks: DashMap::new(),
+            rounds: DashMap::new(),
         })
     }
 

@@ -268,6 +268,7 @@ impl Interceptor {
             return None;
         }
         let params = era::with_proxy_meta(env.params.map(RawValue::get));
+        self.remember_for_retry(id, env.method?, &params);
         Some(jsonrpc::request(id, env.method?, Some(&params)))
     }
 

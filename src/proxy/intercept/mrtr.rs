@@ -282,3 +282,123 @@ fn with_id(line: &[u8], id: &Id) -> Vec<u8> {
         Err(_) => line.to_vec(),
     }
 }
+
+/// What became of a client's answer to a request the proxy sent it.
+pub enum ClientAnswer {
+    /// Not one of the proxy's: forward it upstream.
+    NotOurs,
+    /// Kept (more answers are awaited).
+    Taken,
+    /// Every question is answered: send this retry of the call upstream.
+    Retry(Vec<u8>),
+}
+
+/// A 2025-11-25 client's call that a 2026-07-28 upstream answered with questions: asked one
+/// `elicitation/create` (or sampling, roots) request each, then retried with the answers.
+pub(super) struct LegacyRound {
+    /// The upstream's `requestState`, sent back with the retry.
+    state: Option<Value>,
+    /// Questions not answered yet.
+    waiting: usize,
+    /// Answers by key.
+    answers: Map<String, Value>,
+}
+
+/// Ids of the requests the proxy sends a 2025-11-25 client on a 2026-07-28 upstream's behalf.
+static ASK_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl Interceptor {
+    /// Remembers what a 2025-11-25 client asked a 2026-07-28 upstream, in case the upstream answers
+    /// with questions and the call must be sent again with the answers.
+    pub(super) fn remember_for_retry(&self, id: &Id, method: &str, params: &str) {
+        if matches!(method, "tools/call" | "prompts/get" | "resources/read") {
+            self.retries.insert(id.clone(), (method.to_owned(), params.to_owned()));
+        }
+    }
+
+    /// The answer to a 2025-11-25 client's call from a 2026-07-28 upstream: when it is questions
+    /// (`input_required`), returns the requests to ask the client instead (the call stays pending).
+    pub fn legacy_round(&self, call: &Id, result: Option<&RawValue>) -> Option<Vec<Vec<u8>>> {
+        if self.retries.is_empty() {
+            return None;
+        }
+        let asks = result
+            .filter(|r| memchr::memmem::find(r.get().as_bytes(), b"input_required").is_some())
+            .and_then(|r| serde_json::from_str::<Map<String, Value>>(r.get()).ok())
+            .filter(|r| r.get("resultType").and_then(Value::as_str) == Some("input_required"));
+        let Some(answer) = asks else {
+            self.retries.remove(call);
+            return None;
+        };
+        let requests = answer.get("inputRequests").and_then(Value::as_object).cloned().unwrap_or_default();
+        if requests.is_empty() || !self.retries.contains_key(call) {
+            self.retries.remove(call);
+            return None;
+        }
+        let round = LegacyRound {
+            state: answer.get("requestState").cloned(),
+            waiting: requests.len(),
+            answers: Map::new(),
+        };
+        self.rounds.insert(call.clone(), round);
+        let lines = requests
+            .into_iter()
+            .map(|(key, request)| {
+                let ask = Id::string(&format!(
+                    "mcp-asyncify-ask-{}",
+                    ASK_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ));
+                self.asks.insert(ask.clone(), (call.clone(), key));
+                let method =
+                    request.get("method").and_then(Value::as_str).unwrap_or("elicitation/create").to_owned();
+                let params = request.get("params").map(Value::to_string);
+                jsonrpc::request(&ask, &method, params.as_deref())
+            })
+            .collect();
+        tracing::debug!(%call, "a 2026-07-28 upstream asked a 2025-11-25 client's call something: asking the client");
+        Some(lines)
+    }
+
+    /// A client's answer: to one of the proxy's questions (kept, and once all are in, the call is
+    /// retried upstream with them), or to the upstream's own request.
+    pub fn on_client_answer(
+        &self,
+        id: &Id,
+        result: Option<&RawValue>,
+        error: Option<&RawValue>,
+    ) -> ClientAnswer {
+        if self.asks.is_empty() {
+            return ClientAnswer::NotOurs;
+        }
+        let Some((_, (call, key))) = self.asks.remove(id) else { return ClientAnswer::NotOurs };
+        // A refusal is answered as a declined elicitation (the one answer every question type has).
+        let answer = match (result, error) {
+            (Some(r), _) => serde_json::from_str(r.get()).unwrap_or(Value::Null),
+            _ => json!({ "action": "decline" }),
+        };
+        let done = match self.rounds.get_mut(&call) {
+            Some(mut round) => {
+                round.answers.insert(key, answer);
+                round.waiting = round.waiting.saturating_sub(1);
+                round.waiting == 0
+            }
+            None => return ClientAnswer::Taken,
+        };
+        if !done {
+            return ClientAnswer::Taken;
+        }
+        let (Some((_, round)), Some(retry)) =
+            (self.rounds.remove(&call), self.retries.get(&call).map(|r| r.clone()))
+        else {
+            return ClientAnswer::Taken;
+        };
+        let (method, params) = retry;
+        let mut params = serde_json::from_str::<Map<String, Value>>(&params).unwrap_or_default();
+        params.insert("inputResponses".into(), Value::Object(round.answers));
+        match round.state {
+            Some(state) => params.insert("requestState".into(), state),
+            None => params.remove("requestState"),
+        };
+        ClientAnswer::Retry(jsonrpc::request(&call, &method, Some(&Value::Object(params).to_string())))
+    }
+}
