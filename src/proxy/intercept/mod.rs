@@ -116,8 +116,10 @@ struct UpstreamFacts {
     has_tools: bool,
     /// The upstream's `initialize` result (whoever initialized it), for `server/discover`.
     initialized: Option<Map<String, Value>>,
-    /// A 2026-07-28 upstream: its `server/discover` result.
+    /// A 2026-07-28 upstream: its `server/discover` result, and until when it may be reused (its
+    /// `ttlMs`).
     discovered: Option<Map<String, Value>>,
+    discovered_until: Option<Instant>,
     /// The 2026-07-28 upstream runs tasks itself (declares the Tasks extension).
     upstream_tasks: bool,
 }

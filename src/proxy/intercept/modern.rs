@@ -143,6 +143,14 @@ impl Interceptor {
         }
         match method {
             "server/discover" => {
+                // A 2026-07-28 upstream's answer is reused for its ttlMs, then asked again.
+                let stale = self.facts().discovered_until.is_some_and(|until| Instant::now() >= until);
+                if stale && let Err(why) = self.discover_upstream().await {
+                    tracing::warn!(
+                        why,
+                        "could not refresh the upstream's server/discover; answering from the last one"
+                    );
+                }
                 let result = self.discover_result();
                 self.reply_result(id, &result).await
             }
@@ -224,8 +232,10 @@ impl Interceptor {
             return Err(format!("its supportedVersions do not include {}", era::MODERN_VERSION));
         }
         let caps = result.get("capabilities").and_then(Value::as_object).cloned().unwrap_or_default();
+        let ttl = Duration::from_millis(result.get("ttlMs").and_then(Value::as_u64).unwrap_or(0));
         {
             let mut facts = self.facts();
+            facts.discovered_until = Some(Instant::now() + ttl);
             facts.has_tools = caps.contains_key("tools");
             facts.upstream_tasks = caps
                 .get("extensions")
@@ -233,9 +243,10 @@ impl Interceptor {
                 .is_some_and(Value::is_object);
             facts.discovered = Some(result);
         }
-        self.modern_upstream.store(true, Ordering::Relaxed);
-        tracing::info!("the upstream speaks 2026-07-28; its requests go statelessly");
-        self.on_initialized();
+        if !self.modern_upstream.swap(true, Ordering::Relaxed) {
+            tracing::info!("the upstream speaks 2026-07-28; its requests go statelessly");
+            self.on_initialized();
+        }
         Ok(())
     }
 
