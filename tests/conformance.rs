@@ -18,9 +18,7 @@
 //! the only network access. Everything else talks to 127.0.0.1 only.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -36,55 +34,13 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(90);
 const TASK_TOOLS: &str =
     "slow_compute,failing_job,protocol_error_job,confirm_delete,multi_input,test_tool_with_task";
 
-fn node_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("node")
-}
-
 /// Fails the test with a clear message when node is missing, and installs `tests/node/node_modules`
 /// (once per test binary) when the pinned conformance package is not there.
 fn ensure_node_modules() {
-    static READY: OnceLock<Result<(), String>> = OnceLock::new();
-    let ready = READY.get_or_init(|| {
-        match Command::new("node").arg("--version").output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => {
-                return Err(format!(
-                    "`node --version` failed ({}): the conformance tests need node 20+",
-                    out.status
-                ));
-            }
-            Err(e) => {
-                return Err(format!(
-                    "node is not installed or not on PATH ({e}): the conformance tests run the official MCP \
-                     conformance suite (@modelcontextprotocol/conformance) and need node 20+ and npm"
-                ));
-            }
-        }
-        let dir = node_dir();
-        let package = |name: &str| {
-            dir.join("node_modules").join("@modelcontextprotocol").join(name).join("package.json")
-        };
-        if package("conformance").exists() && package("sdk").exists() {
-            return Ok(());
-        }
-        let out =
-            Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&dir).output().map_err(
-                |e| format!("could not run `npm ci` in {} (is npm installed?): {e}", dir.display()),
-            )?;
-        if !out.status.success() {
-            return Err(format!(
-                "`npm ci` in {} failed ({}):\n{}\n{}",
-                dir.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(())
-    });
-    if let Err(e) = ready {
-        panic!("{e}");
-    }
+    common::ensure_node_packages(
+        &["conformance"],
+        "the conformance tests run the official MCP conformance suite (@modelcontextprotocol/conformance)",
+    );
 }
 
 /// The sidecar in front of the conformance fixture, as the scenarios need it: the slow tools become
@@ -152,7 +108,7 @@ fn run_scenario(scenario: &str, url: &str) -> Run {
             "-o",
         ])
         .arg(&out_dir)
-        .current_dir(node_dir())
+        .current_dir(common::node_dir())
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("clone the log file"))

@@ -14,9 +14,8 @@
 //! `tests/node/node_modules` is installed with `npm ci` on first use.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -28,60 +27,14 @@ use common::{BIN, free_addr};
 /// Longest a scenario may run before the test kills it (client-v2.mjs has its own 50 s watchdog).
 const SCENARIO_LIMIT: Duration = Duration::from_secs(90);
 
-fn node_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("node")
-}
-
 /// Fails the test with a clear message when node is missing, and installs `tests/node/node_modules`
 /// (once per test binary) when the pinned SDK v2 packages are not there.
 fn ensure_node_modules() {
-    static READY: OnceLock<Result<(), String>> = OnceLock::new();
-    let ready = READY.get_or_init(|| {
-        match Command::new("node").arg("--version").output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => {
-                return Err(format!("`node --version` failed ({}): these tests need node 20+", out.status));
-            }
-            Err(e) => {
-                return Err(format!(
-                    "node is not installed or not on PATH ({e}): these tests drive mcp-asyncify with the \
-                     official TypeScript MCP SDK v2 client (@modelcontextprotocol/client, \
-                     @modelcontextprotocol/ext-tasks) and need node 20+ and npm"
-                ));
-            }
-        }
-        let dir = node_dir();
-        let package = |name: &str| {
-            dir.join("node_modules").join("@modelcontextprotocol").join(name).join("package.json")
-        };
-        if package("client").exists() && package("ext-tasks").exists() {
-            return Ok(());
-        }
-        let out =
-            Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&dir).output().map_err(
-                |e| format!("could not run `npm ci` in {} (is npm installed?): {e}", dir.display()),
-            )?;
-        if !out.status.success() {
-            return Err(format!(
-                "`npm ci` in {} failed ({}):\n{}\n{}",
-                dir.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        if !(package("client").exists() && package("ext-tasks").exists()) {
-            return Err(format!(
-                "`npm ci` in {} did not install @modelcontextprotocol/client and @modelcontextprotocol/ext-tasks \
-                 (are they in package.json?)",
-                dir.display()
-            ));
-        }
-        Ok(())
-    });
-    if let Err(e) = ready {
-        panic!("{e}");
-    }
+    common::ensure_node_packages(
+        &["client", "ext-tasks"],
+        "these tests drive mcp-asyncify with the official TypeScript MCP SDK v2 client \
+         (@modelcontextprotocol/client, @modelcontextprotocol/ext-tasks)",
+    );
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,7 +124,7 @@ fn run(scenario: &str, transport: Transport, proxy_args: &[&str]) -> Value {
         .arg("client-v2.mjs")
         .arg(scenario)
         .args(&target)
-        .current_dir(node_dir())
+        .current_dir(common::node_dir())
         .stdin(Stdio::null())
         .stdout(File::create(&stdout_path).expect("create the stdout file"))
         .stderr(File::create(&stderr_path).expect("create the stderr file"))

@@ -7,9 +7,7 @@
 //! on first use. Nothing reaches the network except that install.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -21,47 +19,17 @@ use common::{BIN, Served};
 /// Longest a scenario may run before the test kills it (client.mjs has its own 50 s watchdog).
 const SCENARIO_LIMIT: Duration = Duration::from_secs(90);
 
-fn node_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("node")
-}
-
 /// Installs `tests/node/node_modules` (once per test binary) if it is missing.
 fn ensure_node_modules() {
-    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
-    let result = INSTALLED.get_or_init(|| {
-        let dir = node_dir();
-        let marker = dir.join("node_modules").join("@modelcontextprotocol").join("sdk").join("package.json");
-        let everything = dir
-            .join("node_modules")
-            .join("@modelcontextprotocol")
-            .join("server-everything")
-            .join("package.json");
-        if marker.exists() && everything.exists() {
-            return Ok(());
-        }
-        let out =
-            Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&dir).output().map_err(
-                |e| format!("could not run `npm ci` in {} (are node and npm installed?): {e}", dir.display()),
-            )?;
-        if !out.status.success() {
-            return Err(format!(
-                "`npm ci` in {} failed ({}):\n{}\n{}",
-                dir.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(())
-    });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
+    common::ensure_node_packages(
+        &["sdk", "server-everything"],
+        "these tests drive mcp-asyncify with the official TypeScript MCP SDK and server-everything",
+    );
 }
 
 /// The command line of server-everything on stdio.
 fn everything_cmd() -> Vec<String> {
-    let entry = node_dir()
+    let entry = common::node_dir()
         .join("node_modules")
         .join("@modelcontextprotocol")
         .join("server-everything")
@@ -95,7 +63,7 @@ fn run_scenario(scenario: &str, cmd: &[String]) -> Value {
         .arg("client.mjs")
         .arg(scenario)
         .args(cmd)
-        .current_dir(node_dir())
+        .current_dir(common::node_dir())
         .stdin(Stdio::null())
         .stdout(stdout_file)
         .stderr(stderr_file)

@@ -412,3 +412,65 @@ fn dechunk(body: &str) -> String {
     }
     out
 }
+
+/// `tests/node`, where the pinned npm packages of the end-to-end tests live.
+pub fn node_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("node")
+}
+
+/// Fails the test with a clear message when node is missing, and installs `tests/node/node_modules`
+/// with `npm ci` (once per test binary) when one of `packages` (names under `@modelcontextprotocol/`)
+/// is not there. `purpose` says what the tests need node for.
+pub fn ensure_node_packages(packages: &[&str], purpose: &str) {
+    static READY: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let ready = READY.get_or_init(|| {
+        match Command::new("node").arg("--version").output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                return Err(format!("`node --version` failed ({}): {purpose}, with node 20+", out.status));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "node is not installed or not on PATH ({e}): {purpose}, with node 20+ and npm"
+                ));
+            }
+        }
+        let dir = node_dir();
+        let missing = || {
+            packages
+                .iter()
+                .filter(|p| {
+                    !dir.join("node_modules/@modelcontextprotocol").join(p).join("package.json").exists()
+                })
+                .map(|p| format!("@modelcontextprotocol/{p}"))
+                .collect::<Vec<_>>()
+        };
+        if missing().is_empty() {
+            return Ok(());
+        }
+        let out =
+            Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&dir).output().map_err(
+                |e| format!("could not run `npm ci` in {} (is npm installed?): {e}", dir.display()),
+            )?;
+        if !out.status.success() {
+            return Err(format!(
+                "`npm ci` in {} failed ({}):\n{}\n{}",
+                dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        match missing().as_slice() {
+            [] => Ok(()),
+            gone => Err(format!(
+                "`npm ci` in {} did not install {} (are they in package.json?)",
+                dir.display(),
+                gone.join(", ")
+            )),
+        }
+    });
+    if let Err(e) = ready {
+        panic!("{e}");
+    }
+}
