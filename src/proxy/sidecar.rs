@@ -370,6 +370,21 @@ fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
     r
 }
 
+/// A 2025-11-25 request's `MCP-Protocol-Version`, when it has one, must be a session version the
+/// sidecar serves (400 otherwise).
+fn check_session_version(headers: &HeaderMap) -> Result<(), Response<HttpBody>> {
+    let Some(v) = headers.get("mcp-protocol-version") else { return Ok(()) };
+    let v = v.to_str().unwrap_or("");
+    if SUPPORTED_VERSIONS.contains(&v) {
+        return Ok(());
+    }
+    let msg = format!(
+        "Bad Request: unsupported MCP-Protocol-Version {v:?} (supported: {})",
+        SUPPORTED_VERSIONS.join(", ")
+    );
+    Err(rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, &msg))
+}
+
 fn accepted() -> Response<HttpBody> {
     let body = Full::new(Bytes::new()).boxed_unsync();
     Response::builder().status(StatusCode::ACCEPTED).body(body).expect("valid response")
@@ -570,17 +585,11 @@ impl Sidecar {
         if let Err(r) = self.check_origin(req.headers()) {
             return r;
         }
-        if let Some(v) = req.headers().get("mcp-protocol-version")
-            && req.method() != Method::POST
+        // A POST's version is checked once its body tells which generation it speaks.
+        if req.method() != Method::POST
+            && let Err(r) = check_session_version(req.headers())
         {
-            let v = v.to_str().unwrap_or("");
-            if !SUPPORTED_VERSIONS.contains(&v) {
-                let msg = format!(
-                    "Bad Request: unsupported MCP-Protocol-Version {v:?} (supported: {})",
-                    SUPPORTED_VERSIONS.join(", ")
-                );
-                return rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, &msg);
-            }
+            return r;
         }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok"),
@@ -674,15 +683,8 @@ impl Sidecar {
             return self.stateless(&headers, &env, era, token).await;
         }
         drop(env);
-        if let Some(v) = headers.get("mcp-protocol-version") {
-            let v = v.to_str().unwrap_or("");
-            if !SUPPORTED_VERSIONS.contains(&v) {
-                let msg = format!(
-                    "Bad Request: unsupported MCP-Protocol-Version {v:?} (supported: {})",
-                    SUPPORTED_VERSIONS.join(", ")
-                );
-                return rpc_error(StatusCode::BAD_REQUEST, None, code::INVALID_REQUEST, &msg);
-            }
+        if let Err(r) = check_session_version(&headers) {
+            return r;
         }
         let session = if method.as_deref() == Some("initialize") && !headers.contains_key("mcp-session-id") {
             match self.clone().open_session(&headers).await {
