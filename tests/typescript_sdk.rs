@@ -301,3 +301,40 @@ fn notion_tasks_over_http_end_to_end_sidecar_to_a_hosted_simulator() {
     assert!(dup["payload"].get("async_task").is_none(), "{dup}");
     assert_eq!(obs["createTooLong"]["status"], "failed");
 }
+
+/// A 2026-07-28 client in front of server-everything, whose `simulate-research-query` is a
+/// 2025-11-25 task of its own (taskSupport "required"): the proxy asks for it the 2025-11-25 way and
+/// offers it as the Tasks extension's (flat CreateTaskResult, DetailedTask with the result inline).
+#[test]
+fn a_modern_client_gets_server_everythings_own_tasks_as_extension_tasks() {
+    ensure_node_modules();
+    let cmd = proxied(&everything_cmd());
+    let args: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
+    let mut p = common::Peer::start(&args);
+    let meta = serde_json::json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "modern", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {"extensions": {"io.modelcontextprotocol/tasks": {}}},
+    });
+    let call = serde_json::json!({"name": "simulate-research-query", "arguments": {"topic": "rust async", "ambiguous": false}, "_meta": meta});
+    let created = p.call(1, "tools/call", call)["result"].clone();
+    assert_eq!(created["resultType"], "task", "{created}");
+    assert!(created.get("task").is_none() && created["ttlMs"].is_u64(), "flat, 2026-07-28 names: {created}");
+    let task_id = created["taskId"].as_str().unwrap().to_owned();
+    assert_eq!(task_id.len(), 32, "server-everything's own task id (the proxy's are uuids): {task_id}");
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let done = loop {
+        let got = p.call(2, "tasks/get", serde_json::json!({"taskId": task_id, "_meta": meta}));
+        let t = got["result"].clone();
+        assert_eq!(t["resultType"], "complete", "{got}");
+        if t["status"] == "completed" || t["status"] == "failed" {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ended: {t}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(!text_of(&done["result"]).is_empty(), "the result inline: {done}");
+    let ack = p.call(3, "tasks/cancel", serde_json::json!({"taskId": task_id, "_meta": meta}));
+    assert_eq!(ack["result"]["resultType"], "complete", "cancelling an ended task is an ack: {ack}");
+}

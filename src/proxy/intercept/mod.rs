@@ -59,6 +59,9 @@ pub enum Rewrite {
     },
     /// A task-augmented call the upstream runs as its own task: observe the task id.
     NativeTaskCall,
+    /// A 2026-07-28 call the 2025-11-25 upstream runs as its own task (sent with `params.task`): its
+    /// `CreateTaskResult` is rendered flat, as the Tasks extension's.
+    NativeTaskForModern,
     /// A plain `tools/call`, watched for keep-alives and the sync deadline.
     PlainCall,
     /// A plain call answered at the sync deadline: its response completes this task instead.
@@ -517,6 +520,7 @@ impl Interceptor {
                 }
                 None
             }
+            Rewrite::NativeTaskForModern => result.and_then(|r| self.native_created(id, r)).map(Some),
             Rewrite::Parked { state } => Some(self.parked_answered(&state, result, error)),
             Rewrite::HandedOff { task_id } => {
                 let reply = match (result, error) {

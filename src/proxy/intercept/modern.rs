@@ -396,6 +396,14 @@ impl Interceptor {
         }
         self.tools_known().await;
         let native = self.facts().native_tools.contains(&tool);
+        if native && modern.tasks {
+            // The 2025-11-25 upstream runs this tool as its own task: asked the 2025-11-25 way, and
+            // its task is offered as the Tasks extension's.
+            self.notion.note_client_call();
+            call.insert("task".into(), json!({}));
+            let line = jsonrpc::request(id, "tools/call", Some(&Value::Object(call).to_string()));
+            return Decision::ForwardAs(line, Rewrite::NativeTaskForModern);
+        }
         if !native && config.requires_task(&tool) && !modern.tasks {
             self.client.send(era::missing_tasks_extension(id, &format!("tool '{tool}'"))).await;
             return Decision::Handled;
@@ -510,6 +518,12 @@ impl Interceptor {
             if self.upstream_runs_tasks() {
                 return Decision::Forward(Rewrite::None); // the upstream's own task
             }
+            if self.native_tasks.contains_key(task_id) {
+                let this = self.clone();
+                let (id, method, task_id) = (id.clone(), method.to_owned(), task_id.to_owned());
+                tokio::spawn(async move { this.on_native_task(&id, &method, &task_id).await });
+                return Decision::Handled;
+            }
             return self.reply_error(id, code::INVALID_PARAMS, &not_found()).await;
         };
         let ack = json!({ "resultType": "complete" });
@@ -590,4 +604,97 @@ impl Interceptor {
             self.upstream.refuse(&h.upstream_id, code::INTERNAL_ERROR, why).await;
         }
     }
+
+    /// The 2025-11-25 upstream's `CreateTaskResult` (`{task: Task}`) for a 2026-07-28 client: flat,
+    /// with the extension's field names.
+    pub(super) fn native_created(&self, id: &Id, result: &RawValue) -> Option<Vec<u8>> {
+        let created: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
+        let task = created.get("task")?.as_object()?;
+        let task_id = task.get("taskId")?.as_str()?;
+        self.native_tasks.insert(task_id.to_owned(), ());
+        let mut flat = modern_task(task);
+        flat.insert("resultType".into(), json!("task"));
+        Some(jsonrpc::result_response(id, &Value::Object(flat).to_string()))
+    }
+
+    /// `tasks/get`, `tasks/update` or `tasks/cancel` of a 2026-07-28 client on a task the 2025-11-25
+    /// upstream runs itself: asked the 2025-11-25 way (`tasks/get`, then `tasks/result` once it
+    /// ended, so the result is inline; `tasks/cancel`), answered the 2026-07-28 way.
+    async fn on_native_task(&self, id: &Id, method: &str, task_id: &str) {
+        let params = json!({ "taskId": task_id }).to_string();
+        let ask = |method: &'static str| {
+            self.upstream.request(method, Some(&params), Some(Duration::from_secs(30)))
+        };
+        let ack = jsonrpc::result_response(id, r#"{"resultType":"complete"}"#);
+        let line = match method {
+            // Its input goes through the 2025-11-25 flow (requests tagged with the task); nothing to
+            // update here.
+            "tasks/update" => ack,
+            "tasks/cancel" => match ask("tasks/cancel").await {
+                Ok(Reply::Error(e)) if jsonrpc::error_code_of(e.get()) != Some(code::INVALID_PARAMS) => {
+                    jsonrpc::error_object_response(id, e.get())
+                }
+                // Cancelled, or already ended (a 2025-11-25 "terminal" -32602): both an ack now.
+                Ok(_) => ack,
+                Err(e) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &e.to_string(), None),
+            },
+            _ => match ask("tasks/get").await {
+                Ok(Reply::Result(raw)) => {
+                    let task: Map<String, Value> = serde_json::from_str(raw.get()).unwrap_or_default();
+                    let mut detailed = modern_task(&task);
+                    detailed.insert("resultType".into(), json!("complete"));
+                    if matches!(task.get("status").and_then(Value::as_str), Some("completed" | "failed")) {
+                        match ask("tasks/result").await {
+                            // A tool result, even with isError, is `completed` in 2026-07-28.
+                            Ok(Reply::Result(r)) => {
+                                let mut result: Value = serde_json::from_str(r.get()).unwrap_or(Value::Null);
+                                if let Value::Object(m) = &mut result {
+                                    m.entry("resultType").or_insert_with(|| json!("complete"));
+                                }
+                                detailed.insert("status".into(), json!("completed"));
+                                detailed.insert("result".into(), result);
+                            }
+                            Ok(Reply::Error(e)) => {
+                                detailed.insert("status".into(), json!("failed"));
+                                detailed.insert(
+                                    "error".into(),
+                                    serde_json::from_str(e.get()).unwrap_or(Value::Null),
+                                );
+                            }
+                            Err(e) => {
+                                let line = jsonrpc::error_response(
+                                    Some(id),
+                                    code::INTERNAL_ERROR,
+                                    &e.to_string(),
+                                    None,
+                                );
+                                self.client.send(line).await;
+                                return;
+                            }
+                        }
+                    }
+                    jsonrpc::result_response(id, &Value::Object(detailed).to_string())
+                }
+                Ok(Reply::Error(e)) => jsonrpc::error_object_response(id, e.get()),
+                Err(e) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &e.to_string(), None),
+            },
+        };
+        self.client.send(line).await;
+    }
+}
+
+/// A 2025-11-25 `Task` with the 2026-07-28 field names (`ttl` → `ttlMs`, `pollInterval` →
+/// `pollIntervalMs`, as integers); every other field kept.
+fn modern_task(task: &Map<String, Value>) -> Map<String, Value> {
+    task.iter()
+        .filter(|(k, _)| k.as_str() != "_meta")
+        .map(|(k, v)| match k.as_str() {
+            "ttl" => ("ttlMs".to_owned(), v.as_f64().map_or(Value::Null, |ms| json!(ms.round() as u64))),
+            "pollInterval" => (
+                "pollIntervalMs".to_owned(),
+                v.as_f64().map_or(v.clone(), |ms| json!((ms.round() as u64).max(1))),
+            ),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect()
 }
