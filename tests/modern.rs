@@ -729,6 +729,17 @@ fn stateless_http_headers_must_match_the_body() {
     assert_eq!(r.messages()[0]["error"]["code"], -32022);
     // Nothing changed: the same call with the right headers works.
     assert_eq!(s.post(None, &call, &[]).status, 200);
+    // 2026-07-28 has no GET stream and no session to delete.
+    for method in ["GET", "DELETE"] {
+        let r = common::http(
+            &s.served.addr,
+            method,
+            "/mcp",
+            &[&format!("MCP-Protocol-Version: {VERSION}"), "Accept: text/event-stream"],
+            b"",
+        );
+        assert_eq!(r.status, 405, "{method}: {}", r.body);
+    }
 }
 
 #[test]

@@ -552,7 +552,18 @@ impl Sidecar {
         if let Err(r) = self.check_origin(req.headers()) {
             return r;
         }
-        // A POST's version is checked once its body tells which generation it speaks.
+        // A POST's version is checked once its body tells which generation it speaks. 2026-07-28 has
+        // no GET stream and no session to DELETE: 405, as its transport says.
+        let modern =
+            req.headers().get("mcp-protocol-version").is_some_and(|v| v == super::era::MODERN_VERSION);
+        if modern && req.uri().path() == "/mcp" && matches!(*req.method(), Method::GET | Method::DELETE) {
+            let mut r = plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method Not Allowed: 2026-07-28 has no GET stream or sessions",
+            );
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return r;
+        }
         if req.method() != Method::POST
             && let Err(r) = check_session_version(req.headers())
         {
