@@ -336,16 +336,24 @@ impl TaskEngine {
             // Register before looking, so a transition between the look and the wait is not missed.
             notified.as_mut().enable();
             let Some(record) = self.get(owner, id) else {
-                self.watchers.remove(id);
+                self.forget_watchers(id, &notify);
                 return None;
             };
             if record.status.is_terminal() {
                 // No transition will come any more; nobody needs the entry.
-                self.watchers.remove(id);
+                self.forget_watchers(id, &notify);
                 return Some(record);
             }
             notified.await;
         }
+    }
+
+    /// Removes a task's watchers once it ended, waking whoever still waits on them: the end may have
+    /// been stored but not yet announced (`transition` stores, then wakes), and a waiter that came
+    /// before would otherwise sleep on an entry the announcement no longer finds.
+    fn forget_watchers(&self, id: &str, notify: &Notify) {
+        notify.notify_waiters();
+        self.watchers.remove(id);
     }
 
     /// A page of the owner's tasks, oldest first, and the cursor of the next page.
@@ -474,6 +482,31 @@ mod tests {
             let r = w.await.unwrap().unwrap();
             assert_eq!(r.status, TaskStatus::Completed);
         }
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_woken_even_when_another_one_sees_the_end_first() {
+        // The window between a transition storing its terminal status and waking the waiters: a
+        // second waiter arriving there sees the end at once. The first must still be woken.
+        let e = engine(10);
+        let t = e.create("me", "slow", Origin::Local, Generation::Legacy, None).unwrap();
+        let first = {
+            let (e, id) = (e.clone(), t.id.clone());
+            tokio::spawn(async move { e.wait_terminal("me", &id).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // What `transition` does first: store the terminal status…
+        e.store.update(&t.id, &mut |r| {
+            r.status = TaskStatus::Completed;
+            true
+        });
+        // …a second waiter comes now…
+        let second = e.wait_terminal("me", &t.id).await.expect("the task");
+        assert_eq!(second.status, TaskStatus::Completed);
+        // …and then the wake.
+        e.wake(&t.id, true);
+        let first = tokio::time::timeout(Duration::from_secs(2), first).await;
+        assert!(first.is_ok(), "the first waiter was never woken");
     }
 
     #[tokio::test]
