@@ -404,6 +404,13 @@ fn a_plain_call_past_the_sync_deadline_is_handed_off_and_nothing_is_lost() {
     assert_eq!(text_of(&done["result"]), "the real answer");
     let gone = p.tool(6, "asyncify_task_result", json!({"taskId": "nope"}));
     assert_eq!(gone["result"]["isError"], true);
+    // A wrong argument name is named in the answer (the model can correct itself).
+    for (id, args) in [(7, json!({"task_id": task})), (8, json!({})), (9, json!({"taskId": 42}))] {
+        let wrong = p.tool(id, "asyncify_task_result", args.clone());
+        assert_eq!(wrong["result"]["isError"], true, "{args}: {wrong}");
+        let text = text_of(&wrong["result"]).to_owned();
+        assert!(text.contains("taskId") && text.contains("string"), "{args}: {text}");
+    }
     // The late upstream answer to id 3 was not sent to the client a second time.
     assert!(!p.backlog.iter().any(|l| l.contains("\"id\":3")), "{:?}", p.backlog);
 }

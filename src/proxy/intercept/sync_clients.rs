@@ -215,8 +215,17 @@ impl Interceptor {
         arguments: Option<&Value>,
         modern: bool,
     ) {
-        let task_id =
-            arguments.and_then(|a| a.get("taskId")).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let Some(task_id) =
+            arguments.and_then(|a| a.get("taskId")).and_then(Value::as_str).map(str::to_owned)
+        else {
+            // An input error the model can correct: name the argument it needs.
+            let got = arguments.map_or_else(|| "no arguments".to_owned(), Value::to_string);
+            let text = format!(
+                "Invalid arguments for {tool}: it needs \"taskId\" (a string, the id given when the call was handed off), e.g. {{\"taskId\": \"…\"}}; got {got}."
+            );
+            self.client.send(era_result(id, &tool_text(&text, true).to_string(), modern)).await;
+            return;
+        };
         let Some(record) = self.engine.get(&self.owner, &task_id) else {
             let text = format!(
                 "No task with id {task_id:?}: the id is wrong, or the task expired and its result is gone."
