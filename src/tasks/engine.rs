@@ -17,6 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, broadcast, oneshot};
 
+/// The shortest retention a task gets, whatever is asked (`ttl: 0` would otherwise make a task
+/// deleted before its client could read it).
+pub const MIN_TTL_MS: u64 = 1000;
+
 /// What stops a running task's work: called once, when it is cancelled or expires while running.
 pub type StopHook = Box<dyn FnOnce() + Send + Sync>;
 
@@ -88,7 +92,8 @@ impl TaskEngine {
         requested_ttl_ms: Option<u64>,
     ) -> Result<TaskRecord, StoreError> {
         let now = SystemTime::now();
-        let ttl_ms = requested_ttl_ms.unwrap_or(self.config.default_ttl_ms).clamp(1, self.config.max_ttl_ms);
+        let ttl_ms =
+            requested_ttl_ms.unwrap_or(self.config.default_ttl_ms).clamp(MIN_TTL_MS, self.config.max_ttl_ms);
         let record = TaskRecord {
             id: uuid::Uuid::new_v4().to_string(),
             owner: owner.into(),
@@ -535,10 +540,19 @@ mod tests {
             tokio::spawn(async move { e.wait_terminal("me", &id).await })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(e.sweep(SystemTime::now()), 1);
+        // Asked 1 ms, it gets the floor; the sweep at the end of that deletes it.
+        assert_eq!(e.sweep(SystemTime::now() + Duration::from_millis(MIN_TTL_MS)), 1);
         assert!(e.get("me", &short.id).is_none());
         assert!(stop.await.is_ok(), "running work is stopped at expiry");
         assert!(waiter.await.unwrap().is_none(), "a waiter learns the task is gone");
+    }
+
+    #[tokio::test]
+    async fn a_zero_ttl_gets_a_floor_not_a_task_deleted_at_once() {
+        let e = engine(10);
+        let t = e.create("me", "slow", Origin::Local, Generation::Legacy, Some(0)).unwrap();
+        assert!(t.ttl_ms >= MIN_TTL_MS, "ttl {} ms", t.ttl_ms);
+        assert_eq!(e.sweep(SystemTime::now() + Duration::from_millis(100)), 0, "still there 100 ms later");
     }
 
     #[tokio::test]
