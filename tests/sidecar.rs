@@ -390,3 +390,17 @@ fn idle_sessions_expire() {
     let r = s.post(Some(&sid), None, &json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}));
     assert_eq!(r.status, 404, "{}", r.body);
 }
+
+#[test]
+fn tasks_list_is_declared_only_where_tasks_are_bound_to_a_credential() {
+    // Without a credential a session's tasks are bound to nothing but their unguessable ids, and the
+    // spec says such a server SHOULD NOT declare tasks/list.
+    let s = Sidecar::fixture(&[]);
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"tasks":{}},"clientInfo":{"name":"t","version":"1"}}});
+    let anonymous = s.post(None, None, &init).messages()[0].clone();
+    let tasks = &anonymous["result"]["capabilities"]["tasks"];
+    assert!(tasks["requests"]["tools"]["call"].is_object(), "{anonymous}");
+    assert!(tasks.get("list").is_none(), "no tasks/list without a credential: {anonymous}");
+    let bound = s.post(None, Some("Bearer alice"), &init).messages()[0].clone();
+    assert!(bound["result"]["capabilities"]["tasks"]["list"].is_object(), "{bound}");
+}

@@ -559,7 +559,11 @@ impl Interceptor {
         let caps = caps.as_object_mut()?;
         let tasks = caps.entry("tasks").or_insert_with(|| json!({}));
         let tasks = tasks.as_object_mut()?;
-        tasks.entry("list").or_insert_with(|| json!({}));
+        // Tasks bound to nothing but their ids (an HTTP session without a credential) are not listed:
+        // the spec says SHOULD NOT declare tasks/list then.
+        if !self.owner.starts_with("session:") {
+            tasks.entry("list").or_insert_with(|| json!({}));
+        }
         tasks.entry("cancel").or_insert_with(|| json!({}));
         let requests = tasks.entry("requests").or_insert_with(|| json!({})).as_object_mut()?;
         let tools = requests.entry("tools").or_insert_with(|| json!({})).as_object_mut()?;
