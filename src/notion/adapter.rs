@@ -275,13 +275,8 @@ impl NotionAdapter {
                 }
                 NotionAnswer::Status { status, attempt, result, error } => match status.as_str() {
                     "succeeded" => {
-                        let result = result.unwrap_or(Value::Null);
-                        let body = json!({
-                            "content": [{ "type": "text", "text": result.to_string() }],
-                            "structuredContent": result,
-                            "isError": false,
-                            "_meta": { "io.mcp-asyncify/notion": { "task_id": notion_id, "async_task": envelope } },
-                        });
+                        let meta = json!({ "io.mcp-asyncify/notion": { "task_id": notion_id, "async_task": envelope } });
+                        let body = succeeded_result(result, meta);
                         let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
                         engine.finish(task_id, TaskStatus::Completed, None, Some(Outcome::Result(raw)));
                         return;
@@ -439,8 +434,39 @@ fn finish_other(engine: &TaskEngine, task_id: &str, reply: Result<Reply, Upstrea
     }
 }
 
+/// The `CallToolResult` of a Notion task that succeeded: Notion's result as text, and as
+/// `structuredContent` when it is an object (the only shape `structuredContent` may have). A success
+/// with no result still says so, never `structuredContent: null`.
+fn succeeded_result(result: Option<Value>, meta: Value) -> Value {
+    let mut body = match result {
+        Some(Value::Object(r)) => json!({
+            "content": [{ "type": "text", "text": Value::Object(r.clone()).to_string() }],
+            "structuredContent": r,
+        }),
+        Some(Value::Null) | None => json!({
+            "content": [{ "type": "text", "text": "Notion reported the operation succeeded (it returned no result)." }],
+        }),
+        Some(other) => json!({ "content": [{ "type": "text", "text": other.to_string() }] }),
+    };
+    body["isError"] = Value::Bool(false);
+    body["_meta"] = meta;
+    body
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_success_without_a_result_is_still_a_valid_tool_result() {
+        for result in [None, Some(Value::Null), Some(json!([1, 2]))] {
+            let body = succeeded_result(result.clone(), json!({}));
+            assert!(body.get("structuredContent").is_none(), "{result:?}: {body}");
+            assert!(!body["content"][0]["text"].as_str().unwrap().is_empty(), "{body}");
+            assert_eq!(body["isError"], false);
+        }
+        let body = succeeded_result(Some(json!({"page": {"id": "p"}})), json!({}));
+        assert_eq!(body["structuredContent"]["page"]["id"], "p");
+    }
     use super::*;
 
     fn raw(v: Value) -> Box<RawValue> {
