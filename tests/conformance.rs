@@ -115,17 +115,7 @@ fn run_scenario(scenario: &str, url: &str) -> Run {
         .stderr(log)
         .spawn()
         .expect("spawn node");
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break Some(status);
-        }
-        if started.elapsed() > SCENARIO_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_with_limit(&mut child, started, SCENARIO_LIMIT);
     let elapsed = started.elapsed();
     let output = std::fs::read_to_string(&log_path).unwrap_or_default();
     let Some(status) = status else {

@@ -130,17 +130,7 @@ fn run(scenario: &str, transport: Transport, proxy_args: &[&str]) -> Value {
         .stderr(File::create(&stderr_path).expect("create the stderr file"))
         .spawn()
         .unwrap_or_else(|e| panic!("spawn node (is node installed and on PATH?): {e}"));
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break Some(status);
-        }
-        if started.elapsed() > SCENARIO_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_with_limit(&mut child, started, SCENARIO_LIMIT);
     let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     let _ = std::fs::remove_file(&stdout_path);

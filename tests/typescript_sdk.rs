@@ -69,17 +69,7 @@ fn run_scenario(scenario: &str, cmd: &[String]) -> Value {
         .stderr(stderr_file)
         .spawn()
         .expect("spawn node (is node installed?)");
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break Some(status);
-        }
-        if started.elapsed() > SCENARIO_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_with_limit(&mut child, started, SCENARIO_LIMIT);
     let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     let _ = std::fs::remove_file(&stdout_path);

@@ -474,3 +474,19 @@ pub fn ensure_node_packages(packages: &[&str], purpose: &str) {
         panic!("{e}");
     }
 }
+
+/// Waits for `child` to exit, at most `limit` (from `started`); past it the child is killed and
+/// `None` is returned.
+pub fn wait_with_limit(child: &mut Child, started: Instant, limit: Duration) -> Option<ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            return Some(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
