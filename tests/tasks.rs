@@ -425,3 +425,20 @@ fn status_notifications_are_only_sent_to_clients_that_speak_tasks() {
     assert_eq!(text_of(&done["result"]), "slept 600 ms");
     assert!(!p.backlog.iter().any(|l| l.contains("notifications/tasks/status")), "{:?}", p.backlog);
 }
+
+#[test]
+fn a_tasks_progress_reaches_the_client_tagged_with_the_task() {
+    // The original request's progressToken stays valid for the task's life (2025-11-25 §Task
+    // Progress Notifications); its progress is related to the task, so it carries related-task.
+    let mut p = proxy(&[]);
+    let args = json!({"steps": 2, "interval_ms": 50});
+    let r = p.ok(
+        1,
+        "tools/call",
+        json!({"name": "progress", "arguments": args, "task": {}, "_meta": {"progressToken": "tok-1"}}),
+    );
+    let task_id = r["task"]["taskId"].as_str().unwrap().to_owned();
+    let note = p.next_matching("progress of the task", |v| v["method"] == "notifications/progress");
+    assert_eq!(note["params"]["progressToken"], "tok-1");
+    assert_eq!(related(&note["params"]), &json!(task_id), "{note}");
+}

@@ -404,6 +404,11 @@ impl Router {
                 let method = env.method.unwrap_or_default();
                 if method == "notifications/progress" {
                     self.intercept.on_upstream_progress(env.params);
+                    if let Some(tagged) = self.intercept.tag_task_progress(env.params) {
+                        drop(env);
+                        self.client.send(tagged).await;
+                        return;
+                    }
                 } else if let Some(lines) = self.intercept.on_upstream_notification(method, env.params) {
                     drop(env);
                     for line in lines {

@@ -142,7 +142,9 @@ pub struct Interceptor {
     /// Upstream requests to the client made on behalf of a task, by the upstream's request id.
     input_requests: DashMap<Id, String>,
     /// Local tasks whose upstream call is in flight.
-    running: DashMap<String, ()>,
+    running: DashMap<String, Option<String>>,
+    /// The progress tokens (JSON text) of those calls, to their tasks: their progress is the task's.
+    task_tokens: DashMap<String, String>,
     /// Every task this session started (local, Notion, handed off), to know whether its upstream
     /// is still needed when the client goes.
     started: DashMap<String, ()>,
@@ -207,6 +209,7 @@ impl Interceptor {
             native_tasks: DashMap::new(),
             input_requests: DashMap::new(),
             running: DashMap::new(),
+            task_tokens: DashMap::new(),
             started: DashMap::new(),
             progress_seen: DashMap::new(),
             client_speaks_tasks: AtomicBool::new(false),
@@ -406,7 +409,11 @@ impl Interceptor {
     /// Sends a task's call upstream. No future waits for it: the router hands the answer to
     /// [`Self::task_call_answered`], and cancelling the task cancels the call upstream.
     async fn start_local_task(self: &Arc<Self>, task_id: &str, params: &str) {
-        self.running.insert(task_id.to_owned(), ());
+        let token = lookup(params, &["_meta", "progressToken"]).map(|t| t.to_string());
+        if let Some(token) = &token {
+            self.task_tokens.insert(token.clone(), task_id.to_owned());
+        }
+        self.running.insert(task_id.to_owned(), token);
         let params = &self.for_upstream(params);
         match self.upstream.send_for_task("tools/call", params, task_id).await {
             Ok(request_id) => {
@@ -416,7 +423,7 @@ impl Interceptor {
                     task_id,
                     Box::new(move || {
                         let Some(this) = this.upgrade() else { return };
-                        this.running.remove(&task);
+                        this.call_ended(&task);
                         // The call will get no answer: its duration ends here, as cancelled.
                         if let Some(super::pending::OwnWaiter::Task(_, sent)) =
                             this.pending.take_own(&request_id)
@@ -456,13 +463,33 @@ impl Interceptor {
                 error.as_deref(),
             );
         }
-        self.running.remove(task_id);
+        self.call_ended(task_id);
         self.finish_with_reply(task_id, Ok(reply));
     }
 
     fn task_call_failed(&self, task_id: &str, error: UpstreamError) {
-        self.running.remove(task_id);
+        self.call_ended(task_id);
         self.finish_with_reply(task_id, Err(error));
+    }
+
+    /// A task's call is no longer in flight (answered, failed, or cancelled).
+    fn call_ended(&self, task_id: &str) {
+        if let Some((_, Some(token))) = self.running.remove(task_id) {
+            self.task_tokens.remove(&token);
+        }
+    }
+
+    /// Progress the upstream reports for a task's call: tagged with the task (2025-11-25 says every
+    /// message related to a task carries `related-task`). `None`: not a task's; forward it as it is.
+    pub fn tag_task_progress(&self, params: Option<&RawValue>) -> Option<Vec<u8>> {
+        if self.task_tokens.is_empty() {
+            return None;
+        }
+        let params = params?;
+        let token = lookup(params.get(), &["progressToken"])?.to_string();
+        let task_id = self.task_tokens.get(&token)?.clone();
+        let tagged = with_related_task(params.get(), &task_id).ok()?;
+        Some(jsonrpc::notification("notifications/progress", Some(&tagged)))
     }
 
     async fn cancel_upstream(&self, request_id: &Id, reason: &str) {
