@@ -66,7 +66,15 @@ impl PollScheduler {
 
     /// Waits for this caller's turn and a free slot in the budget (and for any retry-after to pass).
     pub async fn acquire(&self) {
+        // Counted as queued until this returns or is dropped mid-wait (a cancelled task's poll).
+        struct Queued<'a>(&'a AtomicUsize);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         self.waiting.fetch_add(1, Ordering::Relaxed);
+        let queued = Queued(&self.waiting);
         // FIFO: tokio's semaphore serves waiters in order.
         let _turn = self.turn.acquire().await.expect("the semaphore is never closed");
         loop {
@@ -84,7 +92,7 @@ impl PollScheduler {
                 break;
             }
         }
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(queued);
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -170,6 +178,18 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(1000), 1.5, Duration::from_secs(10));
         let steps: Vec<u64> = (0..8).map(|_| b.step().as_millis() as u64).collect();
         assert_eq!(steps, [1000, 1500, 2250, 3375, 5062, 7593, 10000, 10000]);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_wait_leaves_the_queue() {
+        // A poll given up while it waits (the adapter's select! drops it when the task is cancelled)
+        // must not count as queued forever: the cadence told to clients would creep up.
+        let s = PollScheduler::new(1);
+        s.pause_for(Duration::from_secs(60));
+        for _ in 0..5 {
+            let _ = tokio::time::timeout(Duration::from_millis(5), s.acquire()).await;
+        }
+        assert_eq!(s.cadence(Duration::ZERO), s.spacing, "no one is waiting any more");
     }
 
     #[tokio::test]
