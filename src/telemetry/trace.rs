@@ -259,14 +259,7 @@ impl Operations {
 
 /// A JSON-RPC error's code, as `error.type`.
 pub fn error_code(error: &RawValue) -> String {
-    #[derive(serde::Deserialize)]
-    struct Code {
-        code: Option<i64>,
-    }
-    serde_json::from_str::<Code>(error.get())
-        .ok()
-        .and_then(|c| c.code)
-        .map_or_else(|| "_OTHER".to_owned(), |c| c.to_string())
+    crate::jsonrpc::error_code_of(error.get()).map_or_else(|| "_OTHER".to_owned(), |c| c.to_string())
 }
 
 fn is_tool_error(result: &RawValue) -> bool {
