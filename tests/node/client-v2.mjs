@@ -26,6 +26,7 @@
 // SDK's Protocol sees it.
 
 import { Client, ProtocolError, StreamableHTTPClientTransport } from "@modelcontextprotocol/client";
+import { Failure, expect, sleep, withTimeout } from "./scenario.mjs";
 import { StdioClientTransport } from "@modelcontextprotocol/client/stdio";
 import { createSessionPortFromClient, withTasks } from "@modelcontextprotocol/ext-tasks/client";
 import { CallToolResultV2Schema } from "@modelcontextprotocol/ext-tasks/core/v2";
@@ -37,25 +38,6 @@ const TASKS_EXTENSION = "io.modelcontextprotocol/tasks";
 const CLIENT_INFO = { name: "mcp-asyncify-ts-v2-e2e", version: "0.0.0" };
 const CLIENT_CAPABILITIES = { elicitation: {} };
 
-class Failure extends Error {}
-
-function expect(cond, message, detail) {
-  if (!cond) {
-    throw new Failure(detail === undefined ? message : `${message}: ${JSON.stringify(detail)}`);
-  }
-}
-
-function withTimeout(promise, ms, label) {
-  let timer;
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new Failure(`timed out after ${ms} ms: ${label}`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
-}
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 function textOf(result) {
   return (result?.content ?? [])

@@ -12,6 +12,7 @@
 // Scenarios: everything | everything-tasks | fixture-tasks | notion-tasks
 
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
+import { Failure, expect, sleep, withTimeout } from "./scenario.mjs";
 import { StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import {
@@ -26,25 +27,6 @@ import {
 const STEP_TIMEOUT_MS = 20_000; // any single request
 const SCENARIO_TIMEOUT_MS = 50_000; // the whole run
 
-class Failure extends Error {}
-
-function expect(cond, message, detail) {
-  if (!cond) {
-    throw new Failure(detail === undefined ? message : `${message}: ${JSON.stringify(detail)}`);
-  }
-}
-
-function withTimeout(promise, ms, label) {
-  let timer;
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new Failure(`timed out after ${ms} ms: ${label}`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
-}
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 const reqOpts = (extra = {}) => ({ timeout: STEP_TIMEOUT_MS, ...extra });
 
