@@ -25,7 +25,7 @@ use crate::config::UpstreamProtocol;
 use crate::jsonrpc::{self, Id, code};
 use crate::notion::adapter::NotionAdapter;
 use crate::tasks::engine::TaskEngine;
-use crate::tasks::model::{Generation, Origin, Outcome, RELATED_TASK, TaskStatus, with_related_task};
+use crate::tasks::model::{Generation, Origin, Outcome, TaskStatus, with_related_task};
 use crate::transport::lines::LineSink;
 use dashmap::DashMap;
 use serde_json::value::RawValue;
@@ -37,9 +37,11 @@ use std::time::{Duration, Instant};
 
 mod modern;
 mod mrtr;
+mod questions;
 mod subscriptions;
 mod sync_clients;
 mod tasks_api;
+mod upstream_offer;
 
 pub use mrtr::ClientAnswer;
 pub use subscriptions::SUBSCRIPTION_ID;
@@ -561,240 +563,6 @@ impl Interceptor {
         }
     }
 
-    /// Notes what the upstream's `initialize` result says about it.
-    fn learn_initialize(&self, result: &Map<String, Value>) {
-        let caps = result.get("capabilities").and_then(Value::as_object).cloned().unwrap_or_default();
-        let mut facts = self.facts();
-        facts.tools_call = lookup_value(&caps, &["tasks", "requests", "tools", "call"]).is_some();
-        facts.list = lookup_value(&caps, &["tasks", "list"]).is_some();
-        facts.has_tools = caps.contains_key("tools");
-        facts.initialized = Some(result.clone());
-    }
-
-    fn rewrite_initialize(&self, id: &Id, result: &RawValue) -> Option<Vec<u8>> {
-        let mut r: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
-        self.learn_initialize(&r);
-        // A handshake is 2025-11-25 at the newest: an upstream that echoes a later version asked for
-        // in `initialize` would have the client believe in a session 2026-07-28 does not have.
-        if r.get("protocolVersion")
-            .and_then(Value::as_str)
-            .is_some_and(|v| v > super::era::LEGACY_VERSIONS[0])
-        {
-            r.insert("protocolVersion".into(), json!(super::era::LEGACY_VERSIONS[0]));
-        }
-        let caps = r.entry("capabilities").or_insert_with(|| json!({}));
-        let caps = caps.as_object_mut()?;
-        let tasks = caps.entry("tasks").or_insert_with(|| json!({}));
-        let tasks = tasks.as_object_mut()?;
-        // Tasks bound to nothing but their ids (an HTTP session without a credential) are not listed:
-        // the spec says SHOULD NOT declare tasks/list then.
-        if !self.owner.starts_with("session:") {
-            tasks.entry("list").or_insert_with(|| json!({}));
-        }
-        tasks.entry("cancel").or_insert_with(|| json!({}));
-        let requests = tasks.entry("requests").or_insert_with(|| json!({})).as_object_mut()?;
-        let tools = requests.entry("tools").or_insert_with(|| json!({})).as_object_mut()?;
-        tools.entry("call").or_insert_with(|| json!({}));
-        Some(jsonrpc::result_response(id, &Value::Object(r).to_string()))
-    }
-
-    /// Marks the tools that may run as tasks (2025-11-25: `execution.taskSupport`; 2026-07-28 has no
-    /// such field, the server decides), and adds the hand-off tools to the first page.
-    fn rewrite_tools_list(
-        &self,
-        id: &Id,
-        result: &RawValue,
-        first_page: bool,
-        modern: bool,
-    ) -> Option<Vec<u8>> {
-        let mut r: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
-        let tools = r.get_mut("tools")?.as_array_mut()?;
-        self.learn_tools(tools);
-        let facts = self.facts();
-        for tool in tools.iter_mut().filter(|_| !modern) {
-            let Some(tool) = tool.as_object_mut() else { continue };
-            let Some(name) = tool.get("name").and_then(Value::as_str) else { continue };
-            if facts.native_tools.contains(name) {
-                continue;
-            }
-            let support = match self.engine.config().requires_task(name) {
-                true => "required",
-                false if self.engine.config().taskifies(name) || self.notion.handles(name) => "optional",
-                false => continue,
-            };
-            let execution = tool.entry("execution").or_insert_with(|| json!({}));
-            if let Some(execution) = execution.as_object_mut() {
-                execution.insert("taskSupport".into(), Value::String(support.into()));
-            }
-        }
-        if first_page && self.engine.config().sync_deadline_ms > 0 {
-            tools.extend(sync_clients::handoff_tools());
-        }
-        drop(facts);
-        let body = Value::Object(r).to_string();
-        let body = if modern { super::era::complete_result("tools/list", &body) } else { body };
-        Some(jsonrpc::result_response(id, &body))
-    }
-
-    /// Notes what a page of the upstream's tools tells: Notion's protocol, tools with tasks of their own.
-    fn learn_tools(&self, tools: &[Value]) {
-        self.notion.detect(tools.iter().filter_map(|t| t.get("name").and_then(Value::as_str)));
-        let mut facts = self.facts();
-        for tool in tools {
-            let Some(name) = tool.get("name").and_then(Value::as_str) else { continue };
-            let native = tool
-                .pointer("/execution/taskSupport")
-                .and_then(Value::as_str)
-                .is_some_and(|s| s == "optional" || s == "required");
-            if native && facts.tools_call {
-                facts.native_tools.insert(name.to_owned());
-            }
-        }
-    }
-
-    /// The client finished the handshake: list the upstream's tools on our own behalf (every page).
-    pub fn on_initialized(self: &Arc<Self>) {
-        if !self.enabled() || !self.facts().has_tools {
-            self.tools_known.send_replace(true);
-            return;
-        }
-        self.discovering.store(true, Ordering::Relaxed);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut cursor: Option<String> = None;
-            for _ in 0..100 {
-                let params =
-                    cursor.as_ref().map_or_else(|| "{}".to_owned(), |c| json!({ "cursor": c }).to_string());
-                let params = this.for_upstream(&params);
-                let page = match this
-                    .upstream
-                    .request("tools/list", Some(&params), Some(Duration::from_secs(30)))
-                    .await
-                {
-                    Ok(Reply::Result(raw)) => {
-                        serde_json::from_str::<Map<String, Value>>(raw.get()).unwrap_or_default()
-                    }
-                    Ok(Reply::Error(e)) => {
-                        tracing::warn!(error = %e.get(), "the upstream refused to list its tools to the proxy");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not list the upstream's tools");
-                        break;
-                    }
-                };
-                if let Some(Value::Array(tools)) = page.get("tools") {
-                    this.learn_tools(tools);
-                }
-                match page.get("nextCursor") {
-                    Some(Value::String(next)) => cursor = Some(next.clone()),
-                    _ => break,
-                }
-            }
-            this.tools_known.send_replace(true);
-        });
-    }
-
-    /// Waits (a bounded time) until the upstream's tools are known, so a task-run call made right after
-    /// the handshake is routed as well as a later one.
-    async fn tools_known(&self) {
-        if !self.discovering.load(Ordering::Relaxed) {
-            return; // no handshake seen (a bare client): nothing to wait for
-        }
-        let mut known = self.tools_known.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(5), known.wait_for(|k| *k)).await;
-    }
-
-    /// An upstream request to the client. When it is made on behalf of a task, the task becomes
-    /// `input_required`: a 2025-11-25 task's request is tagged with it and forwarded, a 2026-07-28
-    /// task's is held for its client to read from `tasks/get` and answer with `tasks/update`.
-    pub async fn on_server_request(
-        self: &Arc<Self>,
-        id: &Id,
-        method: &str,
-        params: Option<&RawValue>,
-    ) -> ServerRequestRoute {
-        if !matches!(method, "elicitation/create" | "sampling/createMessage" | "roots/list")
-            || !self.enabled()
-        {
-            return ServerRequestRoute::Forward;
-        }
-        if params.and_then(|p| lookup(p.get(), &["_meta", RELATED_TASK])).is_some() {
-            return ServerRequestRoute::Forward; // the upstream's own task
-        }
-        let task_id = match self.asking_call() {
-            Some(AskingCall::Task(task_id)) => task_id,
-            // A 2026-07-28 call that is not a task (yet) asks: its client answers through a retry.
-            Some(AskingCall::Modern { id: call, window }) => {
-                self.park_question(&call, window, id, method, params);
-                return ServerRequestRoute::Held;
-            }
-            // A client that opened a session, or that never said which generation it speaks (a bare
-            // client), gets the request as it is.
-            None if self.legacy_client.load(Ordering::Relaxed)
-                || !self.modern_client.load(Ordering::Relaxed) =>
-            {
-                return ServerRequestRoute::Forward;
-            }
-            None => {
-                // Only 2026-07-28 clients here, and they cannot receive requests: refuse it, so that
-                // the call that asked ends instead of waiting forever.
-                let calls = self.pending.client_calls().len() + self.running.len();
-                tracing::warn!(
-                    method,
-                    calls,
-                    "refused a request from the upstream: it cannot be told which call asked (several are in flight), and a 2026-07-28 client cannot be asked directly"
-                );
-                let msg = format!(
-                    "{method} refused by mcp-asyncify: {calls} calls are in flight and the proxy cannot tell which one asked; a 2026-07-28 client can only be asked on behalf of one call at a time"
-                );
-                let this = self.clone();
-                let id = id.clone();
-                tokio::spawn(async move { this.upstream.refuse(&id, code::INTERNAL_ERROR, &msg).await });
-                return ServerRequestRoute::Held;
-            }
-        };
-        if self.modern_tasks.contains_key(&task_id) {
-            self.hold_input_request(&task_id, id, method, params);
-            return ServerRequestRoute::Held;
-        }
-        if method == "roots/list" {
-            return ServerRequestRoute::Forward; // 2025-11-25 tasks tag only elicitation and sampling
-        }
-        let Some(tagged) = params.and_then(|p| with_related_task(p.get(), &task_id).ok()) else {
-            return ServerRequestRoute::Forward;
-        };
-        self.input_requests.insert(id.clone(), task_id.clone());
-        let message = format!("Waiting for the client to answer {method}.");
-        self.engine.set_status(&task_id, TaskStatus::InputRequired, Some(message));
-        ServerRequestRoute::Send(jsonrpc::request(id, method, Some(&tagged)))
-    }
-
-    /// Which call a server request belongs to, when that is unambiguous (the upstream's requests carry
-    /// no link to the call that caused them): exactly one call that could ask is in flight. A task's
-    /// question goes to its task; a 2026-07-28 call's to its client's next round; a 2025-11-25 plain
-    /// call's is forwarded as it is.
-    fn asking_call(&self) -> Option<AskingCall> {
-        let calls = self.pending.client_calls();
-        match (self.running.len(), calls.as_slice()) {
-            (1, []) => self.running.iter().next().map(|e| AskingCall::Task(e.key().clone())),
-            (0, [(_, Rewrite::HandedOff { task_id }, _)]) if self.modern_tasks.contains_key(task_id) => {
-                Some(AskingCall::Task(task_id.clone()))
-            }
-            (0, [(id, Rewrite::TaskWindow { tool, .. }, _)]) => {
-                Some(AskingCall::Modern { id: id.clone(), window: Some(tool.clone()) })
-            }
-            (0, [(id, Rewrite::Parked { state }, _)]) => {
-                let window = self.parked.get(state).and_then(|p| p.window());
-                Some(AskingCall::Modern { id: id.clone(), window })
-            }
-            (0, [(id, Rewrite::None | Rewrite::PlainCall, true)]) => {
-                Some(AskingCall::Modern { id: id.clone(), window: None })
-            }
-            _ => None,
-        }
-    }
-
     /// The client answered an upstream request: a task waiting on it resumes.
     pub fn on_client_response(&self, id: &Id) {
         if let Some((_, task_id)) = self.input_requests.remove(id)
@@ -851,19 +619,6 @@ impl Interceptor {
         // Let the woken tasks/result waiters queue their answers.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The call a server request belongs to.
-enum AskingCall {
-    /// A running task's call.
-    Task(String),
-    /// A 2026-07-28 call that is not a task.
-    Modern {
-        /// The call's id (as the upstream knows it).
-        id: Id,
-        /// The tool, for a declared-task call in its window (its retries keep the window).
-        window: Option<String>,
-    },
 }
 
 /// Reads a nested value out of raw JSON text (`None` if absent or the text is not an object).
