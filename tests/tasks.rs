@@ -416,6 +416,21 @@ fn a_plain_call_past_the_sync_deadline_is_handed_off_and_nothing_is_lost() {
 }
 
 #[test]
+fn a_handed_off_call_counts_its_age_from_the_call_not_the_hand_off() {
+    let mut p = Peer::start(&["--sync-deadline-ms", "1300", "--log-level", "warn", "--", BIN, "test-server"]);
+    p.initialize(json!({}));
+    let r = p.tool(2, "slow", json!({"ms": 4000, "text": "late"}));
+    let task = related(&r["result"]).as_str().unwrap().to_owned();
+    let status = p.tool(3, "asyncify_task_status", json!({"taskId": task}));
+    let text = text_of(&status["result"]).to_owned();
+    assert!(text.contains("started 1 s ago"), "the call began 1.3 s before the hand-off: {text}");
+    // The task's createdAt is the call's start too: a client computing its age agrees with the text.
+    let created = status["result"]["structuredContent"]["createdAt"].as_str().unwrap().to_owned();
+    let updated = status["result"]["structuredContent"]["lastUpdatedAt"].as_str().unwrap().to_owned();
+    assert!(created < updated, "createdAt {created} is before the hand-off {updated}");
+}
+
+#[test]
 fn status_notifications_are_only_sent_to_clients_that_speak_tasks() {
     let mut p = Peer::start(&["--sync-deadline-ms", "200", "--log-level", "warn", "--", BIN, "test-server"]);
     p.initialize(json!({}));

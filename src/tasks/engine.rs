@@ -149,6 +149,23 @@ impl TaskEngine {
         self.store.get(id).filter(|r| r.owner == owner)
     }
 
+    /// The task stands for work that began at `began` (a call handed off after it had run a while):
+    /// its `createdAt`, age and duration count from there. Only moves `createdAt` earlier; the expiry
+    /// does not move.
+    pub fn backdate(&self, id: &str, began: SystemTime) -> Option<TaskRecord> {
+        self.store.update(id, &mut |r| {
+            if began >= r.created_at {
+                return false;
+            }
+            // The expiry stays where it was promised: the ttl grows by what createdAt moved.
+            // (In whole milliseconds, the ttl's unit.)
+            let moved = r.created_at.duration_since(began).unwrap_or_default().as_millis() as u64;
+            r.ttl_ms += moved;
+            r.created_at -= Duration::from_millis(moved);
+            true
+        })
+    }
+
     /// Moves a live task between `working` and `input_required`, with an optional message.
     pub fn set_status(&self, id: &str, status: TaskStatus, message: Option<String>) -> Option<TaskRecord> {
         debug_assert!(!status.is_terminal());

@@ -155,6 +155,9 @@ impl Interceptor {
         if style == HandOff::Task {
             self.modern_tasks.insert(record.id.clone(), Default::default());
         }
+        // The task is the call, which began before the deadline: its age counts from there.
+        let began = std::time::SystemTime::now().checked_sub(started.elapsed());
+        let record = began.and_then(|b| self.engine.backdate(&record.id, b)).unwrap_or(record);
         self.started.insert(record.id.clone(), ());
         if !self.pending.set_rewrite(id, Rewrite::HandedOff { task_id: record.id.clone() }) {
             // The answer came in the meantime: no task needed.
