@@ -404,3 +404,68 @@ fn tasks_list_is_declared_only_where_tasks_are_bound_to_a_credential() {
     let bound = s.post(None, Some("Bearer alice"), &init).messages()[0].clone();
     assert!(bound["result"]["capabilities"]["tasks"]["list"].is_object(), "{bound}");
 }
+
+/// Reads an open HTTP response until `needle` shows up in it (or the stream ends, or 8 s pass).
+fn read_until(s: &mut TcpStream, raw: &mut Vec<u8>, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(raw).contains(needle) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return String::from_utf8_lossy(raw).contains(needle),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    true
+}
+
+#[test]
+fn a_tasks_question_reaches_a_client_that_waits_on_tasks_result_without_a_get_stream() {
+    // The task asks its question after its tools/call was answered, while no stream is open: the
+    // question must not wait for a GET stream the client never opens; it goes on the stream of the
+    // client's tasks/result for that task, as the Tasks spec says.
+    let s = Sidecar::fixture(&[]);
+    let sid = s.open(None);
+    let created = s.call(
+        &sid,
+        None,
+        json!(1),
+        "tools/call",
+        json!({"name":"ask","arguments":{"message":"colour?"},"task":{}}),
+    );
+    let task = created["result"]["task"]["taskId"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut waiting = TcpStream::connect(&s.addr).unwrap();
+    let body = json!({"jsonrpc":"2.0","id":2,"method":"tasks/result","params":{"taskId": task}}).to_string();
+    write!(
+        waiting,
+        "POST /mcp HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMcp-Session-Id: {sid}\r\nContent-Length: {}\r\n\r\n{body}",
+        s.addr,
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    assert!(
+        read_until(&mut waiting, &mut raw, "elicitation/create"),
+        "the question never reached the tasks/result stream: {}",
+        String::from_utf8_lossy(&raw)
+    );
+    let question = Reply::parse(&raw)
+        .messages()
+        .into_iter()
+        .find(|m| m["method"] == "elicitation/create")
+        .expect("the question, as an SSE event");
+    assert_eq!(question["params"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"], task.as_str());
+    let answered = s.post(
+        Some(&sid),
+        None,
+        &json!({"jsonrpc":"2.0","id":question["id"],"result":{"action":"accept","content":{"answer":"blue"}}}),
+    );
+    assert_eq!(answered.status, 202, "{}", answered.body);
+    assert!(read_until(&mut waiting, &mut raw, "answer: blue"), "{}", String::from_utf8_lossy(&raw));
+}

@@ -224,6 +224,26 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// The task a message's params (or result) name in `_meta[RELATED_TASK]`, if any.
+pub fn related_task_of(raw: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Related {
+        #[serde(rename = "taskId")]
+        task_id: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        #[serde(rename = "io.modelcontextprotocol/related-task")]
+        related: Option<Related>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Params {
+        #[serde(rename = "_meta")]
+        meta: Option<Meta>,
+    }
+    serde_json::from_str::<Params>(raw).ok()?.meta?.related.map(|r| r.task_id)
+}
+
 /// Adds `_meta[RELATED_TASK] = {taskId}` to a JSON object (a result or params), keeping every other
 /// field and any existing `_meta` entries.
 pub fn with_related_task(raw: &str, task_id: &str) -> Result<String, serde_json::Error> {
@@ -316,6 +336,15 @@ mod tests {
         let c = Value::Object(rec.to_created());
         assert_eq!(c["resultType"], "task");
         assert!(c.get("task").is_none() && c.get("error").is_none());
+    }
+
+    #[test]
+    fn related_task_is_read_back() {
+        let tagged = with_related_task(r#"{"mode":"form","_meta":{"x":1}}"#, "t-1").unwrap();
+        assert_eq!(related_task_of(&tagged).as_deref(), Some("t-1"));
+        assert_eq!(related_task_of(r#"{"_meta":{"x":1}}"#), None);
+        assert_eq!(related_task_of(r#"{"_meta":{"io.modelcontextprotocol/related-task":7}}"#), None);
+        assert_eq!(related_task_of("[]"), None);
     }
 
     #[test]

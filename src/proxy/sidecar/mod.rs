@@ -95,6 +95,8 @@ struct Waiter {
     token: Option<String>,
     /// A stateless request travels under an id of the sidecar's; its answer gets this one back.
     original: Option<Id>,
+    /// The task a `tasks/result` waits on: the task's questions go on this stream.
+    task: Option<String>,
 }
 
 struct HttpSession {
@@ -161,6 +163,14 @@ impl HttpSession {
             && let Some(w) = self.waiting.iter().find(|w| w.token.as_deref() == Some(token.as_str()))
             && w.out.send(line.clone()).is_ok()
         {
+            return;
+        }
+        if kind == Kind::Request
+            && let Some(task) = related_task_of_line(&line)
+            && let Some(w) = self.waiting.iter().find(|w| w.task.as_deref() == Some(task.as_str()))
+            && w.out.send(line.clone()).is_ok()
+        {
+            tracing::debug!(session = %short(&self.id), "a task's question on the stream of its tasks/result");
             return;
         }
         if kind == Kind::Request
@@ -459,6 +469,18 @@ fn upstream_refusal(line: &[u8]) -> Option<(StatusCode, Option<String>)> {
 }
 
 /// The `progressToken` of a progress notification's params, as JSON text.
+/// The task a server request is asked for (`_meta` related-task), if any.
+fn related_task_of_line(line: &[u8]) -> Option<String> {
+    let env = Envelope::parse(line).ok()?;
+    crate::tasks::model::related_task_of(env.params?.get())
+}
+
+/// The `taskId` of a `tasks/*` request.
+fn task_id_param(body: &[u8]) -> Option<String> {
+    let params = Envelope::parse(body).ok()?.params?;
+    serde_json::from_str::<serde_json::Value>(params.get()).ok()?.get("taskId")?.as_str().map(str::to_owned)
+}
+
 fn progress_token(params: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(params).ok()?;
     Some(v.get("progressToken")?.to_string())
@@ -684,7 +706,11 @@ impl Sidecar {
             return accepted();
         }
         let id = id.expect("a request has an id");
-        let mut response = self.exchange(&session, id, body.to_vec(), token, None).await;
+        let task = match method.as_deref() {
+            Some("tasks/result") => task_id_param(&body),
+            _ => None,
+        };
+        let mut response = self.exchange(&session, id, body.to_vec(), token, None, task).await;
         if method.as_deref() == Some("initialize") {
             response
                 .headers_mut()
@@ -702,6 +728,7 @@ impl Sidecar {
         line: Vec<u8>,
         token: Option<String>,
         original: Option<Id>,
+        task: Option<String>,
     ) -> Response<HttpBody> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let guard = FlightGuard(self.clone());
@@ -709,7 +736,15 @@ impl Sidecar {
         let seq = session.seq.fetch_add(1, Ordering::Relaxed);
         let stateless = original.is_some();
         let answer_id = original.clone().unwrap_or_else(|| id.clone());
-        session.waiting.insert(id, Waiter { out: tx, seq, token, original });
+        if let Some(task) = &task {
+            // The task's questions asked while no stream was open go first on this one.
+            let mut backlog = session.backlog.lock().unwrap_or_else(|e| e.into_inner());
+            backlog.retain(|line| match related_task_of_line(line) {
+                Some(t) if t == *task => tx.send(line.clone()).is_err(),
+                _ => true,
+            });
+        }
+        session.waiting.insert(id, Waiter { out: tx, seq, token, original, task });
         session.router.route_client(line).await;
         let mut gone = session.gone.subscribe();
         let first = tokio::select! {

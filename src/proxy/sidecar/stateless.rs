@@ -58,7 +58,7 @@ impl Sidecar {
         let n = session.next_internal.fetch_add(1, Ordering::Relaxed);
         let internal = Id::string(&format!("stateless-{n}"));
         let line = jsonrpc::with_id(env, &internal);
-        self.exchange(&session, internal, line, token, Some(original)).await
+        self.exchange(&session, internal, line, token, Some(original), None).await
     }
 
     /// The upstream connection that serves stateless requests of this credential, opened (and
