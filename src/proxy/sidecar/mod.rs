@@ -230,13 +230,17 @@ impl HttpSession {
 
     async fn close(&self, grace: Duration) {
         let _ = self.gone.send(true);
-        if let Some(mut s) = self.session.lock().await.take() {
+        // Taken out in a statement of its own: an `if let` would hold the lock's guard (a temporary of
+        // its scrutinee) across every await of its block, up to the grace period.
+        let session = self.session.lock().await.take();
+        if let Some(mut s) = session {
             s.upstream_closer.close().await;
             if let Some(http) = &self.http {
                 http.close().await;
                 s.upstream_gone("closed its HTTP session").await;
             }
-            if let Some(mut p) = self.process.lock().await.take() {
+            let process = self.process.lock().await.take();
+            if let Some(mut p) = process {
                 let (status, _) = p.terminate(grace).await;
                 let why = match status {
                     Ok(s) => format!("exited ({})", stdio::describe(&s)),
