@@ -328,3 +328,46 @@ fn a_modern_client_gets_server_everythings_own_tasks_as_extension_tasks() {
     let ack = p.call(3, "tasks/cancel", serde_json::json!({"taskId": task_id, "_meta": meta}));
     assert_eq!(ack["result"]["resultType"], "complete", "cancelling an ended task is an ack: {ack}");
 }
+
+/// A 2025-11-25 upstream that runs its tool as a task of its own but declares neither `tasks.list`
+/// nor `tasks.cancel` (tests/node/native-tasks-server.mjs, on the official SDK). The proxy declares
+/// both for its own tasks; for the upstream's it must not send what the upstream did not declare, and
+/// a task `tasks/get` knows is also in `tasks/list`.
+#[test]
+fn an_upstreams_own_tasks_are_listed_and_never_cancelled_behind_its_back() {
+    use common::{Peer, text_of};
+    use serde_json::json;
+    ensure_node_modules();
+    let server = common::node_dir().join("native-tasks-server.mjs").display().to_string();
+    let mut p = Peer::start(&["--log-level", "warn", "--", "node", &server]);
+    let init = p.initialize(json!({"tasks": {}}));
+    assert!(init["capabilities"]["tasks"]["cancel"].is_object(), "the proxy's own tasks cancel: {init}");
+    p.ok(1, "tools/list", json!({}));
+    let created =
+        p.ok(2, "tools/call", json!({"name": "brew", "arguments": {"ms": 1500, "text": "tea"}, "task": {}}));
+    let task = created["task"]["taskId"].as_str().expect("the upstream's CreateTaskResult").to_owned();
+    assert!(uuid_like(&task).is_none(), "a task of the upstream's own: {task}");
+
+    let listed = p.ok(3, "tasks/list", json!({}));
+    let tasks = listed["tasks"].as_array().unwrap();
+    assert!(tasks.iter().any(|t| t["taskId"] == task.as_str() && t["status"] == "working"), "{listed}");
+
+    let cancel = p.call(4, "tasks/cancel", json!({"taskId": task}));
+    assert_eq!(cancel["error"]["code"], -32602, "{cancel}");
+    let message = cancel["error"]["message"].as_str().unwrap();
+    assert!(message.contains("cancel") && message.contains("upstream"), "{message}");
+    let seen = p.tool(5, "seen", json!({}));
+    let seen: Vec<String> = serde_json::from_str(text_of(&seen["result"])).unwrap();
+    assert!(!seen.iter().any(|m| m == "tasks/cancel" || m == "tasks/list"), "forwarded: {seen:?}");
+
+    let done = p.ok(6, "tasks/result", json!({"taskId": task}));
+    assert_eq!(done["content"][0]["text"], "tea", "the task ran to its end: {done}");
+    let listed = p.ok(7, "tasks/list", json!({}));
+    let tasks = listed["tasks"].as_array().unwrap();
+    assert!(tasks.iter().any(|t| t["taskId"] == task.as_str() && t["status"] == "completed"), "{listed}");
+}
+
+/// `Some` when the id has the shape of the proxy's own task ids (uuids with dashes).
+fn uuid_like(id: &str) -> Option<()> {
+    (id.len() == 36 && id.matches('-').count() == 4).then_some(())
+}

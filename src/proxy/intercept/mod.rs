@@ -115,6 +115,8 @@ struct UpstreamFacts {
     tools_call: bool,
     /// `capabilities.tasks.list` present.
     list: bool,
+    /// `capabilities.tasks.cancel` present.
+    cancel: bool,
     /// Tools the upstream runs as tasks itself (`taskSupport` optional or required).
     native_tools: HashSet<String>,
     /// `capabilities.tools` present (the upstream has tools to list).

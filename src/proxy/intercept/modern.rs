@@ -630,6 +630,14 @@ impl Interceptor {
             // Its input goes through the 2025-11-25 flow (requests tagged with the task); nothing to
             // update here.
             "tasks/update" => ack,
+            // The upstream does not cancel its tasks (no `tasks.cancel`): acknowledged, never sent.
+            "tasks/cancel" if !self.facts().cancel => {
+                tracing::info!(
+                    task_id,
+                    "tasks/cancel of an upstream task acknowledged; the upstream cannot cancel its tasks, so it runs to its end"
+                );
+                ack
+            }
             "tasks/cancel" => match ask("tasks/cancel").await {
                 Ok(Reply::Error(e)) if jsonrpc::error_code_of(e.get()) != Some(code::INVALID_PARAMS) => {
                     jsonrpc::error_object_response(id, e.get())

@@ -37,6 +37,13 @@ impl Interceptor {
         };
         let local = self.engine.get(&self.owner, &task_id);
         if local.is_none() && (self.native_tasks.contains_key(&task_id) || self.facts().tools_call) {
+            if method == "tasks/cancel" && !self.facts().cancel {
+                // The proxy declares `cancel` for its own tasks; the upstream did not for its own.
+                let msg = format!(
+                    "Task {task_id} is run by the upstream server, which cannot cancel its tasks (it does not declare tasks.cancel); it runs to its end"
+                );
+                return self.reply_error(id, code::INVALID_PARAMS, &msg).await;
+            }
             return Decision::Forward(Rewrite::None);
         }
         let not_found =
@@ -125,6 +132,19 @@ impl Interceptor {
             return Decision::Handled;
         }
         match self.engine.list(&self.owner, cursor.as_deref()) {
+            Ok((tasks, None)) if !upstream_lists && !self.native_tasks.is_empty() => {
+                // The upstream cannot list its tasks: the last page shows the ones this session saw
+                // it create, as its `tasks/get` tells them now (those it no longer knows are gone).
+                let mut tasks: Vec<Value> = tasks.into_iter().map(|t| Value::Object(t.to_wire())).collect();
+                let this = self.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    tasks.extend(this.native_tasks_now().await);
+                    let line = jsonrpc::result_response(&id, &json!({ "tasks": tasks }).to_string());
+                    this.client.send(line).await;
+                });
+                Decision::Handled
+            }
             Ok((tasks, next)) => {
                 let tasks: Vec<Value> = tasks.into_iter().map(|t| Value::Object(t.to_wire())).collect();
                 let mut result = json!({ "tasks": tasks });
@@ -137,6 +157,47 @@ impl Interceptor {
             }
             Err(e) => self.reply_error(id, code::INVALID_PARAMS, &e.to_string()).await,
         }
+    }
+}
+
+impl Interceptor {
+    /// The upstream's own tasks this session saw created, each as the upstream's `tasks/get` gives
+    /// it now; a task the upstream no longer knows is forgotten.
+    async fn native_tasks_now(self: &Arc<Self>) -> Vec<Value> {
+        let mut asks = tokio::task::JoinSet::new();
+        for task_id in self.native_tasks.iter().map(|t| t.key().clone()) {
+            let this = self.clone();
+            asks.spawn(async move {
+                let params = json!({ "taskId": task_id }).to_string();
+                let got =
+                    this.upstream.request("tasks/get", Some(&params), Some(Duration::from_secs(10))).await;
+                (task_id, got)
+            });
+        }
+        let mut found = Vec::new();
+        while let Some(Ok((task_id, got))) = asks.join_next().await {
+            let task_id = task_id.as_str();
+            match got {
+                Ok(Reply::Result(raw)) => match serde_json::from_str::<Value>(raw.get()) {
+                    Ok(task) if task.get("taskId").is_some() => found.push(task),
+                    _ => tracing::warn!(
+                        task_id,
+                        "the upstream's tasks/get gave no task; left out of tasks/list"
+                    ),
+                },
+                Ok(Reply::Error(e)) if jsonrpc::error_code_of(e.get()) == Some(code::INVALID_PARAMS) => {
+                    self.native_tasks.remove(task_id);
+                }
+                Ok(Reply::Error(e)) => {
+                    tracing::warn!(task_id, error = %e.get(), "the upstream's tasks/get failed; left out of tasks/list")
+                }
+                Err(e) => {
+                    tracing::warn!(task_id, error = %e, "the upstream's tasks/get failed; left out of tasks/list")
+                }
+            }
+        }
+        found.sort_by(|a, b| a["createdAt"].as_str().cmp(&b["createdAt"].as_str()));
+        found
     }
 }
 

@@ -19,6 +19,7 @@ impl Interceptor {
         let mut facts = self.facts();
         facts.tools_call = lookup_value(&caps, &["tasks", "requests", "tools", "call"]).is_some();
         facts.list = lookup_value(&caps, &["tasks", "list"]).is_some();
+        facts.cancel = lookup_value(&caps, &["tasks", "cancel"]).is_some();
         facts.has_tools = caps.contains_key("tools");
         facts.initialized = Some(result.clone());
     }
