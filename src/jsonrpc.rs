@@ -8,6 +8,16 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::fmt;
 
+/// An answer to a request, raw: its `result` object, or its JSON-RPC `error` object as it was sent.
+/// What the proxy's own requests get back, and what a task ends with.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The `result` object, raw.
+    Result(Box<RawValue>),
+    /// The JSON-RPC `error` object, raw.
+    Error(Box<RawValue>),
+}
+
 /// JSON-RPC error codes used by the proxy itself.
 pub mod code {
     /// The line is not valid JSON.

@@ -7,8 +7,11 @@
 //! * [`jsonrpc`] — the light envelope the data path reads (`id`, `method`, raw payloads), ids of any
 //!   JSON type kept as their original text, and the builders for the few messages the proxy writes.
 //! * [`transport`] — framing (newline-delimited, size-capped) and the upstream child process.
-//! * [`proxy`] — the routing loop of a session, the in-flight tables, the internal "ask the upstream"
-//!   API, and the stdio wrapper's lifecycle (EOF, signals, upstream exit, no orphans).
+//! * [`upstream`] — the proxy's own requests to the upstream ("ask the upstream" and await the
+//!   answer), used by the proxy and the Notion adapter alike.
+//! * [`proxy`] — the routing loop of a session, the client's in-flight requests, the interceptor (tasks,
+//!   both protocol generations), the stdio wrapper's lifecycle (EOF, signals, upstream exit, no
+//!   orphans) and the Streamable HTTP sidecar.
 //! * [`sim`] — MCP servers we run ourselves: the test fixture server used by the end-to-end tests and
 //!   benches, and the Notion simulator.
 //! * [`demo`] — `mcp-asyncify demo`: the proxy, the Notion simulator and a scripted client in one run.
@@ -29,3 +32,4 @@ pub mod sim;
 pub mod tasks;
 pub mod telemetry;
 pub mod transport;
+pub mod upstream;

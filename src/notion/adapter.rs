@@ -10,10 +10,9 @@
 
 use super::poll::{Backoff, PollScheduler};
 use crate::config::NotionConfig;
-use crate::proxy::pending::Reply;
-use crate::proxy::upstream::{Upstream, UpstreamError};
 use crate::tasks::engine::TaskEngine;
 use crate::tasks::model::{Outcome, TaskStatus};
+use crate::upstream::{Upstream, UpstreamError};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
@@ -201,12 +200,12 @@ impl NotionAdapter {
                 _ = stopped(&mut stop) => return,
             };
             let answer = match &reply {
-                Ok(Reply::Result(raw)) => Some(classify(raw, default_wait)),
+                Ok(Outcome::Result(raw)) => Some(classify(raw, default_wait)),
                 _ => None,
             };
             count_request(task_id, "start", start_outcome(answer.as_ref()));
             match reply {
-                Ok(Reply::Result(raw)) => match answer.expect("classified above") {
+                Ok(Outcome::Result(raw)) => match answer.expect("classified above") {
                     NotionAnswer::RateLimited(wait) => {
                         tracing::info!(
                             task_id,
@@ -256,7 +255,7 @@ impl NotionAdapter {
                 _ = stopped(&mut stop) => return,
             };
             let raw = match reply {
-                Ok(Reply::Result(raw)) => raw,
+                Ok(Outcome::Result(raw)) => raw,
                 other => {
                     count_request(task_id, "poll", "error");
                     return finish_other(engine, task_id, other);
@@ -323,7 +322,7 @@ impl NotionAdapter {
         task_id: &str,
         params: &str,
         start: bool,
-    ) -> Result<Reply, UpstreamError> {
+    ) -> Result<Outcome, UpstreamError> {
         match start {
             true => self.scheduler.acquire_start().await,
             false => self.scheduler.acquire().await,
@@ -416,10 +415,10 @@ fn finish_result(engine: &TaskEngine, task_id: &str, raw: Box<RawValue>) {
     engine.finish(task_id, status, message, Some(Outcome::Result(raw)));
 }
 
-fn finish_other(engine: &TaskEngine, task_id: &str, reply: Result<Reply, UpstreamError>) {
+fn finish_other(engine: &TaskEngine, task_id: &str, reply: Result<Outcome, UpstreamError>) {
     match reply {
-        Ok(Reply::Result(raw)) => finish_result(engine, task_id, raw),
-        Ok(Reply::Error(raw)) => {
+        Ok(Outcome::Result(raw)) => finish_result(engine, task_id, raw),
+        Ok(Outcome::Error(raw)) => {
             let message = serde_json::from_str::<Map<String, Value>>(raw.get())
                 .ok()
                 .and_then(|m| m.get("message").and_then(Value::as_str).map(str::to_owned));

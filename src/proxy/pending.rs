@@ -1,17 +1,54 @@
-//! The in-flight tables: client requests waiting for the upstream, and the proxy's own requests.
+//! The in-flight tables of a session: client requests waiting for the upstream (here), and the
+//! proxy's own requests ([`crate::upstream::own`]).
 //!
 //! Client requests are remembered so that, if the upstream dies, each one still gets an answer (an
-//! error naming the exit status) instead of hanging. The proxy's own requests use ids from a namespace
-//! of their own (a per-process random prefix), so their responses are recognised and never reach the
-//! client, and a client id can never be mistaken for one of ours.
+//! error naming the exit status) instead of hanging.
 
-use super::intercept::Rewrite;
 use crate::jsonrpc::Id;
+use crate::upstream::own::OwnRequests;
 use dashmap::DashMap;
-use serde_json::value::RawValue;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::oneshot;
+
+/// What to do with the upstream's response to a client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rewrite {
+    /// Forward it unchanged.
+    None,
+    /// Add `capabilities.tasks` to the `initialize` result.
+    Initialize,
+    /// Mark taskified tools in a `tools/list` result.
+    ToolsList {
+        /// Whether this is the first page (our own tools are added there).
+        first_page: bool,
+    },
+    /// A task-augmented call the upstream runs as its own task: observe the task id.
+    NativeTaskCall,
+    /// A 2026-07-28 call the 2025-11-25 upstream runs as its own task (sent with `params.task`): its
+    /// `CreateTaskResult` is rendered flat, as the Tasks extension's.
+    NativeTaskForModern,
+    /// A plain `tools/call`, watched for keep-alives and the sync deadline.
+    PlainCall,
+    /// A plain call answered at the sync deadline: its response completes this task instead.
+    HandedOff {
+        /// The task now holding the work.
+        task_id: String,
+    },
+    /// A 2026-07-28 call waiting for its client's answers to the upstream's questions (multi
+    /// round-trip requests): its answer goes to the client's retry.
+    Parked {
+        /// The `requestState` the client retries with.
+        state: String,
+    },
+    /// A 2026-07-28 call of a client that declared the Tasks extension, on a task tool: answered as
+    /// it is if it ends within `task_after_ms`, else it becomes a task (then [`Rewrite::HandedOff`]).
+    TaskWindow {
+        /// The tool called.
+        tool: String,
+        /// When the call was forwarded.
+        started: Instant,
+    },
+}
 
 /// A client request forwarded upstream and not answered yet.
 #[derive(Debug)]
@@ -26,46 +63,20 @@ pub struct ClientRequest {
     pub modern: bool,
 }
 
-/// The upstream's answer to one of the proxy's own requests.
-#[derive(Debug)]
-pub enum Reply {
-    /// `result`, raw.
-    Result(Box<RawValue>),
-    /// `error`, raw (the JSON-RPC error object as the upstream sent it).
-    Error(Box<RawValue>),
-}
-
-/// Who waits for the answer to one of the proxy's requests.
-#[derive(Debug)]
-pub enum OwnWaiter {
-    /// A caller awaiting it.
-    Caller(oneshot::Sender<Reply>),
-    /// A task whose call it is: the answer completes the task directly, so a running task costs no
-    /// waiting future of its own (100,000 live tasks stay cheap).
-    Task(Box<str>, std::time::Instant),
-}
-
-/// Both in-flight tables of one session.
+/// The client's requests in flight on one session (the proxy's own are in [`OwnRequests`]).
 pub struct Pending {
     client: DashMap<Id, ClientRequest>,
     /// Client requests given up while the upstream still had them (their task was cancelled): a late
     /// answer is dropped rather than sent to a client that no longer waits for it.
     abandoned: DashMap<Id, ()>,
-    own: DashMap<Id, OwnWaiter>,
-    prefix: String,
-    next: AtomicU64,
+    /// The proxy's own requests on this session.
+    pub own: Arc<OwnRequests>,
 }
 
 impl Pending {
-    /// Empty tables with a fresh random id namespace.
+    /// Empty tables, the proxy's with a fresh random id namespace.
     pub fn new() -> Self {
-        Pending {
-            client: DashMap::new(),
-            abandoned: DashMap::new(),
-            own: DashMap::new(),
-            prefix: format!("mcp-asyncify-{}-", uuid::Uuid::new_v4().simple()),
-            next: AtomicU64::new(1),
-        }
+        Pending { client: DashMap::new(), abandoned: DashMap::new(), own: Arc::new(OwnRequests::new()) }
     }
 
     /// Remembers a client request on its way upstream. Returns `false` if a request with the same id
@@ -145,54 +156,6 @@ impl Pending {
     pub fn client_len(&self) -> usize {
         self.client.len()
     }
-
-    fn next_own_id(&self) -> Id {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        Id::string(&format!("{}{n}", self.prefix))
-    }
-
-    /// Allocates an id in the proxy's namespace and registers a waiter for its response.
-    pub fn register_own(&self) -> (Id, oneshot::Receiver<Reply>) {
-        let id = self.next_own_id();
-        let (tx, rx) = oneshot::channel();
-        self.own.insert(id.clone(), OwnWaiter::Caller(tx));
-        (id, rx)
-    }
-
-    /// Allocates an id whose answer belongs to the task `task_id`.
-    pub fn register_own_task(&self, task_id: &str) -> Id {
-        let id = self.next_own_id();
-        self.own.insert(id.clone(), OwnWaiter::Task(task_id.into(), std::time::Instant::now()));
-        id
-    }
-
-    /// Whether an id belongs to the proxy's namespace (whether or not it is still waited for).
-    pub fn is_own(&self, id: &Id) -> bool {
-        // The prefix is inside the JSON string quotes.
-        id.is_string() && id.as_json()[1..].starts_with(&self.prefix)
-    }
-
-    /// Takes the waiter of one of our requests (when its answer comes).
-    pub fn take_own(&self, id: &Id) -> Option<OwnWaiter> {
-        self.own.remove(id).map(|(_, w)| w)
-    }
-
-    /// Forgets one of the proxy's requests (its caller gave up).
-    pub fn forget_own(&self, id: &Id) {
-        self.own.remove(id);
-    }
-
-    /// Drops every waiter of the proxy's own requests, which wakes callers with "upstream gone", and
-    /// returns the tasks whose calls will never be answered.
-    pub fn fail_own(&self) -> Vec<Box<str>> {
-        let ids: Vec<Id> = self.own.iter().map(|e| e.key().clone()).collect();
-        ids.iter()
-            .filter_map(|id| match self.own.remove(id) {
-                Some((_, OwnWaiter::Task(task, _))) => Some(task),
-                _ => None,
-            })
-            .collect()
-    }
 }
 
 impl Default for Pending {
@@ -204,20 +167,6 @@ impl Default for Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn own_ids_never_look_like_client_ids() {
-        let p = Pending::new();
-        let (id, _rx) = p.register_own();
-        assert!(p.is_own(&id));
-        for raw in ["1", "0", "\"1\"", "\"mcp-asyncify-1\""] {
-            let client = Id::from_raw(&serde_json::from_str::<Box<RawValue>>(raw).unwrap());
-            assert!(!p.is_own(&client), "{raw}");
-        }
-        // Two processes never share a namespace.
-        let other = Pending::new();
-        assert!(!other.is_own(&id));
-    }
 
     #[test]
     fn draining_returns_every_waiting_request() {

@@ -6,10 +6,10 @@
 //! classified by a light envelope parse; what is not intercepted is forwarded as its original bytes.
 
 use super::era::{self, Era};
-use super::intercept::{ClientAnswer, Decision, Interceptor, Rewrite, ServerRequestRoute};
-use super::pending::{OwnWaiter, Pending, Reply};
-use super::upstream::Upstream;
+use super::intercept::{ClientAnswer, Decision, Interceptor, ResponseFate, Rewrite, ServerRequestRoute};
+use super::pending::Pending;
 use crate::config::Config;
+use crate::jsonrpc::Outcome;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
 use crate::notion::adapter::NotionAdapter;
 use crate::notion::poll::PollScheduler;
@@ -18,6 +18,8 @@ use crate::tasks::store::memory::MemoryStore;
 use crate::telemetry::trace::Operations;
 use crate::transport::lines::{Line, LineReader, LineSink};
 use crate::transport::lines::{LineCloser, spawn_line_writer, spawn_observed_line_writer};
+use crate::upstream::Upstream;
+use crate::upstream::own::OwnWaiter;
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -78,7 +80,7 @@ impl Session {
         let (upstream_sink, upstream_closer) = spawn_line_writer(upstream_in, QUEUE);
         let pending = Arc::new(Pending::new());
         let (exit, exit_rx) = tokio::sync::watch::channel::<Option<String>>(None);
-        let upstream = Upstream::new(upstream_sink.clone(), pending.clone(), exit_rx);
+        let upstream = Upstream::new(upstream_sink.clone(), pending.own.clone(), exit_rx);
         let notion = Arc::new(NotionAdapter::new(config.notion.clone(), shared.scheduler.clone()));
         let intercept = Interceptor::new(
             shared.engine.clone(),
@@ -331,13 +333,13 @@ impl Router {
                     self.client.send(line).await;
                     return;
                 };
-                if self.pending.is_own(id) {
+                if self.pending.own.is_own(id) {
                     let reply = match (env.result, env.error) {
-                        (Some(r), _) => Reply::Result(r.to_owned()),
-                        (None, Some(e)) => Reply::Error(e.to_owned()),
+                        (Some(r), _) => Outcome::Result(r.to_owned()),
+                        (None, Some(e)) => Outcome::Error(e.to_owned()),
                         (None, None) => unreachable!("a response has a result or an error"),
                     };
-                    match self.pending.take_own(id) {
+                    match self.pending.own.take(id) {
                         Some(OwnWaiter::Caller(tx)) => {
                             let _ = tx.send(reply);
                         }
@@ -370,13 +372,14 @@ impl Router {
                         }
                         return;
                     }
-                    if let Some(rewritten) =
-                        self.intercept.on_upstream_response(id, req.rewrite, modern, env.result, env.error)
+                    match self.intercept.on_upstream_response(id, req.rewrite, modern, env.result, env.error)
                     {
-                        if let Some(rewritten) = rewritten {
-                            self.client.send(rewritten).await;
+                        ResponseFate::AsIs => {}
+                        ResponseFate::Rewritten(line) => {
+                            self.client.send(line).await;
+                            return;
                         }
-                        return;
+                        ResponseFate::Withheld => return,
                     }
                     // A 2026-07-28 answer says it is complete (not a task, not a request for input).
                     if modern && let Some(result) = env.result {
@@ -424,7 +427,7 @@ impl Router {
 
     /// Answers every client request still waiting with an error saying why the upstream is gone.
     pub async fn fail_pending(&self, why: &str) {
-        let mut orphaned: Vec<String> = self.pending.fail_own().into_iter().map(String::from).collect();
+        let mut orphaned: Vec<String> = self.pending.own.fail_all().into_iter().map(String::from).collect();
         for (id, req) in self.pending.drain_client() {
             let id = match req.rewrite {
                 Rewrite::HandedOff { task_id } => {

@@ -6,7 +6,6 @@
 //! `DetailedTask` (`ttlMs`, `pollIntervalMs`; a tool result with `isError` is `completed`, only a
 //! JSON-RPC error is `failed`; the result, error or pending input requests inline).
 
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::time::{Duration, SystemTime};
 
@@ -95,13 +94,7 @@ impl Generation {
 }
 
 /// The final payload of a task: exactly what the underlying request returned.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    /// The `result` object, raw.
-    Result(Box<RawValue>),
-    /// The JSON-RPC `error` object, raw.
-    Error(Box<RawValue>),
-}
+pub use crate::jsonrpc::Outcome;
 
 /// Everything the proxy keeps about one task.
 #[derive(Debug, Clone)]
@@ -261,6 +254,7 @@ pub fn with_related_task(raw: &str, task_id: &str) -> Result<String, serde_json:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::value::RawValue;
 
     #[test]
     fn terminal_states_never_change() {

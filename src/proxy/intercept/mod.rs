@@ -19,14 +19,15 @@
 //!   (server-directed tasks, `DetailedTask`, `tasks/update`) from the same engine.
 
 use super::era::Era;
-use super::pending::{Pending, Reply};
-use super::upstream::{Upstream, UpstreamError};
+use super::pending::Pending;
+pub use super::pending::Rewrite;
 use crate::config::UpstreamProtocol;
 use crate::jsonrpc::{self, Id, code};
 use crate::notion::adapter::NotionAdapter;
 use crate::tasks::engine::TaskEngine;
 use crate::tasks::model::{Generation, Origin, Outcome, TaskStatus, with_related_task};
 use crate::transport::lines::LineSink;
+use crate::upstream::{Upstream, UpstreamError};
 use dashmap::DashMap;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
@@ -47,46 +48,6 @@ pub use mrtr::ClientAnswer;
 pub use subscriptions::SUBSCRIPTION_ID;
 pub use sync_clients::{RESULT_TOOL, STATUS_TOOL};
 
-/// What to do with the upstream's response to a client request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rewrite {
-    /// Forward it unchanged.
-    None,
-    /// Add `capabilities.tasks` to the `initialize` result.
-    Initialize,
-    /// Mark taskified tools in a `tools/list` result.
-    ToolsList {
-        /// Whether this is the first page (our own tools are added there).
-        first_page: bool,
-    },
-    /// A task-augmented call the upstream runs as its own task: observe the task id.
-    NativeTaskCall,
-    /// A 2026-07-28 call the 2025-11-25 upstream runs as its own task (sent with `params.task`): its
-    /// `CreateTaskResult` is rendered flat, as the Tasks extension's.
-    NativeTaskForModern,
-    /// A plain `tools/call`, watched for keep-alives and the sync deadline.
-    PlainCall,
-    /// A plain call answered at the sync deadline: its response completes this task instead.
-    HandedOff {
-        /// The task now holding the work.
-        task_id: String,
-    },
-    /// A 2026-07-28 call waiting for its client's answers to the upstream's questions (multi
-    /// round-trip requests): its answer goes to the client's retry.
-    Parked {
-        /// The `requestState` the client retries with.
-        state: String,
-    },
-    /// A 2026-07-28 call of a client that declared the Tasks extension, on a task tool: answered as
-    /// it is if it ends within `task_after_ms`, else it becomes a task (then [`Rewrite::HandedOff`]).
-    TaskWindow {
-        /// The tool called.
-        tool: String,
-        /// When the call was forwarded.
-        started: Instant,
-    },
-}
-
 /// What the router should do with a client request.
 pub enum Decision {
     /// Forward the original bytes, and treat the response as said.
@@ -95,6 +56,18 @@ pub enum Decision {
     ForwardAs(Vec<u8>, Rewrite),
     /// The proxy answered (or will answer) it; nothing goes upstream.
     Handled,
+}
+
+/// What becomes of the upstream's response to a client request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ResponseFate {
+    /// Forward it as the upstream sent it (a 2026-07-28 result is marked complete on the way).
+    AsIs,
+    /// Send this line instead.
+    Rewritten(Vec<u8>),
+    /// Send nothing now: the proxy keeps it (a handed-off call's result completes its task; a parked
+    /// call's answer waits for the client's retry).
+    Withheld,
 }
 
 /// What to do with a request the upstream sent to the client.
@@ -429,8 +402,8 @@ impl Interceptor {
                         let Some(this) = this.upgrade() else { return };
                         this.call_ended(&task);
                         // The call will get no answer: its duration ends here, as cancelled.
-                        if let Some(super::pending::OwnWaiter::Task(_, sent)) =
-                            this.pending.take_own(&request_id)
+                        if let Some(crate::upstream::own::OwnWaiter::Task(_, sent)) =
+                            this.pending.own.take(&request_id)
                             && crate::telemetry::metrics_on()
                         {
                             let tool = this.engine.get(&this.owner, &task).map(|r| r.tool);
@@ -453,12 +426,12 @@ impl Interceptor {
     }
 
     /// The upstream answered a task's call.
-    pub fn task_call_answered(&self, task_id: &str, reply: Reply, sent: Instant) {
+    pub fn task_call_answered(&self, task_id: &str, reply: Outcome, sent: Instant) {
         if crate::telemetry::metrics_on() {
             let tool = self.engine.get(&self.owner, task_id).map(|r| r.tool);
             let error = match &reply {
-                Reply::Error(e) => Some(crate::telemetry::trace::error_code(e)),
-                Reply::Result(_) => None,
+                Outcome::Error(e) => Some(crate::telemetry::trace::error_code(e)),
+                Outcome::Result(_) => None,
             };
             crate::telemetry::trace::record_client_operation(
                 sent,
@@ -507,15 +480,15 @@ impl Interceptor {
 
     /// Ends a task with the upstream's answer: results as `completed` (or `failed` when `isError`),
     /// JSON-RPC errors and a vanished upstream as `failed`.
-    fn finish_with_reply(&self, task_id: &str, reply: Result<Reply, UpstreamError>) {
+    fn finish_with_reply(&self, task_id: &str, reply: Result<Outcome, UpstreamError>) {
         let (status, message, outcome) = match reply {
-            Ok(Reply::Result(raw)) if lookup(raw.get(), &["isError"]) == Some(Value::Bool(true)) => (
+            Ok(Outcome::Result(raw)) if lookup(raw.get(), &["isError"]) == Some(Value::Bool(true)) => (
                 TaskStatus::Failed,
                 Some("The tool returned an error result (isError: true).".into()),
                 Outcome::Result(raw),
             ),
-            Ok(Reply::Result(raw)) => (TaskStatus::Completed, None, Outcome::Result(raw)),
-            Ok(Reply::Error(raw)) => {
+            Ok(Outcome::Result(raw)) => (TaskStatus::Completed, None, Outcome::Result(raw)),
+            Ok(Outcome::Error(raw)) => {
                 let message = lookup(raw.get(), &["message"]).and_then(|m| m.as_str().map(str::to_owned));
                 (TaskStatus::Failed, message, Outcome::Error(raw))
             }
@@ -529,7 +502,7 @@ impl Interceptor {
         self.engine.finish(task_id, status, message, Some(outcome));
     }
 
-    /// Rewrites (or withholds) the upstream's response to a client request. `None`: do not forward.
+    /// What becomes of the upstream's response to a client request.
     pub fn on_upstream_response(
         &self,
         id: &Id,
@@ -537,30 +510,35 @@ impl Interceptor {
         modern: bool,
         result: Option<&RawValue>,
         error: Option<&RawValue>,
-    ) -> Option<Option<Vec<u8>>> {
+    ) -> ResponseFate {
+        // An error (or a result we cannot read) passes through as the upstream sent it.
+        let rewritten = |line: Option<Vec<u8>>| line.map_or(ResponseFate::AsIs, ResponseFate::Rewritten);
         match rewrite {
-            Rewrite::None | Rewrite::PlainCall | Rewrite::TaskWindow { .. } => None,
-            // An error (or a result we cannot read) passes through as the upstream sent it.
-            Rewrite::Initialize => result.and_then(|r| self.rewrite_initialize(id, r)).map(Some),
+            Rewrite::None | Rewrite::PlainCall | Rewrite::TaskWindow { .. } => ResponseFate::AsIs,
+            Rewrite::Initialize => rewritten(result.and_then(|r| self.rewrite_initialize(id, r))),
             Rewrite::ToolsList { first_page } => {
-                result.and_then(|r| self.rewrite_tools_list(id, r, first_page, modern)).map(Some)
+                rewritten(result.and_then(|r| self.rewrite_tools_list(id, r, first_page, modern)))
             }
             Rewrite::NativeTaskCall => {
                 if let Some(Value::String(t)) = result.and_then(|r| lookup(r.get(), &["task", "taskId"])) {
                     self.native_tasks.insert(t, ());
                 }
-                None
+                ResponseFate::AsIs
             }
-            Rewrite::NativeTaskForModern => result.and_then(|r| self.native_created(id, r)).map(Some),
-            Rewrite::Parked { state } => Some(self.parked_answered(&state, result, error)),
+            Rewrite::NativeTaskForModern => rewritten(result.and_then(|r| self.native_created(id, r))),
+            // The answer goes to the client's retry, now or when it comes.
+            Rewrite::Parked { state } => match self.parked_answered(&state, result, error) {
+                Some(line) => ResponseFate::Rewritten(line),
+                None => ResponseFate::Withheld,
+            },
             Rewrite::HandedOff { task_id } => {
                 let reply = match (result, error) {
-                    (Some(r), _) => Reply::Result(r.to_owned()),
-                    (None, Some(e)) => Reply::Error(e.to_owned()),
-                    (None, None) => return Some(Option::None),
+                    (Some(r), _) => Outcome::Result(r.to_owned()),
+                    (None, Some(e)) => Outcome::Error(e.to_owned()),
+                    (None, None) => return ResponseFate::Withheld,
                 };
                 self.finish_with_reply(&task_id, Ok(reply));
-                Some(Option::None)
+                ResponseFate::Withheld
             }
         }
     }

@@ -16,7 +16,6 @@ use super::{Decision, Interceptor, Rewrite, lookup};
 use crate::config::UpstreamProtocol;
 use crate::jsonrpc::{self, Id, code};
 use crate::proxy::era::{self, Modern};
-use crate::proxy::pending::Reply;
 use crate::tasks::engine::CancelError;
 use crate::tasks::model::{Generation, Origin, Outcome, TaskStatus};
 use serde_json::value::RawValue;
@@ -198,9 +197,9 @@ impl Interceptor {
                     .await
                     .map_err(|e| e.to_string())?;
                 let result = match reply {
-                    Reply::Result(raw) => serde_json::from_str::<Map<String, Value>>(raw.get())
+                    Outcome::Result(raw) => serde_json::from_str::<Map<String, Value>>(raw.get())
                         .map_err(|e| format!("its initialize result is not an object ({e})"))?,
-                    Reply::Error(e) => return Err(format!("it refused initialize: {}", e.get())),
+                    Outcome::Error(e) => return Err(format!("it refused initialize: {}", e.get())),
                 };
                 self.learn_initialize(&result);
                 self.upstream.notify("notifications/initialized", None).await;
@@ -223,9 +222,9 @@ impl Interceptor {
             .await
             .map_err(|e| e.to_string())?;
         let result = match reply {
-            Reply::Result(raw) => serde_json::from_str::<Map<String, Value>>(raw.get())
+            Outcome::Result(raw) => serde_json::from_str::<Map<String, Value>>(raw.get())
                 .map_err(|e| format!("its answer is not an object ({e})"))?,
-            Reply::Error(e) => return Err(format!("it answered {}", e.get())),
+            Outcome::Error(e) => return Err(format!("it answered {}", e.get())),
         };
         let versions = result.get("supportedVersions").and_then(Value::as_array);
         if !versions.is_some_and(|v| v.iter().any(|v| v == era::MODERN_VERSION)) {
@@ -639,7 +638,7 @@ impl Interceptor {
                 ack
             }
             "tasks/cancel" => match ask("tasks/cancel").await {
-                Ok(Reply::Error(e)) if jsonrpc::error_code_of(e.get()) != Some(code::INVALID_PARAMS) => {
+                Ok(Outcome::Error(e)) if jsonrpc::error_code_of(e.get()) != Some(code::INVALID_PARAMS) => {
                     jsonrpc::error_object_response(id, e.get())
                 }
                 // Cancelled, or already ended (a 2025-11-25 "terminal" -32602): both an ack now.
@@ -647,14 +646,14 @@ impl Interceptor {
                 Err(e) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &e.to_string(), None),
             },
             _ => match ask("tasks/get").await {
-                Ok(Reply::Result(raw)) => {
+                Ok(Outcome::Result(raw)) => {
                     let task: Map<String, Value> = serde_json::from_str(raw.get()).unwrap_or_default();
                     let mut detailed = modern_task(&task);
                     detailed.insert("resultType".into(), json!("complete"));
                     if matches!(task.get("status").and_then(Value::as_str), Some("completed" | "failed")) {
                         match ask("tasks/result").await {
                             // A tool result, even with isError, is `completed` in 2026-07-28.
-                            Ok(Reply::Result(r)) => {
+                            Ok(Outcome::Result(r)) => {
                                 let mut result: Value = serde_json::from_str(r.get()).unwrap_or(Value::Null);
                                 if let Value::Object(m) = &mut result {
                                     m.entry("resultType").or_insert_with(|| json!("complete"));
@@ -662,7 +661,7 @@ impl Interceptor {
                                 detailed.insert("status".into(), json!("completed"));
                                 detailed.insert("result".into(), result);
                             }
-                            Ok(Reply::Error(e)) => {
+                            Ok(Outcome::Error(e)) => {
                                 detailed.insert("status".into(), json!("failed"));
                                 detailed.insert(
                                     "error".into(),
@@ -683,7 +682,7 @@ impl Interceptor {
                     }
                     jsonrpc::result_response(id, &Value::Object(detailed).to_string())
                 }
-                Ok(Reply::Error(e)) => jsonrpc::error_object_response(id, e.get()),
+                Ok(Outcome::Error(e)) => jsonrpc::error_object_response(id, e.get()),
                 Err(e) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &e.to_string(), None),
             },
         };

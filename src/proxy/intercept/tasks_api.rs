@@ -2,7 +2,6 @@
 
 use super::{Decision, Interceptor, Rewrite, lookup};
 use crate::jsonrpc::{self, Id, code};
-use crate::proxy::pending::Reply;
 use crate::tasks::engine::CancelError;
 use crate::tasks::model::{Outcome, RELATED_TASK, TaskRecord, with_related_task};
 use serde_json::value::RawValue;
@@ -115,7 +114,7 @@ impl Interceptor {
                     .request("tasks/list", Some(&params), Some(Duration::from_secs(30)))
                     .await
                 {
-                    Ok(Reply::Result(raw)) => {
+                    Ok(Outcome::Result(raw)) => {
                         let mut page: Map<String, Value> =
                             serde_json::from_str(raw.get()).unwrap_or_default();
                         if let Some(Value::String(next)) = page.get("nextCursor") {
@@ -124,7 +123,7 @@ impl Interceptor {
                         }
                         jsonrpc::result_response(&id, &Value::Object(page).to_string())
                     }
-                    Ok(Reply::Error(raw)) => jsonrpc::error_object_response(&id, raw.get()),
+                    Ok(Outcome::Error(raw)) => jsonrpc::error_object_response(&id, raw.get()),
                     Err(e) => jsonrpc::error_response(Some(&id), code::INTERNAL_ERROR, &e.to_string(), None),
                 };
                 this.client.send(line).await;
@@ -178,17 +177,17 @@ impl Interceptor {
         while let Some(Ok((task_id, got))) = asks.join_next().await {
             let task_id = task_id.as_str();
             match got {
-                Ok(Reply::Result(raw)) => match serde_json::from_str::<Value>(raw.get()) {
+                Ok(Outcome::Result(raw)) => match serde_json::from_str::<Value>(raw.get()) {
                     Ok(task) if task.get("taskId").is_some() => found.push(task),
                     _ => tracing::warn!(
                         task_id,
                         "the upstream's tasks/get gave no task; left out of tasks/list"
                     ),
                 },
-                Ok(Reply::Error(e)) if jsonrpc::error_code_of(e.get()) == Some(code::INVALID_PARAMS) => {
+                Ok(Outcome::Error(e)) if jsonrpc::error_code_of(e.get()) == Some(code::INVALID_PARAMS) => {
                     self.native_tasks.remove(task_id);
                 }
-                Ok(Reply::Error(e)) => {
+                Ok(Outcome::Error(e)) => {
                     tracing::warn!(task_id, error = %e.get(), "the upstream's tasks/get failed; left out of tasks/list")
                 }
                 Err(e) => {

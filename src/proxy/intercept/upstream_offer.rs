@@ -4,8 +4,8 @@
 //! protocol), so that a task-run call is routed right even if the client never lists tools.
 
 use super::{Interceptor, lookup_value, sync_clients};
+use crate::jsonrpc::Outcome;
 use crate::jsonrpc::{self, Id};
-use crate::proxy::pending::Reply;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
@@ -124,10 +124,10 @@ impl Interceptor {
                     .request("tools/list", Some(&params), Some(Duration::from_secs(30)))
                     .await
                 {
-                    Ok(Reply::Result(raw)) => {
+                    Ok(Outcome::Result(raw)) => {
                         serde_json::from_str::<Map<String, Value>>(raw.get()).unwrap_or_default()
                     }
-                    Ok(Reply::Error(e)) => {
+                    Ok(Outcome::Error(e)) => {
                         tracing::warn!(error = %e.get(), "the upstream refused to list its tools to the proxy");
                         break;
                     }

@@ -1,12 +1,16 @@
 //! The proxy's own voice toward the upstream: send a request and await its answer, or notify.
 //!
-//! The tasks engine and the Notion adapter use [`Upstream`] to run calls and polls. Each request gets
-//! an id from the session's private namespace (see [`Pending`]), and its response is routed back here
-//! instead of to the client.
+//! The proxy (its tasks, its own listing and handshake) and the Notion adapter use [`Upstream`] to run
+//! calls and polls. Each request gets an id from the session's private namespace ([`own`]), and its
+//! response is routed back here instead of to the client. This module sits below both the proxy and
+//! the Notion adapter: neither imports the other through it.
 
-use super::pending::{Pending, Reply};
+pub mod own;
+
 use crate::jsonrpc;
+use crate::jsonrpc::Outcome;
 use crate::transport::lines::LineSink;
+use own::OwnRequests;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,19 +29,19 @@ pub enum UpstreamError {
 #[derive(Clone)]
 pub struct Upstream {
     sink: LineSink,
-    pending: Arc<Pending>,
+    own: Arc<OwnRequests>,
     exit: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl Upstream {
-    /// A handle writing to `sink`, routing answers through `pending`; `exit` carries why the upstream
+    /// A handle writing to `sink`, routing answers through `own`; `exit` carries why the upstream
     /// ended once it has.
     pub fn new(
         sink: LineSink,
-        pending: Arc<Pending>,
+        own: Arc<OwnRequests>,
         exit: tokio::sync::watch::Receiver<Option<String>>,
     ) -> Self {
-        Upstream { sink, pending, exit }
+        Upstream { sink, own, exit }
     }
 
     /// Sends `method` with raw JSON `params` and waits for the answer (optionally bounded by `timeout`).
@@ -46,7 +50,7 @@ impl Upstream {
         method: &str,
         params: Option<&str>,
         timeout: Option<Duration>,
-    ) -> Result<Reply, UpstreamError> {
+    ) -> Result<Outcome, UpstreamError> {
         self.send(method, params).await?.reply(timeout).await
     }
 
@@ -55,16 +59,16 @@ impl Upstream {
         if let Some(why) = self.exit.borrow().clone() {
             return Err(UpstreamError::Gone(why));
         }
-        let (id, rx) = self.pending.register_own();
+        let (id, rx) = self.own.register();
         // The session marks the upstream gone before it drops the waiters; checking again after
         // registering closes the window where a waiter could be added after that sweep.
         if let Some(why) = self.exit.borrow().clone() {
-            self.pending.forget_own(&id);
+            self.own.forget(&id);
             return Err(UpstreamError::Gone(why));
         }
         let line = jsonrpc::request(&id, method, params);
         if !self.sink.send(line).await {
-            self.pending.forget_own(&id);
+            self.own.forget(&id);
             return Err(UpstreamError::Gone(self.gone_reason()));
         }
         Ok(InFlight {
@@ -87,9 +91,9 @@ impl Upstream {
         if let Some(why) = self.exit.borrow().clone() {
             return Err(UpstreamError::Gone(why));
         }
-        let id = self.pending.register_own_task(task_id);
+        let id = self.own.register_task(task_id);
         if let Some(why) = self.exit.borrow().clone() {
-            self.pending.forget_own(&id);
+            self.own.forget(&id);
             return Err(UpstreamError::Gone(why));
         }
         let mut line = jsonrpc::request(&id, method, Some(params));
@@ -100,7 +104,7 @@ impl Upstream {
             line = traced;
         }
         if !self.sink.send(line).await {
-            self.pending.forget_own(&id);
+            self.own.forget(&id);
             return Err(UpstreamError::Gone(self.gone_reason()));
         }
         Ok(id)
@@ -124,7 +128,7 @@ impl Upstream {
 
     /// Stops waiting for the answer to one of our requests (it will be dropped when it comes).
     pub fn forget(&self, id: &jsonrpc::Id) {
-        self.pending.forget_own(id);
+        self.own.forget(id);
     }
 
     /// Why the upstream is gone, once it is.
@@ -136,7 +140,7 @@ impl Upstream {
 /// One of the proxy's requests, sent and not yet answered.
 pub struct InFlight {
     id: jsonrpc::Id,
-    rx: tokio::sync::oneshot::Receiver<Reply>,
+    rx: tokio::sync::oneshot::Receiver<Outcome>,
     upstream: Upstream,
     method: String,
     sent: std::time::Instant,
@@ -149,13 +153,13 @@ impl InFlight {
     }
 
     /// Waits for the answer (optionally bounded by `timeout`).
-    pub async fn reply(self, timeout: Option<Duration>) -> Result<Reply, UpstreamError> {
+    pub async fn reply(self, timeout: Option<Duration>) -> Result<Outcome, UpstreamError> {
         let InFlight { id, rx, upstream, method, sent } = self;
         let answer = match timeout {
             Some(t) => match tokio::time::timeout(t, rx).await {
                 Ok(answer) => answer,
                 Err(_) => {
-                    upstream.pending.forget_own(&id);
+                    upstream.own.forget(&id);
                     return Err(UpstreamError::Timeout(t));
                 }
             },
@@ -164,7 +168,7 @@ impl InFlight {
         let answer = answer.map_err(|_| UpstreamError::Gone(upstream.gone_reason()));
         if crate::telemetry::metrics_on() {
             let error = match &answer {
-                Ok(Reply::Error(e)) => Some(crate::telemetry::trace::error_code(e)),
+                Ok(Outcome::Error(e)) => Some(crate::telemetry::trace::error_code(e)),
                 Err(_) => Some("upstream_gone".to_owned()),
                 Ok(_) => None,
             };
@@ -175,6 +179,6 @@ impl InFlight {
 
     /// Gives up on the answer (it will be dropped when it comes).
     pub fn abandon(self) {
-        self.upstream.pending.forget_own(&self.id);
+        self.upstream.own.forget(&self.id);
     }
 }
