@@ -1,67 +1,60 @@
-//! The Prometheus scrape endpoint: a minimal HTTP/1.1 server for `GET /metrics` and `GET /healthz`.
+//! The Prometheus scrape endpoint (`--metrics-listen ADDR`): `GET /metrics` and `GET /healthz`, served
+//! by hyper (HTTP/1.1), with the one encoder the sidecar's `/metrics` uses too
+//! ([`super::render_prometheus`]).
 //!
-//! Scrapes are rare and small, so one short-lived connection per request is plenty; a bounded request
-//! head and a read timeout keep a misbehaving peer from holding anything.
+//! Scrapes are rare and small; a header read timeout keeps a peer that never finishes its request
+//! from holding a connection.
 
-use prometheus::{Encoder, TextEncoder};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const MAX_HEAD: usize = 8192;
-
 /// Binds `addr` and serves in the background; returns the bound address.
-pub async fn serve(addr: SocketAddr, registry: prometheus::Registry) -> anyhow::Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr} (--metrics-listen): {e}"))?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut conn, _)) = listener.accept().await else { continue };
-            let registry = registry.clone();
+            let Ok((stream, _)) = listener.accept().await else { continue };
             tokio::spawn(async move {
-                let mut head = Vec::with_capacity(512);
-                let mut buf = [0u8; 1024];
-                let read = tokio::time::timeout(Duration::from_secs(5), async {
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return false,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    true
-                })
-                .await;
-                if !matches!(read, Ok(true)) {
-                    return;
-                }
-                let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-                let mut parts = line.split(|b| *b == b' ');
-                let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-                let path = path.split(|b| *b == b'?').next().unwrap_or_default();
-                let (status, content_type, body) = match (method, path) {
-                    (b"GET", b"/metrics") => {
-                        let mut body = Vec::new();
-                        match TextEncoder::new().encode(&registry.gather(), &mut body) {
-                            Ok(()) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
-                            Err(e) => ("500 Internal Server Error", "text/plain", e.to_string().into_bytes()),
-                        }
-                    }
-                    (b"GET", b"/healthz") => ("200 OK", "text/plain", b"ok\n".to_vec()),
-                    (b"GET", _) => ("404 Not Found", "text/plain", b"try /metrics or /healthz\n".to_vec()),
-                    _ => ("405 Method Not Allowed", "text/plain", b"GET only\n".to_vec()),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = conn.write_all(head.as_bytes()).await;
-                let _ = conn.write_all(&body).await;
-                let _ = conn.shutdown().await;
+                let service =
+                    hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(answer(&req)) });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(5))
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
     Ok(bound)
+}
+
+fn answer(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body): (_, _, Bytes) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => match super::render_prometheus() {
+            Some(text) => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text.into()),
+            None => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "metrics could not be encoded\n".into())
+            }
+        },
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "try /metrics or /healthz\n".into()),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into()),
+    };
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static("GET"));
+    }
+    response
 }

@@ -127,12 +127,13 @@ impl Telemetry {
                 .build()
                 .map_err(|e| anyhow::anyhow!("cannot set up the Prometheus exporter: {e}"))?;
             meters = meters.with_reader(exporter);
+            // Set before the endpoint serves, so its first scrape finds it.
+            let _ = REGISTRY.set(registry);
             if let Some(addr) = options.metrics_listen {
-                let bound = endpoint::serve(addr, registry.clone()).await?;
+                let bound = endpoint::serve(addr).await?;
                 tracing::info!(addr = %bound, "metrics endpoint listening (GET /metrics, /healthz)");
                 metrics_addr = Some(bound);
             }
-            let _ = REGISTRY.set(registry);
             any_metrics = true;
         }
         if otlp_wanted("METRICS") {
