@@ -1,7 +1,9 @@
 //! Transports: how messages get in and out.
 //!
 //! [`lines`] frames newline-delimited JSON-RPC with a size cap; [`stdio`] runs the upstream as a child
-//! process. The Streamable HTTP client and server come next to them.
+//! process; [`http_upstream`] is the Streamable HTTP client toward a hosted upstream (`--upstream-url`),
+//! presenting it to the session as lines like a child process. The Streamable HTTP server side is the
+//! sidecar ([`crate::proxy::sidecar`]).
 
 pub mod http_upstream;
 pub mod lines;

@@ -104,16 +104,9 @@ struct UpstreamFacts {
     upstream_tasks: bool,
 }
 
-/// The task-aware interception of one session.
-pub struct Interceptor {
-    /// What the upstream speaks (as configured; `Auto` is settled by the probe, in `facts`).
-    upstream_protocol: UpstreamProtocol,
-    engine: Arc<TaskEngine>,
-    owner: String,
-    client: LineSink,
-    upstream: Upstream,
-    pending: Arc<Pending>,
-    facts: Mutex<UpstreamFacts>,
+/// The tasks a session started and the calls that run them.
+#[derive(Default)]
+struct SessionTasks {
     /// Ids of tasks the upstream created itself (their `tasks/*` go upstream).
     native_tasks: DashMap<String, ()>,
     /// Upstream requests to the client made on behalf of a task, by the upstream's request id.
@@ -127,10 +120,20 @@ pub struct Interceptor {
     started: DashMap<String, ()>,
     /// Last progress value seen per progress token (JSON text), so keep-alives keep increasing.
     progress_seen: DashMap<String, f64>,
+    /// 2026-07-28 tasks of this session, with the input requests they wait on.
+    modern_tasks: DashMap<String, modern::InputRequests>,
+    /// Woken whenever a task's call leaves `running`.
+    calls_ended: tokio::sync::Notify,
+    /// Answers that wait for a task's end (`tasks/result`, the hand-off result tool), so that the
+    /// session sends them before it closes.
+    answering: tokio_util::task::TaskTracker,
+}
+
+/// What the client and the upstream are, and what they said.
+#[derive(Default)]
+struct Peers {
     /// Whether the client speaks tasks (declared them, or used them): then it gets status notifications.
     client_speaks_tasks: AtomicBool,
-    /// Notion's async protocol on this upstream.
-    notion: Arc<NotionAdapter>,
     /// Becomes true once the upstream's tools are known (listed by the proxy itself, or it gave up).
     tools_known: tokio::sync::watch::Sender<bool>,
     /// Whether the proxy is listing the upstream's tools (it started after the handshake).
@@ -147,21 +150,45 @@ pub struct Interceptor {
     modern_client: AtomicBool,
     /// The upstream speaks 2026-07-28 (found by discovery).
     modern_upstream: AtomicBool,
-    /// 2026-07-28 tasks of this session, with the input requests they wait on.
-    modern_tasks: DashMap<String, modern::InputRequests>,
+}
+
+/// Calls waiting for answers to the upstream's questions: a 2026-07-28 client's parked calls, a
+/// 2025-11-25 client's rounds on a 2026-07-28 upstream.
+#[derive(Default)]
+struct RoundTrips {
     /// 2026-07-28 calls waiting for their client's answers, by `requestState`.
     parked: DashMap<String, mrtr::Parked>,
     /// The `requestState` of each parked call, by the call's id.
     parked_calls: DashMap<Id, String>,
-    /// Open `subscriptions/listen` requests, by id.
-    subscriptions: DashMap<Id, subscriptions::Subscription>,
     /// A 2025-11-25 client's calls on a 2026-07-28 upstream (method, params), to send again with
     /// answers when the upstream asks something.
     retries: DashMap<Id, (String, String)>,
     /// The proxy's questions to a 2025-11-25 client: the call and the upstream's key, by request id.
     asks: DashMap<Id, (Id, String)>,
     /// Rounds of questions in progress, by call.
-    rounds: DashMap<Id, mrtr::LegacyRound>,
+    legacy_rounds: DashMap<Id, mrtr::LegacyRound>,
+}
+
+/// The task-aware interception of one session.
+pub struct Interceptor {
+    /// What the upstream speaks (as configured; `Auto` is settled by the probe, in `facts`).
+    upstream_protocol: UpstreamProtocol,
+    engine: Arc<TaskEngine>,
+    owner: String,
+    client: LineSink,
+    upstream: Upstream,
+    pending: Arc<Pending>,
+    facts: Mutex<UpstreamFacts>,
+    /// Notion's async protocol on this upstream.
+    notion: Arc<NotionAdapter>,
+    /// Open `subscriptions/listen` requests, by id.
+    subscriptions: DashMap<Id, subscriptions::Subscription>,
+    /// The session's tasks and the calls that run them.
+    tasks: SessionTasks,
+    /// What each side is and has said.
+    peers: Peers,
+    /// Calls waiting for answers to the upstream's questions (multi round-trip requests).
+    trips: RoundTrips,
 }
 
 impl Interceptor {
@@ -183,36 +210,29 @@ impl Interceptor {
             upstream,
             pending,
             facts: Mutex::new(UpstreamFacts::default()),
-            native_tasks: DashMap::new(),
-            input_requests: DashMap::new(),
-            running: DashMap::new(),
-            task_tokens: DashMap::new(),
-            started: DashMap::new(),
-            progress_seen: DashMap::new(),
-            client_speaks_tasks: AtomicBool::new(false),
+            tasks: SessionTasks::default(),
+            peers: Peers::default(),
+            trips: RoundTrips::default(),
             notion,
-            tools_known: tokio::sync::watch::channel(false).0,
-            discovering: AtomicBool::new(false),
-            own_init: tokio::sync::OnceCell::new(),
-            swallow_initialized: AtomicBool::new(false),
-            legacy_client: AtomicBool::new(false),
-            modern_client: AtomicBool::new(false),
-            modern_upstream: AtomicBool::new(false),
-            modern_tasks: DashMap::new(),
-            parked: DashMap::new(),
-            parked_calls: DashMap::new(),
             subscriptions: DashMap::new(),
-            retries: DashMap::new(),
-            asks: DashMap::new(),
-            rounds: DashMap::new(),
         })
     }
 
     /// How many of the tasks this session started still run (their work needs this upstream).
     pub fn tasks_in_flight(&self) -> usize {
-        self.started
+        self.tasks
+            .started
             .retain(|id, _| self.engine.get(&self.owner, id).is_some_and(|r| !r.status.is_terminal()));
-        self.started.len()
+        self.tasks.started.len()
+    }
+
+    /// Returns once none of the tasks this session started still runs: re-checked on every task
+    /// transition (and every few seconds, in case a transition was missed).
+    pub async fn until_tasks_done(&self) {
+        let mut events = self.engine.subscribe();
+        while self.tasks_in_flight() > 0 {
+            let _ = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        }
     }
 
     /// Whether the proxy offers tasks (off: a pure passthrough, for either generation).
@@ -236,14 +256,14 @@ impl Interceptor {
             return Decision::Forward(Rewrite::None);
         }
         if let Era::Modern(modern) = era {
-            self.modern_client.store(true, Ordering::Relaxed);
+            self.peers.modern_client.store(true, Ordering::Relaxed);
             return self.on_modern_request(id, method, params, modern).await;
         }
         match method {
             "initialize" => {
-                self.legacy_client.store(true, Ordering::Relaxed);
+                self.peers.legacy_client.store(true, Ordering::Relaxed);
                 if params.and_then(|p| lookup(p.get(), &["capabilities", "tasks"])).is_some() {
-                    self.client_speaks_tasks.store(true, Ordering::Relaxed);
+                    self.peers.client_speaks_tasks.store(true, Ordering::Relaxed);
                 }
                 if self.upstream_protocol != UpstreamProtocol::Legacy {
                     // The proxy opens the conversation itself, to learn what the upstream speaks.
@@ -252,7 +272,7 @@ impl Interceptor {
                         return self.reply_error(id, code::INTERNAL_ERROR, &msg).await;
                     }
                 }
-                if self.own_init.initialized() {
+                if self.peers.own_init.initialized() {
                     // The proxy already opened the conversation with the upstream (for a 2026-07-28
                     // request, or to find out what it speaks): answer from what it said, rather than
                     // initializing it twice.
@@ -270,7 +290,7 @@ impl Interceptor {
                 self.on_modern_request(id, method, params, &super::era::Modern { tasks: false }).await
             }
             "tasks/get" | "tasks/result" | "tasks/cancel" | "tasks/list" => {
-                self.client_speaks_tasks.store(true, Ordering::Relaxed);
+                self.peers.client_speaks_tasks.store(true, Ordering::Relaxed);
                 self.on_tasks_method(id, method, params).await
             }
             _ => Decision::Forward(Rewrite::None),
@@ -308,9 +328,9 @@ impl Interceptor {
         {
             let this = self.clone();
             let id = id.clone();
-            tokio::spawn(
-                async move { this.run_handoff_tool(&id, &tool, call.get("arguments"), false).await },
-            );
+            self.tasks
+                .answering
+                .spawn(async move { this.run_handoff_tool(&id, &tool, call.get("arguments"), false).await });
             return Decision::Handled;
         }
         let Some(task) = call.remove("task") else {
@@ -327,7 +347,7 @@ impl Interceptor {
             }
             return Decision::Forward(Rewrite::PlainCall);
         };
-        self.client_speaks_tasks.store(true, Ordering::Relaxed);
+        self.peers.client_speaks_tasks.store(true, Ordering::Relaxed);
         self.tools_known().await;
         if self.facts().native_tools.contains(&tool) {
             return Decision::Forward(Rewrite::NativeTaskCall);
@@ -361,7 +381,7 @@ impl Interceptor {
             Ok(created) => created,
             Err(e) => return self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
         };
-        self.started.insert(record.id.clone(), ());
+        self.tasks.started.insert(record.id.clone(), ());
         let mut result = Map::new();
         result.insert("task".into(), Value::Object(record.to_wire()));
         result.insert(
@@ -388,9 +408,9 @@ impl Interceptor {
     async fn start_local_task(self: &Arc<Self>, task_id: &str, params: &str) {
         let token = lookup(params, &["_meta", "progressToken"]).map(|t| t.to_string());
         if let Some(token) = &token {
-            self.task_tokens.insert(token.clone(), task_id.to_owned());
+            self.tasks.task_tokens.insert(token.clone(), task_id.to_owned());
         }
-        self.running.insert(task_id.to_owned(), token);
+        self.tasks.running.insert(task_id.to_owned(), token);
         let params = &self.for_upstream(params);
         match self.upstream.send_for_task("tools/call", params, task_id).await {
             Ok(request_id) => {
@@ -451,20 +471,23 @@ impl Interceptor {
 
     /// A task's call is no longer in flight (answered, failed, or cancelled).
     fn call_ended(&self, task_id: &str) {
-        if let Some((_, Some(token))) = self.running.remove(task_id) {
-            self.task_tokens.remove(&token);
+        if let Some((_, token)) = self.tasks.running.remove(task_id) {
+            if let Some(token) = token {
+                self.tasks.task_tokens.remove(&token);
+            }
+            self.tasks.calls_ended.notify_waiters();
         }
     }
 
     /// Progress the upstream reports for a task's call: tagged with the task (2025-11-25 says every
     /// message related to a task carries `related-task`). `None`: not a task's; forward it as it is.
     pub fn tag_task_progress(&self, params: Option<&RawValue>) -> Option<Vec<u8>> {
-        if self.task_tokens.is_empty() {
+        if self.tasks.task_tokens.is_empty() {
             return None;
         }
         let params = params?;
         let token = lookup(params.get(), &["progressToken"])?.to_string();
-        let task_id = self.task_tokens.get(&token)?.clone();
+        let task_id = self.tasks.task_tokens.get(&token)?.clone();
         let tagged = with_related_task(params.get(), &task_id).ok()?;
         Some(jsonrpc::notification("notifications/progress", Some(&tagged)))
     }
@@ -521,7 +544,7 @@ impl Interceptor {
             }
             Rewrite::NativeTaskCall => {
                 if let Some(Value::String(t)) = result.and_then(|r| lookup(r.get(), &["task", "taskId"])) {
-                    self.native_tasks.insert(t, ());
+                    self.tasks.native_tasks.insert(t, ());
                 }
                 ResponseFate::AsIs
             }
@@ -545,8 +568,8 @@ impl Interceptor {
 
     /// The client answered an upstream request: a task waiting on it resumes.
     pub fn on_client_response(&self, id: &Id) {
-        if let Some((_, task_id)) = self.input_requests.remove(id)
-            && !self.input_requests.iter().any(|e| *e.value() == task_id)
+        if let Some((_, task_id)) = self.tasks.input_requests.remove(id)
+            && !self.tasks.input_requests.iter().any(|e| *e.value() == task_id)
         {
             self.engine.set_status(&task_id, TaskStatus::Working, None);
         }
@@ -572,12 +595,12 @@ impl Interceptor {
                 let Some(this) = this.upgrade() else { return };
                 if event.task.status.is_terminal() {
                     // A 2026-07-28 task that ended waits on nothing any more.
-                    this.modern_tasks.remove(&event.task.id);
+                    this.tasks.modern_tasks.remove(&event.task.id);
                 }
                 if event.owner == this.owner {
                     this.notify_task_subscribers(&event.task).await;
                 }
-                if event.owner != this.owner || !this.client_speaks_tasks.load(Ordering::Relaxed) {
+                if event.owner != this.owner || !this.peers.client_speaks_tasks.load(Ordering::Relaxed) {
                     continue;
                 }
                 let params = Value::Object(event.task.to_wire()).to_string();
@@ -592,12 +615,17 @@ impl Interceptor {
         for task_id in orphaned {
             self.task_call_failed(&task_id, UpstreamError::Gone(why.to_string()));
         }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !self.running.is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let ended = self.tasks.calls_ended.notified();
+            if self.tasks.running.is_empty() || tokio::time::timeout_at(deadline, ended).await.is_err() {
+                break;
+            }
         }
-        // Let the woken tasks/result waiters queue their answers.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The woken tasks/result waiters send their answers before the session closes (a waiter on a
+        // task of another session's upstream is not waited for long).
+        self.tasks.answering.close();
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.tasks.answering.wait()).await;
     }
 }
 

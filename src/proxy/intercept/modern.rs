@@ -126,7 +126,7 @@ impl Interceptor {
                     && let Ok(p) = serde_json::from_str::<Map<String, Value>>(p.get())
                     && let Some(state) = p.get("requestState").and_then(Value::as_str)
                     // A 2026-07-28 upstream's own rounds are its business.
-                    && (!self.modern_upstream.load(Ordering::Relaxed) || self.parked.contains_key(state))
+                    && (!self.peers.modern_upstream.load(Ordering::Relaxed) || self.trips.parked.contains_key(state))
                 {
                     let this = self.clone();
                     let (id, state, modern) = (id.clone(), state.to_owned(), modern.clone());
@@ -165,10 +165,11 @@ impl Interceptor {
 
     /// Initializes the upstream on the proxy's own behalf, once, unless a client's `initialize` did.
     pub(super) async fn ensure_initialized(self: &Arc<Self>) -> Result<(), String> {
-        if self.facts().initialized.is_some() && !self.own_init.initialized() {
+        if self.facts().initialized.is_some() && !self.peers.own_init.initialized() {
             return Ok(()); // a legacy client initialized it on this session
         }
-        self.own_init
+        self.peers
+            .own_init
             .get_or_try_init(|| async {
                 if self.upstream_protocol != UpstreamProtocol::Legacy {
                     match self.discover_upstream().await {
@@ -242,7 +243,7 @@ impl Interceptor {
                 .is_some_and(Value::is_object);
             facts.discovered = Some(result);
         }
-        if !self.modern_upstream.swap(true, Ordering::Relaxed) {
+        if !self.peers.modern_upstream.swap(true, Ordering::Relaxed) {
             tracing::info!("the upstream speaks 2026-07-28; its requests go statelessly");
             self.on_initialized();
         }
@@ -251,7 +252,7 @@ impl Interceptor {
 
     /// Whether the upstream speaks 2026-07-28 (found by discovery).
     pub fn upstream_is_modern(&self) -> bool {
-        self.modern_upstream.load(Ordering::Relaxed)
+        self.peers.modern_upstream.load(Ordering::Relaxed)
     }
 
     /// Whether a 2026-07-28 upstream runs tasks itself: then its tasks, not the proxy's, reach
@@ -296,7 +297,7 @@ impl Interceptor {
             }
         };
         let raw = RawValue::from_string(Value::Object(result).to_string()).expect("valid JSON");
-        self.swallow_initialized.store(true, Ordering::Relaxed);
+        self.peers.swallow_initialized.store(true, Ordering::Relaxed);
         match self.rewrite_initialize(id, &raw) {
             Some(line) => self.client.send(line).await,
             None => self.client.send(jsonrpc::result_response(id, raw.get())).await,
@@ -306,7 +307,7 @@ impl Interceptor {
 
     /// Whether the client's `notifications/initialized` must not reach the upstream (it was sent).
     pub fn take_swallow_initialized(&self) -> bool {
-        self.swallow_initialized.swap(false, Ordering::Relaxed)
+        self.peers.swallow_initialized.swap(false, Ordering::Relaxed)
     }
 
     /// `server/discover`: the upstream's capabilities (never the legacy `tasks`), plus the Tasks
@@ -385,7 +386,9 @@ impl Interceptor {
         if config.sync_deadline_ms > 0 && (tool == STATUS_TOOL || tool == RESULT_TOOL) {
             let this = self.clone();
             let id = id.clone();
-            tokio::spawn(async move { this.run_handoff_tool(&id, &tool, call.get("arguments"), true).await });
+            self.tasks
+                .answering
+                .spawn(async move { this.run_handoff_tool(&id, &tool, call.get("arguments"), true).await });
             return Decision::Handled;
         }
         if self.upstream_runs_tasks() {
@@ -462,8 +465,8 @@ impl Interceptor {
                 return;
             }
         };
-        self.started.insert(record.id.clone(), ());
-        self.modern_tasks.insert(record.id.clone(), InputRequests::new());
+        self.tasks.started.insert(record.id.clone(), ());
+        self.tasks.modern_tasks.insert(record.id.clone(), InputRequests::new());
         if origin == Origin::Notion {
             let stop = self.engine.stop_signal(&record.id);
             let this = self.clone();
@@ -486,7 +489,7 @@ impl Interceptor {
             };
             if let Some(line) = line {
                 // Finished inside the window: the client never learns of the task.
-                self.modern_tasks.remove(&record.id);
+                self.tasks.modern_tasks.remove(&record.id);
                 self.engine.discard(&record.id);
                 self.client.send(line).await;
                 return;
@@ -517,7 +520,7 @@ impl Interceptor {
             if self.upstream_runs_tasks() {
                 return Decision::Forward(Rewrite::None); // the upstream's own task
             }
-            if self.native_tasks.contains_key(task_id) {
+            if self.tasks.native_tasks.contains_key(task_id) {
                 let this = self.clone();
                 let (id, method, task_id) = (id.clone(), method.to_owned(), task_id.to_owned());
                 tokio::spawn(async move { this.on_native_task(&id, &method, &task_id).await });
@@ -558,7 +561,7 @@ impl Interceptor {
 
     /// The input requests a task waits on, as `tasks/get` shows them.
     pub(super) fn input_requests_of(&self, task_id: &str) -> Option<Value> {
-        let held = self.modern_tasks.get(task_id)?;
+        let held = self.tasks.modern_tasks.get(task_id)?;
         Some(Value::Object(held.iter().map(|(k, h)| (k.clone(), h.request.clone())).collect()))
     }
 
@@ -566,7 +569,7 @@ impl Interceptor {
     /// client answers it with `tasks/update`.
     pub(super) fn hold_input_request(&self, task_id: &str, id: &Id, method: &str, params: Option<&RawValue>) {
         let key = input_key();
-        if let Some(mut held) = self.modern_tasks.get_mut(task_id) {
+        if let Some(mut held) = self.tasks.modern_tasks.get_mut(task_id) {
             held.insert(key.clone(), HeldRequest::new(id, method, params));
         }
         tracing::info!(task_id, key, method, "a 2026-07-28 task waits for input");
@@ -577,7 +580,7 @@ impl Interceptor {
     /// `tasks/update`: each answer whose key is still outstanding goes upstream; unknown and already
     /// answered keys are ignored. The task resumes once nothing is outstanding.
     async fn answer_held_requests(&self, task_id: &str, responses: &Map<String, Value>) {
-        let answered: Vec<(Id, String)> = match self.modern_tasks.get_mut(task_id) {
+        let answered: Vec<(Id, String)> = match self.tasks.modern_tasks.get_mut(task_id) {
             Some(mut held) => responses
                 .iter()
                 .filter_map(|(key, answer)| held.remove(key).map(|h| (h.upstream_id, answer.to_string())))
@@ -587,7 +590,7 @@ impl Interceptor {
         for (upstream_id, answer) in &answered {
             self.upstream.answer(upstream_id, answer).await;
         }
-        let outstanding = self.modern_tasks.get(task_id).is_some_and(|held| !held.is_empty());
+        let outstanding = self.tasks.modern_tasks.get(task_id).is_some_and(|held| !held.is_empty());
         if !answered.is_empty() && !outstanding {
             self.engine.set_status(task_id, TaskStatus::Working, None);
         }
@@ -595,7 +598,7 @@ impl Interceptor {
 
     /// Refuses what a task's upstream call still waits on (its task was cancelled).
     async fn refuse_held_requests(&self, task_id: &str, why: &str) {
-        let held: Vec<HeldRequest> = match self.modern_tasks.get_mut(task_id) {
+        let held: Vec<HeldRequest> = match self.tasks.modern_tasks.get_mut(task_id) {
             Some(mut held) => std::mem::take(&mut *held).into_values().collect(),
             None => return,
         };
@@ -610,7 +613,7 @@ impl Interceptor {
         let created: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
         let task = created.get("task")?.as_object()?;
         let task_id = task.get("taskId")?.as_str()?;
-        self.native_tasks.insert(task_id.to_owned(), ());
+        self.tasks.native_tasks.insert(task_id.to_owned(), ());
         let mut flat = modern_task(task);
         flat.insert("resultType".into(), json!("task"));
         Some(jsonrpc::result_response(id, &Value::Object(flat).to_string()))

@@ -70,7 +70,7 @@ impl Interceptor {
         method: &str,
         params: Option<&RawValue>,
     ) {
-        let state = match self.parked_calls.get(call) {
+        let state = match self.trips.parked_calls.get(call) {
             Some(state) => state.clone(),
             None => {
                 let state = new_state();
@@ -85,13 +85,13 @@ impl Interceptor {
                     answer: None,
                     gathering: false,
                 };
-                self.parked.insert(state.clone(), parked);
-                self.parked_calls.insert(call.clone(), state.clone());
+                self.trips.parked.insert(state.clone(), parked);
+                self.trips.parked_calls.insert(call.clone(), state.clone());
                 self.expire_parked(state.clone());
                 state
             }
         };
-        let gather = match self.parked.get_mut(&state) {
+        let gather = match self.trips.parked.get_mut(&state) {
             Some(mut p) => {
                 p.held.insert(super::modern::input_key(), HeldRequest::new(id, method, params));
                 let gather = p.waiting.is_some() && !p.gathering;
@@ -112,7 +112,7 @@ impl Interceptor {
         tokio::spawn(async move {
             tokio::time::sleep(GATHER).await;
             let line = {
-                let Some(mut p) = this.parked.get_mut(&state) else { return };
+                let Some(mut p) = this.trips.parked.get_mut(&state) else { return };
                 p.gathering = false;
                 let Some(waiting) = p.waiting.take() else { return };
                 input_required(&waiting, &p.held, &state)
@@ -140,7 +140,7 @@ impl Interceptor {
             }
         };
         let (answers, now) = {
-            let Some(mut p) = self.parked.get_mut(state) else {
+            let Some(mut p) = self.trips.parked.get_mut(state) else {
                 let msg =
                     "Invalid params: requestState is unknown or expired; send the request again without it";
                 let line = jsonrpc::error_response(Some(id), code::INVALID_PARAMS, msg, None);
@@ -175,7 +175,7 @@ impl Interceptor {
                 self.client.send(line).await;
             }
             None => {
-                let window = self.parked.get(state).and_then(|p| p.window.clone());
+                let window = self.trips.parked.get(state).and_then(|p| p.window.clone());
                 if let (Some(tool), true) = (window, modern.tasks) {
                     self.watch_retry_window(id.clone(), state.to_owned(), tool);
                 }
@@ -189,7 +189,7 @@ impl Interceptor {
         let this = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(window).await;
-            let call = match this.parked.get(&state) {
+            let call = match this.trips.parked.get(&state) {
                 Some(p) if p.waiting.as_ref() == Some(&retry) && p.answer.is_none() && p.held.is_empty() => {
                     p.call.clone()
                 }
@@ -218,7 +218,7 @@ impl Interceptor {
             (None, None) => return None,
         };
         let waiting = {
-            let mut p = self.parked.get_mut(state)?;
+            let mut p = self.trips.parked.get_mut(state)?;
             match p.waiting.take() {
                 Some(w) => Some(w),
                 None => {
@@ -234,19 +234,19 @@ impl Interceptor {
 
     /// The upstream is gone with a parked call: the request waiting for it (if any) must be told.
     pub fn parked_failed(&self, state: &str) -> Option<Id> {
-        let (_, p) = self.parked.remove(state)?;
-        self.parked_calls.remove(&p.call);
+        let (_, p) = self.trips.parked.remove(state)?;
+        self.trips.parked_calls.remove(&p.call);
         p.waiting
     }
 
     /// Whether `id` is a parked call's (the upstream still works on it under that id).
     pub fn is_parked(&self, id: &Id) -> bool {
-        self.parked_calls.contains_key(id)
+        self.trips.parked_calls.contains_key(id)
     }
 
     fn forget_parked(&self, state: &str) {
-        if let Some((_, p)) = self.parked.remove(state) {
-            self.parked_calls.remove(&p.call);
+        if let Some((_, p)) = self.trips.parked.remove(state) {
+            self.trips.parked_calls.remove(&p.call);
         }
     }
 
@@ -256,8 +256,8 @@ impl Interceptor {
         tokio::spawn(async move {
             tokio::time::sleep(PARKED_FOR).await;
             let Some(this) = this.upgrade() else { return };
-            let Some((_, p)) = this.parked.remove(&state) else { return };
-            this.parked_calls.remove(&p.call);
+            let Some((_, p)) = this.trips.parked.remove(&state) else { return };
+            this.trips.parked_calls.remove(&p.call);
             tracing::info!(call = %p.call, "a call waiting for its client's answers was given up (no retry)");
             this.pending.finish_client(&p.call);
             for h in p.held.into_values() {
@@ -312,14 +312,14 @@ impl Interceptor {
     /// with questions and the call must be sent again with the answers.
     pub(super) fn remember_for_retry(&self, id: &Id, method: &str, params: &str) {
         if matches!(method, "tools/call" | "prompts/get" | "resources/read") {
-            self.retries.insert(id.clone(), (method.to_owned(), params.to_owned()));
+            self.trips.retries.insert(id.clone(), (method.to_owned(), params.to_owned()));
         }
     }
 
     /// The answer to a 2025-11-25 client's call from a 2026-07-28 upstream: when it is questions
     /// (`input_required`), returns the requests to ask the client instead (the call stays pending).
     pub fn legacy_round(&self, call: &Id, result: Option<&RawValue>) -> Option<Vec<Vec<u8>>> {
-        if self.retries.is_empty() {
+        if self.trips.retries.is_empty() {
             return None;
         }
         let asks = result
@@ -327,12 +327,12 @@ impl Interceptor {
             .and_then(|r| serde_json::from_str::<Map<String, Value>>(r.get()).ok())
             .filter(|r| r.get("resultType").and_then(Value::as_str) == Some("input_required"));
         let Some(answer) = asks else {
-            self.retries.remove(call);
+            self.trips.retries.remove(call);
             return None;
         };
         let requests = answer.get("inputRequests").and_then(Value::as_object).cloned().unwrap_or_default();
-        if requests.is_empty() || !self.retries.contains_key(call) {
-            self.retries.remove(call);
+        if requests.is_empty() || !self.trips.retries.contains_key(call) {
+            self.trips.retries.remove(call);
             return None;
         }
         let round = LegacyRound {
@@ -340,7 +340,7 @@ impl Interceptor {
             waiting: requests.len(),
             answers: Map::new(),
         };
-        self.rounds.insert(call.clone(), round);
+        self.trips.legacy_rounds.insert(call.clone(), round);
         let lines = requests
             .into_iter()
             .map(|(key, request)| {
@@ -348,7 +348,7 @@ impl Interceptor {
                     "mcp-asyncify-ask-{}",
                     ASK_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 ));
-                self.asks.insert(ask.clone(), (call.clone(), key));
+                self.trips.asks.insert(ask.clone(), (call.clone(), key));
                 let method =
                     request.get("method").and_then(Value::as_str).unwrap_or("elicitation/create").to_owned();
                 let params = request.get("params").map(Value::to_string);
@@ -367,16 +367,16 @@ impl Interceptor {
         result: Option<&RawValue>,
         error: Option<&RawValue>,
     ) -> ClientAnswer {
-        if self.asks.is_empty() {
+        if self.trips.asks.is_empty() {
             return ClientAnswer::NotOurs;
         }
-        let Some((_, (call, key))) = self.asks.remove(id) else { return ClientAnswer::NotOurs };
+        let Some((_, (call, key))) = self.trips.asks.remove(id) else { return ClientAnswer::NotOurs };
         // A refusal is answered as a declined elicitation (the one answer every question type has).
         let answer = match (result, error) {
             (Some(r), _) => serde_json::from_str(r.get()).unwrap_or(Value::Null),
             _ => json!({ "action": "decline" }),
         };
-        let done = match self.rounds.get_mut(&call) {
+        let done = match self.trips.legacy_rounds.get_mut(&call) {
             Some(mut round) => {
                 round.answers.insert(key, answer);
                 round.waiting = round.waiting.saturating_sub(1);
@@ -388,7 +388,7 @@ impl Interceptor {
             return ClientAnswer::Taken;
         }
         let (Some((_, round)), Some(retry)) =
-            (self.rounds.remove(&call), self.retries.get(&call).map(|r| r.clone()))
+            (self.trips.legacy_rounds.remove(&call), self.trips.retries.get(&call).map(|r| r.clone()))
         else {
             return ClientAnswer::Taken;
         };

@@ -40,15 +40,15 @@ impl Interceptor {
             }
             // A client that opened a session, or that never said which generation it speaks (a bare
             // client), gets the request as it is.
-            None if self.legacy_client.load(Ordering::Relaxed)
-                || !self.modern_client.load(Ordering::Relaxed) =>
+            None if self.peers.legacy_client.load(Ordering::Relaxed)
+                || !self.peers.modern_client.load(Ordering::Relaxed) =>
             {
                 return ServerRequestRoute::Forward;
             }
             None => {
                 // Only 2026-07-28 clients here, and they cannot receive requests: refuse it, so that
                 // the call that asked ends instead of waiting forever.
-                let calls = self.pending.client_calls().len() + self.running.len();
+                let calls = self.pending.client_calls().len() + self.tasks.running.len();
                 tracing::warn!(
                     method,
                     calls,
@@ -63,7 +63,7 @@ impl Interceptor {
                 return ServerRequestRoute::Held;
             }
         };
-        if self.modern_tasks.contains_key(&task_id) {
+        if self.tasks.modern_tasks.contains_key(&task_id) {
             self.hold_input_request(&task_id, id, method, params);
             return ServerRequestRoute::Held;
         }
@@ -73,7 +73,7 @@ impl Interceptor {
         let Some(tagged) = params.and_then(|p| with_related_task(p.get(), &task_id).ok()) else {
             return ServerRequestRoute::Forward;
         };
-        self.input_requests.insert(id.clone(), task_id.clone());
+        self.tasks.input_requests.insert(id.clone(), task_id.clone());
         let message = format!("Waiting for the client to answer {method}.");
         self.engine.set_status(&task_id, TaskStatus::InputRequired, Some(message));
         ServerRequestRoute::Send(jsonrpc::request(id, method, Some(&tagged)))
@@ -85,16 +85,18 @@ impl Interceptor {
     /// call's is forwarded as it is.
     fn asking_call(&self) -> Option<AskingCall> {
         let calls = self.pending.client_calls();
-        match (self.running.len(), calls.as_slice()) {
-            (1, []) => self.running.iter().next().map(|e| AskingCall::Task(e.key().clone())),
-            (0, [(_, Rewrite::HandedOff { task_id }, _)]) if self.modern_tasks.contains_key(task_id) => {
+        match (self.tasks.running.len(), calls.as_slice()) {
+            (1, []) => self.tasks.running.iter().next().map(|e| AskingCall::Task(e.key().clone())),
+            (0, [(_, Rewrite::HandedOff { task_id }, _)])
+                if self.tasks.modern_tasks.contains_key(task_id) =>
+            {
                 Some(AskingCall::Task(task_id.clone()))
             }
             (0, [(id, Rewrite::TaskWindow { tool, .. }, _)]) => {
                 Some(AskingCall::Modern { id: id.clone(), window: Some(tool.clone()) })
             }
             (0, [(id, Rewrite::Parked { state }, _)]) => {
-                let window = self.parked.get(state).and_then(|p| p.window());
+                let window = self.trips.parked.get(state).and_then(|p| p.window());
                 Some(AskingCall::Modern { id: id.clone(), window })
             }
             (0, [(id, Rewrite::None | Rewrite::PlainCall, true)]) => {

@@ -31,7 +31,7 @@ pub const RESULT_TOOL: &str = "asyncify_task_result";
 impl Interceptor {
     /// Notes the progress an upstream reported, so keep-alives for the same token keep increasing.
     pub fn on_upstream_progress(&self, params: Option<&RawValue>) {
-        if self.progress_seen.is_empty() {
+        if self.tasks.progress_seen.is_empty() {
             return;
         }
         let Some(params) = params else { return };
@@ -41,7 +41,7 @@ impl Interceptor {
         ) else {
             return;
         };
-        if let Some(mut seen) = self.progress_seen.get_mut(&token.to_string()) {
+        if let Some(mut seen) = self.tasks.progress_seen.get_mut(&token.to_string()) {
             *seen = seen.max(progress);
         }
     }
@@ -66,7 +66,7 @@ impl Interceptor {
             return;
         }
         if let Some((token, _, _)) = &keepalive {
-            self.progress_seen.insert(token.clone(), 0.0);
+            self.tasks.progress_seen.insert(token.clone(), 0.0);
         }
         let this = self.clone();
         tokio::spawn(async move {
@@ -94,14 +94,14 @@ impl Interceptor {
                 }
             }
             if let Some((token, _, _)) = &keepalive {
-                this.progress_seen.remove(token);
+                this.tasks.progress_seen.remove(token);
             }
         });
     }
 
     async fn send_keepalive(&self, token: &str, tool: &str, elapsed: Duration) {
         // Progress must increase; stay just above the last value the upstream reported.
-        let value = match self.progress_seen.get_mut(token) {
+        let value = match self.tasks.progress_seen.get_mut(token) {
             Some(mut seen) => {
                 *seen += 0.001;
                 *seen
@@ -153,15 +153,15 @@ impl Interceptor {
             }
         };
         if style == HandOff::Task {
-            self.modern_tasks.insert(record.id.clone(), Default::default());
+            self.tasks.modern_tasks.insert(record.id.clone(), Default::default());
         }
         // The task is the call, which began before the deadline: its age counts from there.
         let began = std::time::SystemTime::now().checked_sub(started.elapsed());
         let record = began.and_then(|b| self.engine.backdate(&record.id, b)).unwrap_or(record);
-        self.started.insert(record.id.clone(), ());
+        self.tasks.started.insert(record.id.clone(), ());
         if !self.pending.set_rewrite(id, Rewrite::HandedOff { task_id: record.id.clone() }) {
             // The answer came in the meantime: no task needed.
-            self.modern_tasks.remove(&record.id);
+            self.tasks.modern_tasks.remove(&record.id);
             self.engine.discard(&record.id);
             return None;
         }

@@ -35,7 +35,7 @@ impl Interceptor {
             }
         };
         let local = self.engine.get(&self.owner, &task_id);
-        if local.is_none() && (self.native_tasks.contains_key(&task_id) || self.facts().tools_call) {
+        if local.is_none() && (self.tasks.native_tasks.contains_key(&task_id) || self.facts().tools_call) {
             if method == "tasks/cancel" && !self.facts().cancel {
                 // The proxy declares `cancel` for its own tasks; the upstream did not for its own.
                 let msg = format!(
@@ -68,7 +68,7 @@ impl Interceptor {
                 // tasks/result blocks until the task ends: wait off the routing loop.
                 let this = self.clone();
                 let id = id.clone();
-                tokio::spawn(async move {
+                self.tasks.answering.spawn(async move {
                     let line = match this.engine.wait_terminal(&this.owner, &task_id).await {
                         Some(record) => task_payload(&id, &record),
                         None => jsonrpc::error_response(
@@ -131,7 +131,7 @@ impl Interceptor {
             return Decision::Handled;
         }
         match self.engine.list(&self.owner, cursor.as_deref()) {
-            Ok((tasks, None)) if !upstream_lists && !self.native_tasks.is_empty() => {
+            Ok((tasks, None)) if !upstream_lists && !self.tasks.native_tasks.is_empty() => {
                 // The upstream cannot list its tasks: the last page shows the ones this session saw
                 // it create, as its `tasks/get` tells them now (those it no longer knows are gone).
                 let mut tasks: Vec<Value> = tasks.into_iter().map(|t| Value::Object(t.to_wire())).collect();
@@ -164,7 +164,7 @@ impl Interceptor {
     /// it now; a task the upstream no longer knows is forgotten.
     async fn native_tasks_now(self: &Arc<Self>) -> Vec<Value> {
         let mut asks = tokio::task::JoinSet::new();
-        for task_id in self.native_tasks.iter().map(|t| t.key().clone()) {
+        for task_id in self.tasks.native_tasks.iter().map(|t| t.key().clone()) {
             let this = self.clone();
             asks.spawn(async move {
                 let params = json!({ "taskId": task_id }).to_string();
@@ -185,7 +185,7 @@ impl Interceptor {
                     ),
                 },
                 Ok(Outcome::Error(e)) if jsonrpc::error_code_of(e.get()) == Some(code::INVALID_PARAMS) => {
-                    self.native_tasks.remove(task_id);
+                    self.tasks.native_tasks.remove(task_id);
                 }
                 Ok(Outcome::Error(e)) => {
                     tracing::warn!(task_id, error = %e.get(), "the upstream's tasks/get failed; left out of tasks/list")

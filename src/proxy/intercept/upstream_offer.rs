@@ -108,10 +108,10 @@ impl Interceptor {
     /// The client finished the handshake: list the upstream's tools on our own behalf (every page).
     pub fn on_initialized(self: &Arc<Self>) {
         if !self.enabled() || !self.facts().has_tools {
-            self.tools_known.send_replace(true);
+            self.peers.tools_known.send_replace(true);
             return;
         }
-        self.discovering.store(true, Ordering::Relaxed);
+        self.peers.discovering.store(true, Ordering::Relaxed);
         let this = self.clone();
         tokio::spawn(async move {
             let mut cursor: Option<String> = None;
@@ -144,17 +144,17 @@ impl Interceptor {
                     _ => break,
                 }
             }
-            this.tools_known.send_replace(true);
+            this.peers.tools_known.send_replace(true);
         });
     }
 
     /// Waits (a bounded time) until the upstream's tools are known, so a task-run call made right after
     /// the handshake is routed as well as a later one.
     pub(super) async fn tools_known(&self) {
-        if !self.discovering.load(Ordering::Relaxed) {
+        if !self.peers.discovering.load(Ordering::Relaxed) {
             return; // no handshake seen (a bare client): nothing to wait for
         }
-        let mut known = self.tools_known.subscribe();
+        let mut known = self.peers.tools_known.subscribe();
         let _ = tokio::time::timeout(Duration::from_secs(5), known.wait_for(|k| *k)).await;
     }
 }

@@ -49,11 +49,13 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// Options of `mcp-asyncify serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -210,22 +212,16 @@ impl HttpSession {
         let _ = self.gone.send(true);
         self.waiting.clear();
         self.standalone.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let running = self.tasks_in_flight().await;
-        if running == 0 {
+        let intercept = self.session.lock().await.as_ref().map(|s| s.intercept.clone());
+        let Some(intercept) = intercept.filter(|i| i.tasks_in_flight() > 0) else {
             return self.close(grace).await;
-        }
-        tracing::info!(session = %short(&self.id), running, "session ended; its upstream stays until its tasks finish");
+        };
+        tracing::info!(session = %short(&self.id), running = intercept.tasks_in_flight(), "session ended; its upstream stays until its tasks finish");
         tokio::spawn(async move {
-            while self.tasks_in_flight().await > 0 {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
+            intercept.until_tasks_done().await;
             tracing::info!(session = %short(&self.id), "the tasks of an ended session finished; closing its upstream");
             self.close(grace).await;
         });
-    }
-
-    async fn tasks_in_flight(&self) -> usize {
-        self.session.lock().await.as_ref().map_or(0, |s| s.intercept.tasks_in_flight())
     }
 
     async fn close(&self, grace: Duration) {
@@ -268,7 +264,8 @@ struct Sidecar {
     stateless: DashMap<String, Arc<HttpSession>>,
     /// Serialises the opening of stateless connections, so one credential never gets two.
     opening: tokio::sync::Mutex<()>,
-    in_flight: AtomicUsize,
+    /// Requests in flight (until their answer is sent).
+    in_flight: TaskTracker,
     allowed_hosts: Vec<String>,
 }
 
@@ -297,7 +294,7 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
         sessions: DashMap::new(),
         stateless: DashMap::new(),
         opening: tokio::sync::Mutex::new(()),
-        in_flight: AtomicUsize::new(0),
+        in_flight: TaskTracker::new(),
         allowed_hosts,
         args,
     });
@@ -341,13 +338,14 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
     drop(listener);
     // Let calls in flight finish (bounded), then end every session and its upstream.
     let grace = Duration::from_millis(sidecar.config.proxy.shutdown_grace_ms.max(1000)) * 10;
-    tracing::info!(
-        in_flight = sidecar.in_flight.load(Ordering::Relaxed),
-        "shutting down: letting calls in flight finish"
-    );
-    let deadline = Instant::now() + grace;
-    while sidecar.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    tracing::info!(in_flight = sidecar.in_flight.len(), "shutting down: letting calls in flight finish");
+    sidecar.in_flight.close();
+    if tokio::time::timeout(grace, sidecar.in_flight.wait()).await.is_err() {
+        tracing::warn!(
+            in_flight = sidecar.in_flight.len(),
+            ?grace,
+            "calls still in flight after the grace period; ending them"
+        );
     }
     let mut sessions: Vec<Arc<HttpSession>> = sidecar.sessions.iter().map(|e| e.value().clone()).collect();
     sessions.extend(sidecar.stateless.iter().map(|e| e.value().clone()));
@@ -405,7 +403,7 @@ struct SseBody {
     rx: mpsc::UnboundedReceiver<Bytes>,
     first: Option<Bytes>,
     ping: Pin<Box<tokio::time::Sleep>>,
-    _guard: Option<FlightGuard>,
+    _guard: Option<TaskTrackerToken>,
 }
 
 fn sse_event(line: &[u8]) -> Bytes {
@@ -439,15 +437,6 @@ impl Body for SseBody {
                 Poll::Pending
             }
         }
-    }
-}
-
-/// Counts a request in flight until dropped (graceful shutdown waits for them).
-struct FlightGuard(Arc<Sidecar>);
-
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -734,8 +723,8 @@ impl Sidecar {
         original: Option<Id>,
         task: Option<String>,
     ) -> Response<HttpBody> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let guard = FlightGuard(self.clone());
+        // Counts the request in flight until its answer is sent (graceful shutdown waits for them).
+        let guard = self.in_flight.token();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let seq = session.seq.fetch_add(1, Ordering::Relaxed);
         let stateless = original.is_some();
