@@ -1,0 +1,145 @@
+//! Sessions come and go: a new client session gets its own upstream (a child process, or a
+//! connection to the hosted server) and routing; the reaper closes idle ones.
+
+use super::*;
+
+impl Sidecar {
+    pub(super) fn spawn_reaper(self: Arc<Self>) {
+        let idle = Duration::from_secs(self.args.session_idle_secs.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(idle.min(Duration::from_secs(10))).await;
+                let stale: Vec<Arc<HttpSession>> = self
+                    .sessions
+                    .iter()
+                    .chain(self.stateless.iter())
+                    .filter(|s| {
+                        let s = s.value();
+                        // A stream whose client vanished is closed (its keep-alive write failed).
+                        let open = s
+                            .standalone
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .as_ref()
+                            .is_some_and(|o| !o.is_closed());
+                        !open
+                            && s.waiting.iter().all(|w| w.out.is_closed())
+                            && s.last_active.lock().unwrap_or_else(|e| e.into_inner()).elapsed() > idle
+                    })
+                    .map(|s| s.value().clone())
+                    .collect();
+                for s in stale {
+                    tracing::info!(session = %short(&s.id), "closing an idle session");
+                    self.sessions.remove(&s.id);
+                    self.stateless.retain(|_, v| !Arc::ptr_eq(v, &s));
+                    s.retire(self.config.shutdown_grace()).await;
+                }
+            }
+        });
+    }
+
+    /// A new client session: its own upstream process and routing.
+    pub(super) async fn open_session(
+        self: Arc<Self>,
+        headers: &HeaderMap,
+    ) -> Result<Arc<HttpSession>, Response<HttpBody>> {
+        let credential = Self::credential(headers);
+        let session_key = uuid::Uuid::new_v4().simple().to_string();
+        let owner = match &credential {
+            Some(c) => format!("credential:{c}"),
+            None => format!("session:{session_key}"),
+        };
+        let session = self.clone().spawn_session(headers, session_key, credential, owner).await?;
+        self.sessions.insert(session.id.clone(), session.clone());
+        tracing::info!(session = %short(&session.id), sessions = self.sessions.len(), "session opened");
+        Ok(session)
+    }
+
+    /// Starts an upstream (a process, or a connection to the hosted server) and the routing of a
+    /// session owned by `owner`, within the cap on sessions.
+    pub(super) async fn spawn_session(
+        self: Arc<Self>,
+        headers: &HeaderMap,
+        id: String,
+        credential: Option<String>,
+        owner: String,
+    ) -> Result<Arc<HttpSession>, Response<HttpBody>> {
+        if self.sessions.len() + self.stateless.len() >= self.args.max_sessions {
+            tracing::warn!(max = self.args.max_sessions, "refused a new session: too many sessions");
+            let mut r = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("Service Unavailable: {} sessions open (--max-sessions)", self.args.max_sessions),
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return Err(r);
+        }
+        type Input = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+        type Output = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+        let (process, http, upstream_in, upstream_out): (_, _, Input, Output) = match &self.args.upstream {
+            Some(options) => {
+                let (w, r, handle) = http_upstream::connect(options.clone());
+                // The client's credential goes to the hosted server unchanged (never logged).
+                handle.set_authorization(headers.get(header::AUTHORIZATION).cloned());
+                (None, Some(handle), Box::new(w), Box::new(r))
+            }
+            None => match UpstreamProcess::spawn(&self.args.command) {
+                Ok((p, child_in, child_out)) => (Some(p), None, Box::new(child_in), Box::new(child_out)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the upstream for a new session");
+                    return Err(rpc_error(
+                        StatusCode::BAD_GATEWAY,
+                        None,
+                        code::UPSTREAM_GONE,
+                        &format!("cannot start the upstream server: {e}"),
+                    ));
+                }
+            },
+        };
+        let (client_w, client_r) = tokio::io::duplex(1 << 20);
+        let session = Session::new(&self.config, &self.shared, owner, client_w, upstream_in);
+        let router = session.router.clone();
+        let http = Arc::new(HttpSession {
+            id: id.clone(),
+            credential,
+            router: router.clone(),
+            session: tokio::sync::Mutex::new(Some(session)),
+            process: tokio::sync::Mutex::new(process),
+            http,
+            waiting: DashMap::new(),
+            seq: std::sync::atomic::AtomicU64::new(0),
+            standalone: Mutex::new(None),
+            backlog: Mutex::new(VecDeque::new()),
+            last_active: Mutex::new(Instant::now()),
+            gone: tokio::sync::watch::channel(false).0,
+            next_internal: std::sync::atomic::AtomicU64::new(1),
+        });
+        // What the session writes for the client goes to the HTTP streams.
+        let out = Arc::downgrade(&http);
+        let max = self.config.proxy.max_message_bytes;
+        tokio::spawn(async move {
+            let mut reader = LineReader::new(client_r, max.saturating_mul(2));
+            while let Ok(Some(Line::Message(line))) = reader.next_line().await {
+                match out.upgrade() {
+                    Some(s) => s.dispatch(line),
+                    None => break,
+                }
+            }
+        });
+        // The upstream's output, and its end.
+        let this = self.clone();
+        let watched = http.clone();
+        tokio::spawn(async move {
+            router.pump_upstream(upstream_out).await;
+            let stateless =
+                this.stateless.iter().find(|e| Arc::ptr_eq(e.value(), &watched)).map(|e| e.key().clone());
+            if this.sessions.remove(&watched.id).is_some() || stateless.is_some() {
+                tracing::warn!(session = %short(&watched.id), "the upstream of a session exited");
+            }
+            if let Some(key) = stateless {
+                this.stateless.remove(&key);
+            }
+            watched.close(Duration::ZERO).await;
+        });
+        Ok(http)
+    }
+}
