@@ -346,7 +346,9 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[&str], body: &[u8])
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    // A server may answer before it has read the whole body (a 413 on Content-Length) and stop
+    // reading: the answer is still there to read.
+    let _ = s.write_all(body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     Reply::parse(&raw)

@@ -24,9 +24,9 @@
 //! expire when idle; shutdown lets in-flight calls finish.
 
 //! The files, one job each: this one has the options, the shared state and the accept/shutdown loop;
-//! [`routes`] the endpoint's methods; [`rules`] the transport's HTTP rules and responses;
-//! [`http_session`] a session's streams; [`spawn`] sessions' upstreams and the idle reaper;
-//! [`stateless`] 2026-07-28 requests.
+//! `routes` the endpoint's methods; `rules` the transport's HTTP rules and responses;
+//! `http_session` a session's streams; `spawn` sessions' upstreams and the idle reaper;
+//! `stateless` 2026-07-28 requests.
 
 // An HTTP error response is the natural `Err` here: it is built once per refused request and returned
 // as is, so boxing it would only add an allocation.
@@ -53,7 +53,7 @@ use dashmap::DashMap;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use http_session::short;
-use hyper::body::{Body, Frame, Incoming};
+use hyper::body::{Body, Frame};
 use rules::*;
 use stateless::subscription_of;
 use std::collections::VecDeque;
@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// The most client sessions at once (each runs its own upstream process).
     #[arg(long, env = "MCP_ASYNCIFY_MAX_SESSIONS", default_value_t = 256)]
     pub max_sessions: usize,
+    /// The most requests handled at once (until each one's response starts); more are refused with
+    /// 503 at once rather than queued.
+    #[arg(long, env = "MCP_ASYNCIFY_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    pub max_concurrent_requests: usize,
     /// A session with no request and no open stream for this long is closed, in seconds.
     #[arg(long, env = "MCP_ASYNCIFY_SESSION_IDLE_SECS", default_value_t = 1800)]
     pub session_idle_secs: u64,
@@ -145,7 +149,112 @@ struct Sidecar {
     opening: tokio::sync::Mutex<()>,
     /// Requests in flight (until their answer is sent).
     in_flight: TaskTracker,
+    /// Requests being handled (until their response head): `--max-concurrent-requests`.
+    concurrency: Arc<tokio::sync::Semaphore>,
     allowed_hosts: Vec<String>,
+}
+
+/// How long a client may take to send a request's head, and then its body.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A request body the sidecar can read (hyper's, a test's `Full`, or either through the layers).
+pub(super) trait RequestBody:
+    Body<Data = Bytes, Error: Into<tower::BoxError>> + Send + 'static
+{
+}
+impl<B: Body<Data = Bytes, Error: Into<tower::BoxError>> + Send + 'static> RequestBody for B {}
+
+/// The sidecar's HTTP side, as one tower service of any request body.
+type HttpService<B> = tower::util::BoxCloneService<Request<B>, Response<HttpBody>, Infallible>;
+
+/// Makes a service that answers every failure with an HTTP status infallible, as hyper wants it.
+#[derive(Clone)]
+struct Infallibly<S>(S);
+
+impl<S, R> tower::Service<R> for Infallibly<S>
+where
+    S: tower::Service<R, Response = Response<HttpBody>, Error = tower::BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<HttpBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<HttpBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // (Load shedding is ready at all times: its refusals come as 503 answers.)
+        self.0.poll_ready(cx).map(|_| Ok(()))
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let answer = self.0.call(req);
+        Box::pin(async move {
+            Ok(answer.await.unwrap_or_else(|e| {
+                plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("Internal Server Error: {e}"))
+            }))
+        })
+    }
+}
+
+impl Sidecar {
+    /// The HTTP side as a tower service: requests past `--max-concurrent-requests` are shed with a
+    /// 503 at once (never queued), bodies over `max_message_bytes` get a 413 and a body that does not
+    /// arrive within 30 s a 408, then the endpoint's own rules ([`Sidecar::handle`]).
+    fn service<B: RequestBody>(self: &Arc<Self>) -> HttpService<B>
+    where
+        B::Data: Send,
+    {
+        use tower::ServiceBuilder;
+        let sidecar = self.clone();
+        let limit = self.config.proxy.max_message_bytes;
+        let service = ServiceBuilder::new()
+            .map_result(|result: Result<Response<HttpBody>, tower::BoxError>| {
+                Ok::<_, tower::BoxError>(match result {
+                    Ok(response) => response,
+                    Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
+                        tracing::warn!("shed a request: the sidecar is at --max-concurrent-requests");
+                        let mut r = plain(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Service Unavailable: too many requests in flight (--max-concurrent-requests); retry shortly",
+                        );
+                        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                        r
+                    }
+                    Err(e) => plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("Internal Server Error: {e}")),
+                })
+            })
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(self.concurrency.clone()))
+            .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
+            .layer(tower_http::limit::RequestBodyLimitLayer::new(limit))
+            .service_fn(move |req| {
+                let sidecar = sidecar.clone();
+                async move { Ok::<_, Infallible>(sidecar.handle(req).await) }
+            });
+        tower::util::BoxCloneService::new(Infallibly(service))
+    }
+}
+
+impl Sidecar {
+    /// The sidecar's state, serving at `bound`.
+    fn new(config: &Config, args: ServeArgs, bound: SocketAddr) -> Arc<Sidecar> {
+        let mut allowed_hosts: Vec<String> =
+            ["localhost", "127.0.0.1", "[::1]"].iter().map(|h| h.to_string()).collect();
+        allowed_hosts.push(bound.ip().to_string());
+        allowed_hosts.extend(args.allow_hosts.iter().map(|h| h.to_ascii_lowercase()));
+        Arc::new(Sidecar {
+            config: config.clone(),
+            shared: Shared::new(config),
+            sessions: DashMap::new(),
+            stateless: DashMap::new(),
+            opening: tokio::sync::Mutex::new(()),
+            in_flight: TaskTracker::new(),
+            concurrency: Arc::new(tokio::sync::Semaphore::new(args.max_concurrent_requests)),
+            allowed_hosts,
+            args,
+        })
+    }
 }
 
 /// Runs the sidecar until SIGINT/SIGTERM; returns the exit code.
@@ -159,24 +268,12 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
         "give either --upstream-url or a command after `--`, not both"
     );
     anyhow::ensure!(args.max_sessions > 0, "--max-sessions must be at least 1");
+    anyhow::ensure!(args.max_concurrent_requests > 0, "--max-concurrent-requests must be at least 1");
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", args.listen))?;
     let bound = listener.local_addr()?;
-    let mut allowed_hosts: Vec<String> =
-        ["localhost", "127.0.0.1", "[::1]"].iter().map(|h| h.to_string()).collect();
-    allowed_hosts.push(bound.ip().to_string());
-    allowed_hosts.extend(args.allow_hosts.iter().map(|h| h.to_ascii_lowercase()));
-    let sidecar = Arc::new(Sidecar {
-        config: config.clone(),
-        shared: Shared::new(config),
-        sessions: DashMap::new(),
-        stateless: DashMap::new(),
-        opening: tokio::sync::Mutex::new(()),
-        in_flight: TaskTracker::new(),
-        allowed_hosts,
-        args,
-    });
+    let sidecar = Sidecar::new(config, args, bound);
     let upstream = match &sidecar.args.upstream {
         Some(o) => format!("{o:?}"),
         None => sidecar.args.command.join(" "),
@@ -184,6 +281,7 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
     tracing::info!(addr = %bound, upstream = %upstream, "sidecar listening on http://{bound}/mcp");
     sidecar.clone().spawn_reaper();
 
+    let service = sidecar.service();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -202,12 +300,10 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
         };
         // Answers are small and often streamed in pieces: never let Nagle hold the last one back.
         let _ = stream.set_nodelay(true);
-        let sidecar = sidecar.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let sidecar = sidecar.clone();
-            async move { Ok::<_, Infallible>(sidecar.handle(req).await) }
-        });
-        let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        let service = hyper_util::service::TowerToHyperService::new(service.clone());
+        let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        // A client that never finishes its request head is dropped.
+        builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
         let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
@@ -247,4 +343,88 @@ struct SseBody {
     first: Option<Bytes>,
     ping: Pin<Box<tokio::time::Sleep>>,
     _guard: Option<TaskTrackerToken>,
+}
+
+#[cfg(test)]
+mod tests {
+    //! The HTTP side called as a tower service, without a socket.
+    use super::*;
+    use tower::ServiceExt;
+
+    fn sidecar(max_message_bytes: usize, max_concurrent_requests: usize) -> Arc<Sidecar> {
+        let mut config = Config::default();
+        config.proxy.max_message_bytes = max_message_bytes;
+        let args = ServeArgs {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            max_sessions: 4,
+            max_concurrent_requests,
+            session_idle_secs: 60,
+            allow_origins: Vec::new(),
+            allow_hosts: Vec::new(),
+            command: vec!["true".into()],
+            upstream: None,
+        };
+        Sidecar::new(&config, args, "127.0.0.1:8931".parse().unwrap())
+    }
+
+    fn post(body: &'static str) -> Request<Full<Bytes>> {
+        Request::post("/mcp")
+            .header(header::HOST, "127.0.0.1:8931")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    async fn text(r: Response<HttpBody>) -> String {
+        String::from_utf8_lossy(&r.into_body().collect().await.unwrap().to_bytes()).into_owned()
+    }
+
+    #[tokio::test]
+    async fn the_transport_rules_answer_without_a_socket() {
+        let s = sidecar(1024, 8);
+        let r = s
+            .service()
+            .oneshot(
+                Request::put("/mcp").header(header::HOST, "localhost").body(Full::new(Bytes::new())).unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[header::ALLOW], "GET, POST, DELETE");
+        let mut evil = post("{}");
+        evil.headers_mut().insert(header::HOST, HeaderValue::from_static("evil.example"));
+        assert_eq!(s.service().oneshot(evil).await.unwrap().status(), StatusCode::FORBIDDEN);
+        let mut text_body = post("{}");
+        text_body.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert_eq!(
+            s.service().oneshot(text_body).await.unwrap().status(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+        let r = s.service().oneshot(post("not json")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert!(text(r).await.contains("-32700"), "a parse error");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused_by_the_layer() {
+        let s = sidecar(16, 8);
+        let r = s.service().oneshot(post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn past_the_concurrency_limit_requests_are_shed_with_503_not_queued() {
+        let s = sidecar(1024, 1);
+        let _busy = s.concurrency.clone().acquire_owned().await.unwrap();
+        let started = Instant::now();
+        let r = s.service().oneshot(post("{}")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert!(started.elapsed() < Duration::from_secs(1), "refused at once");
+        assert!(text(r).await.contains("--max-concurrent-requests"));
+        drop(_busy);
+        let r = s.service().oneshot(post("not json")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "served again once a slot is free");
+    }
 }

@@ -33,7 +33,7 @@ impl Sidecar {
         Ok(())
     }
 
-    pub(super) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<HttpBody> {
+    pub(super) async fn handle<B: RequestBody>(self: Arc<Self>, req: Request<B>) -> Response<HttpBody> {
         if let Err(r) = self.check_origin(req.headers()) {
             return r;
         }
@@ -97,7 +97,7 @@ impl Sidecar {
         Ok(s)
     }
 
-    pub(super) async fn post(self: Arc<Self>, req: Request<Incoming>) -> Response<HttpBody> {
+    pub(super) async fn post<B: RequestBody>(self: Arc<Self>, req: Request<B>) -> Response<HttpBody> {
         let headers = req.headers().clone();
         let json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
             v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json")
@@ -256,7 +256,7 @@ impl Sidecar {
         }
     }
 
-    pub(super) async fn get(self: Arc<Self>, req: Request<Incoming>) -> Response<HttpBody> {
+    pub(super) async fn get<B>(self: Arc<Self>, req: Request<B>) -> Response<HttpBody> {
         if !accepts(req.headers(), "text/event-stream") {
             return plain(StatusCode::NOT_ACCEPTABLE, "Not Acceptable: Accept must list text/event-stream");
         }
@@ -278,7 +278,7 @@ impl Sidecar {
         })
     }
 
-    pub(super) async fn delete(self: Arc<Self>, req: Request<Incoming>) -> Response<HttpBody> {
+    pub(super) async fn delete<B>(self: Arc<Self>, req: Request<B>) -> Response<HttpBody> {
         let session = match self.session_of(req.headers()) {
             Ok(s) => s,
             Err(r) => return r,
