@@ -520,7 +520,7 @@ mod tests {
         assert!(!is_tool_error(&raw(r#"{"content":[{"type":"text","text":"isError"}],"isError":false}"#)));
         assert!(!is_tool_error(&raw(r#"{"content":[{"type":"text","text":"fine"}]}"#)));
         assert!(is_tool_error(&raw(r#"{"content":[], "isError" :  true }"#)));
-        assert!(!is_tool_error(&raw(r#"{"content":[{"type":"text","text":""isError": true"}]}"#)));
+        assert!(!is_tool_error(&raw(r#"{"content":[{"type":"text","text":"\"isError\": true"}]}"#)));
     }
 
     #[test]
