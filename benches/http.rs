@@ -7,7 +7,13 @@
 //! rmcp's server at http://ADDR/mcp); the call is `echo` with a 1,000-character text, so the request and
 //! the answer are each about 1 KB. The paths: the client straight to the fixture; the client to
 //! `mcp-asyncify serve --upstream-url http://ADDR/mcp` in front of it; and, for comparison, the sidecar
-//! in front of the stdio fixture (`serve -- mcp-asyncify test-server`, one process per session).
+//! in front of the stdio fixture (`serve -- mcp-asyncify test-server`, one process per session); and
+//! the peers users would otherwise pick, in front of the same stdio fixture: supergateway
+//! (`--outputTransport streamableHttp --stateful`, from npm) and sparfenyuk's mcp-proxy (PyPI
+//! `mcp-proxy`, stateful). The bench installs them itself when they are missing (idempotent): `npm ci
+//! --prefix benches/peers` (pinned by `benches/peers/package-lock.json`, apart from the test
+//! packages) and a virtualenv at `target/bench-peers/mcp-proxy` (`python3.11 -m venv` + `pip install
+//! mcp-proxy==0.13.0`); a peer that cannot be installed is left out of the run.
 //!
 //! The client is hyper 1 (HTTP/1.1 keep-alive, a pool that grows to one connection per call in flight,
 //! TCP_NODELAY) on a single-threaded tokio runtime. Each path gets fresh processes and a real MCP
@@ -17,7 +23,9 @@
 //! keeps 1, 8 or 64 calls in flight (a new request as soon as one answers) for a fixed number of calls;
 //! each configuration runs 3 times with the paths in rotating order and the table shows the medians.
 //! The sidecar's RSS is read from /proc: idle (after initialize, one call and 300 ms) and right after
-//! the 64-in-flight load. Nothing is asserted.
+//! the 64-in-flight load. The CPU the HTTP front uses during the measured calls (the sidecar, or the
+//! peer's processes, without the fixture below them; from `/proc/PID/task/*/schedstat`) is divided by
+//! the calls. Nothing is asserted.
 //!
 //! `cargo bench --bench http` (env `HTTP_CALLS=n`: calls at 8 and at 64 in flight, default 10,000;
 //! 30 % of that at 1).
@@ -25,7 +33,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{contains, find, rss_kib};
+use common::{comm, contains, cpu_ns, find, rss_kib};
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode, Uri};
@@ -59,10 +67,23 @@ enum Path {
     /// session; `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name` headers and the per-request `_meta`
     /// with the Tasks extension), served on the upstream connection the sidecar keeps for them.
     SidecarStdioModern,
+    /// supergateway (npm) in front of the stdio fixture: `--stdio CMD --outputTransport
+    /// streamableHttp --stateful`, a child process per session like ours.
+    Supergateway,
+    /// sparfenyuk's mcp-proxy (PyPI `mcp-proxy`) in front of the stdio fixture: its Streamable HTTP
+    /// server at `/mcp`, stateful (its default).
+    McpProxy,
 }
 
 impl Path {
-    const ALL: [Path; 4] = [Path::Direct, Path::Sidecar, Path::SidecarStdio, Path::SidecarStdioModern];
+    const ALL: [Path; 6] = [
+        Path::Direct,
+        Path::Sidecar,
+        Path::SidecarStdio,
+        Path::SidecarStdioModern,
+        Path::Supergateway,
+        Path::McpProxy,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -70,6 +91,88 @@ impl Path {
             Path::Sidecar => "sidecar → HTTP upstream",
             Path::SidecarStdio => "sidecar → stdio upstream",
             Path::SidecarStdioModern => "sidecar → stdio upstream, 2026-07-28 stateless",
+            Path::Supergateway => "supergateway --stateful → stdio upstream",
+            Path::McpProxy => "mcp-proxy (Python) → stdio upstream",
+        }
+    }
+
+    /// A peer: another project's HTTP front, in front of the same stdio fixture.
+    fn is_peer(self) -> bool {
+        matches!(self, Path::Supergateway | Path::McpProxy)
+    }
+
+    /// Whether the path's HTTP front is ours or a peer's in front of the stdio fixture (one process
+    /// per session below the front).
+    fn stdio_below(self) -> bool {
+        matches!(self, Path::SidecarStdio | Path::SidecarStdioModern | Path::Supergateway | Path::McpProxy)
+    }
+}
+
+/// Where the peers are installed: supergateway from `benches/peers/package-lock.json`, mcp-proxy into
+/// a virtualenv under `target/`.
+struct Peers {
+    supergateway: Option<std::path::PathBuf>,
+    mcp_proxy: Option<std::path::PathBuf>,
+}
+
+/// The pinned version of sparfenyuk's mcp-proxy.
+const MCP_PROXY: &str = "mcp-proxy==0.13.0";
+
+impl Peers {
+    /// Installs the peers when missing (idempotent: an installed peer is used as it is). A peer that
+    /// cannot be installed (no `npm`, no Python 3.11, no registry) is left out of the run, said why.
+    ///
+    /// The commands, by hand: `npm ci --prefix benches/peers` and
+    /// `python3.11 -m venv target/bench-peers/mcp-proxy && target/bench-peers/mcp-proxy/bin/pip install mcp-proxy==0.13.0`.
+    fn ensure() -> Peers {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let peers_dir = root.join("benches/peers");
+        let supergateway = peers_dir.join("node_modules/supergateway/dist/index.js");
+        if !supergateway.exists() {
+            eprintln!("http bench: installing supergateway (npm ci --prefix benches/peers)");
+            run_quietly(
+                Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--prefix"]).arg(&peers_dir),
+            );
+        }
+        let venv = root.join("target/bench-peers/mcp-proxy");
+        let mcp_proxy = venv.join("bin/mcp-proxy");
+        if !mcp_proxy.exists() {
+            eprintln!("http bench: installing {MCP_PROXY} into {}", venv.display());
+            if run_quietly(Command::new("python3.11").args(["-m", "venv"]).arg(&venv)) {
+                run_quietly(Command::new(venv.join("bin/pip")).args(["install", "--quiet", MCP_PROXY]));
+            }
+        }
+        let found = |p: std::path::PathBuf, what: &str| {
+            if p.exists() {
+                Some(p)
+            } else {
+                eprintln!("http bench: {what} is not installed; left out of this run");
+                None
+            }
+        };
+        Peers { supergateway: found(supergateway, "supergateway"), mcp_proxy: found(mcp_proxy, "mcp-proxy") }
+    }
+
+    fn has(&self, path: Path) -> bool {
+        match path {
+            Path::Supergateway => self.supergateway.is_some(),
+            Path::McpProxy => self.mcp_proxy.is_some(),
+            _ => true,
+        }
+    }
+}
+
+/// Runs an install step, its output on stderr; whether it succeeded.
+fn run_quietly(cmd: &mut Command) -> bool {
+    match cmd.stdin(Stdio::null()).stdout(Stdio::null()).status() {
+        Ok(status) if status.success() => true,
+        Ok(status) => {
+            eprintln!("http bench: {cmd:?} failed ({status})");
+            false
+        }
+        Err(e) => {
+            eprintln!("http bench: {cmd:?} could not start: {e}");
+            false
         }
     }
 }
@@ -191,7 +294,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn start(path: Path, dog: &Arc<Watchdog>) -> Setup {
+    fn start(path: Path, dog: &Arc<Watchdog>, peers: &Peers) -> Setup {
         dog.stage(format!("start of {}", path.name()));
         let mut s = Setup {
             children: Vec::new(),
@@ -200,8 +303,31 @@ impl Setup {
             sidecar: None,
             dog: dog.clone(),
         };
+        if path.is_peer() {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let port = addr.rsplit_once(':').map(|(_, p)| p.to_owned()).unwrap_or_default();
+            let c = match path {
+                Path::Supergateway => {
+                    let mut c = Command::new("node");
+                    c.arg(peers.supergateway.as_ref().expect("installed"))
+                        .args(["--stdio", &format!("{BIN} --log-level error test-server")])
+                        .args(["--outputTransport", "streamableHttp", "--stateful", "--port", &port])
+                        .args(["--logLevel", "none"]);
+                    c
+                }
+                _ => {
+                    let mut c = Command::new(peers.mcp_proxy.as_ref().expect("installed"));
+                    c.args(["--host", "127.0.0.1", "--port", &port, "--log-level", "WARNING", BIN, "--"])
+                        .args(["--log-level", "error", "test-server"]);
+                    c
+                }
+            };
+            s.sidecar = Some(s.spawn(c, &addr, path.name()));
+            s.url = format!("http://{addr}/mcp");
+            return s;
+        }
         let mut upstream_url = None;
-        if !matches!(path, Path::SidecarStdio | Path::SidecarStdioModern) {
+        if !path.stdio_below() {
             let addr = format!("127.0.0.1:{}", free_port());
             let mut c = Command::new(BIN);
             c.args(["--log-level", "error", "test-server", "--http", &addr]);
@@ -222,6 +348,14 @@ impl Setup {
         s.sidecar = Some(s.spawn(c, &addr, "the sidecar"));
         s.url = format!("http://{addr}/mcp");
         s
+    }
+
+    /// The processes of the HTTP front (the sidecar, or a peer and its helpers, such as a shell),
+    /// without the fixture below it.
+    fn front(&self) -> Vec<u32> {
+        let Some(root) = self.sidecar else { return Vec::new() };
+        let below = descendants(root).into_iter().filter(|p| comm(*p) != "mcp-asyncify");
+        std::iter::once(root).chain(below).collect()
     }
 
     /// Starts `cmd` and waits (10 s at most) until it accepts connections on `addr`.
@@ -464,6 +598,8 @@ struct Stats {
     p50_us: f64,
     p99_us: f64,
     rate: f64,
+    /// CPU (user + system) per call of the HTTP front (the sidecar, or a peer with its helpers), µs.
+    front_cpu_us: f64,
 }
 
 fn main() {
@@ -479,11 +615,13 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
         _ => calls.max(10),
     };
     let started = Instant::now();
+    let peers = Peers::ensure();
+    let paths: Vec<Path> = Path::ALL.into_iter().filter(|p| peers.has(*p)).collect();
 
     // Idle RSS: initialize, one call, 300 ms.
     let mut idle: Vec<(Path, u64, u64)> = Vec::new();
-    for path in Path::ALL {
-        let setup = Setup::start(path, &dog);
+    for &path in &paths {
+        let setup = Setup::start(path, &dog, &peers);
         let client = Arc::new(McpClient::open(&setup.url, &dog, path == Path::SidecarStdioModern).await);
         dog.stage(format!("idle call on {}", path.name()));
         client.run(1, 1, RUN_BUDGET).await;
@@ -493,7 +631,7 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
     }
 
     let mut results: Vec<(Path, usize, Vec<Stats>)> = Vec::new();
-    for path in Path::ALL {
+    for &path in &paths {
         for level in LEVELS {
             results.push((path, level, Vec::new()));
         }
@@ -501,17 +639,20 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
     let mut rss_loaded: Vec<(Path, u64)> = vec![(Path::Sidecar, 0), (Path::SidecarStdio, 0)];
     for rep in 0..REPS {
         for (li, level) in LEVELS.into_iter().enumerate() {
-            for k in 0..Path::ALL.len() {
-                let path = Path::ALL[(k + rep + li) % Path::ALL.len()];
+            for k in 0..paths.len() {
+                let path = paths[(k + rep + li) % paths.len()];
                 let count = calls_at(level);
-                let setup = Setup::start(path, &dog);
+                let setup = Setup::start(path, &dog, &peers);
                 dog.stage(format!("initialize of {}", path.name()));
                 let client =
                     Arc::new(McpClient::open(&setup.url, &dog, path == Path::SidecarStdioModern).await);
                 dog.stage(format!("warm-up of {} at {level} in flight", path.name()));
                 client.run((count / 10).max(200), level, WARM_UP).await;
                 dog.stage(format!("run {} of {} at {level} in flight", rep + 1, path.name()));
+                let front = setup.front();
+                let cpu_before: u64 = front.iter().map(|p| cpu_ns(*p)).sum();
                 let (mut lat, elapsed) = client.run(count, level, RUN_BUDGET).await;
+                let cpu_after: u64 = front.iter().map(|p| cpu_ns(*p)).sum();
                 if let (64, Some(pid)) = (level, setup.sidecar) {
                     for (p, rss) in rss_loaded.iter_mut() {
                         if *p == path {
@@ -528,6 +669,7 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
                     p50_us: pct(0.50),
                     p99_us: pct(0.99),
                     rate: lat.len() as f64 / elapsed.as_secs_f64(),
+                    front_cpu_us: cpu_after.saturating_sub(cpu_before) as f64 / 1e3 / lat.len() as f64,
                 };
                 results.iter_mut().find(|r| r.0 == path && r.1 == level).unwrap().2.push(stats);
             }
@@ -546,6 +688,7 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
             p50_us: med(|s| s.p50_us),
             p99_us: med(|s| s.p99_us),
             rate: med(|s| s.rate),
+            front_cpu_us: med(|s| s.front_cpu_us),
         }
     };
 
@@ -558,14 +701,20 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
         calls_at(64),
         RUN_BUDGET.as_secs()
     );
-    println!("| path | in flight | calls | p50 µs | p99 µs | calls/s | p50 vs direct | calls/s vs direct |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| path | in flight | calls | p50 µs | p99 µs | calls/s | p50 vs direct | calls/s vs direct | front CPU µs/call |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for level in LEVELS {
         let direct = median(Path::Direct, level);
-        for path in Path::ALL {
+        for &path in &paths {
             let m = median(path, level);
+            let cpu = match path {
+                Path::Direct => "–".to_owned(),
+                _ => format!("{:.0}", m.front_cpu_us),
+            };
             println!(
-                "| {} | {level} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+                "| {} | {level} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {cpu} |",
                 path.name(),
                 m.calls,
                 m.p50_us,
@@ -611,7 +760,36 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
         median(Path::SidecarStdioModern, 1).p50_us / median(Path::SidecarStdio, 1).p50_us,
         median(Path::SidecarStdioModern, 64).rate / median(Path::SidecarStdio, 64).rate
     );
-    for path in Path::ALL {
+    let best_peer = |level: usize, better: fn(&Stats, &Stats) -> bool| {
+        paths
+            .iter()
+            .filter(|p| p.is_peer())
+            .map(|p| (*p, median(*p, level)))
+            .reduce(|a, b| if better(&b.1, &a.1) { b } else { a })
+    };
+    match (best_peer(1, |a, b| a.p50_us < b.p50_us), best_peer(64, |a, b| a.rate > b.rate)) {
+        (Some((fast, at1)), Some((strong, at64))) => {
+            let ours1 = median(Path::SidecarStdio, 1);
+            let ours64 = median(Path::SidecarStdio, 64);
+            println!(
+                "against the peers (sidecar → stdio upstream): p50 at 1 in flight {:.2}× the best peer's ({}; goal ≤ 0.3), \
+                 throughput at 64 in flight {:.1}× the best peer's ({}; goal ≥ 6); front CPU per call at 64 in flight \
+                 {:.0} µs against {:.0} µs",
+                ours1.p50_us / at1.p50_us,
+                fast.name(),
+                ours64.rate / at64.rate,
+                strong.name(),
+                ours64.front_cpu_us,
+                at64.front_cpu_us
+            );
+        }
+        _ => println!("against the peers: none installed in this run"),
+    }
+    println!(
+        "sidecar → HTTP upstream: p50 at 1 in flight {:.2}× direct (goal ≤ 1.5)",
+        p50_ratio(Path::Sidecar)
+    );
+    for &path in &paths {
         let p50 = median(path, 1).p50_us;
         if (35_000.0..50_000.0).contains(&p50) {
             println!(

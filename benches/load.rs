@@ -8,14 +8,17 @@
 //! calls in flight (a new request as soon as one answers, matched by id, requests serialised up front)
 //! for a fixed number of calls; each configuration runs 3 times with the paths in rotating order and
 //! the table shows the medians. The proxy's RSS is read from /proc: idle (after initialize, one call
-//! and 300 ms) and right after the 64-in-flight load. Goals are reported, never asserted.
+//! and 300 ms) and right after the 64-in-flight load. The CPU each path's processes use during the
+//! measured calls (user + system, summed over their threads from `/proc/PID/task/*/schedstat`) is
+//! divided by the calls: the relaying processes' (the proxy; the relay's `cat`s) and the upstream's.
+//! CPU per call is steadier than latency on a shared machine. Goals are reported, never asserted.
 //!
 //! `cargo bench --bench load` (env `LOAD_CALLS=n`: calls at 64 in flight, default 20,000; half that at
 //! 8, a quarter at 1).
 
 mod common;
 
-use common::{contains, find, rss_kib};
+use common::{comm, contains, cpu_ns, descendants, find, rss_kib};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -208,6 +211,21 @@ impl Session {
         self.child.id()
     }
 
+    /// The processes of this path that relay (the proxy, or the relay's `cat`s and their `sh`) and
+    /// those that serve (the upstream), by pid.
+    fn roles(&self, path: Path) -> (Vec<u32>, Vec<u32>) {
+        let pid = self.pid();
+        match path {
+            Path::Direct => (Vec::new(), vec![pid]),
+            Path::Relay => {
+                let (cats, upstream): (Vec<u32>, Vec<u32>) =
+                    descendants(pid).into_iter().partition(|p| comm(*p) == "cat");
+                (std::iter::once(pid).chain(cats).collect(), upstream)
+            }
+            _ => (vec![pid], descendants(pid)),
+        }
+    }
+
     fn write(&mut self, bytes: &[u8]) {
         let input = self.input.as_mut().expect("stdin open");
         if let Err(e) = input.write_all(bytes) {
@@ -324,6 +342,15 @@ struct Stats {
     p50_us: f64,
     p99_us: f64,
     rate: f64,
+    /// CPU (user + system) per call of the relaying processes (the proxy; the relay's `cat`s), µs.
+    relay_cpu_us: f64,
+    /// CPU per call of the upstream, µs.
+    upstream_cpu_us: f64,
+}
+
+/// The CPU time (ns) the processes have used so far, together.
+fn cpu_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| cpu_ns(*p)).sum()
 }
 
 fn main() {
@@ -363,7 +390,12 @@ fn main() {
                 dog.stage(format!("warm-up of {} at {level} in flight", path.name()));
                 s.run((count / 10).max(200), level);
                 dog.stage(format!("run {} of {} at {level} in flight", rep + 1, path.name()));
+                let (relays, upstreams) = s.roles(path);
+                let cpu_before = (cpu_of(&relays), cpu_of(&upstreams));
                 let (mut lat, elapsed) = s.run(count, level);
+                let cpu_after = (cpu_of(&relays), cpu_of(&upstreams));
+                let per_call =
+                    |before: u64, after: u64| after.saturating_sub(before) as f64 / 1e3 / count as f64;
                 if level == 64 {
                     for (p, rss) in rss_loaded.iter_mut() {
                         if *p == path {
@@ -379,6 +411,8 @@ fn main() {
                     p50_us: pct(0.50),
                     p99_us: pct(0.99),
                     rate: count as f64 / elapsed.as_secs_f64(),
+                    relay_cpu_us: per_call(cpu_before.0, cpu_after.0),
+                    upstream_cpu_us: per_call(cpu_before.1, cpu_after.1),
                 };
                 results.iter_mut().find(|r| r.0 == path && r.1 == level).unwrap().2.push(stats);
             }
@@ -392,7 +426,13 @@ fn main() {
             v.sort_by(|a, b| a.total_cmp(b));
             v[v.len() / 2]
         };
-        Stats { p50_us: med(|s| s.p50_us), p99_us: med(|s| s.p99_us), rate: med(|s| s.rate) }
+        Stats {
+            p50_us: med(|s| s.p50_us),
+            p99_us: med(|s| s.p99_us),
+            rate: med(|s| s.rate),
+            relay_cpu_us: med(|s| s.relay_cpu_us),
+            upstream_cpu_us: med(|s| s.upstream_cpu_us),
+        }
     };
 
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -402,20 +442,27 @@ fn main() {
         calls_at(8),
         calls_at(64)
     );
-    println!("| path | in flight | p50 µs | p99 µs | calls/s | p50 vs direct | calls/s vs direct |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| path | in flight | p50 µs | p99 µs | calls/s | p50 vs direct | calls/s vs direct | relay CPU µs/call | upstream CPU µs/call |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for level in LEVELS {
         let direct = median(Path::Direct, level);
         for path in Path::ALL {
             let m = median(path, level);
+            let relay_cpu = match path {
+                Path::Direct => "–".to_owned(),
+                _ => format!("{:.1}", m.relay_cpu_us),
+            };
             println!(
-                "| {} | {level} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+                "| {} | {level} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {relay_cpu} | {:.1} |",
                 path.name(),
                 m.p50_us,
                 m.p99_us,
                 m.rate,
                 m.p50_us / direct.p50_us,
-                m.rate / direct.rate
+                m.rate / direct.rate,
+                m.upstream_cpu_us
             );
         }
     }
@@ -448,9 +495,17 @@ fn main() {
         rate_ratio(Path::ProxyNoTasks),
         rate_ratio(Path::Relay)
     );
+    println!(
+        "proxy CPU per relayed call at 64 in flight: {:.1} µs (goal ≤ 6) (--no-tasks: {:.1} µs; the byte relay's two cats: {:.1} µs; the upstream's own: {:.1} µs); at 1 in flight: {:.1} µs",
+        median(Path::Proxy, 64).relay_cpu_us,
+        median(Path::ProxyNoTasks, 64).relay_cpu_us,
+        median(Path::Relay, 64).relay_cpu_us,
+        median(Path::Direct, 64).upstream_cpu_us,
+        median(Path::Proxy, 1).relay_cpu_us
+    );
     let p50_of = |p: Path| median(p, 1).p50_us;
     println!(
-        "telemetry on (Prometheus + OTLP metrics and traces) vs off: p50 at 1 in flight {:.2}×, throughput at 64 in flight {:.2}× (goal: cost under 5 %)",
+        "telemetry on (Prometheus + OTLP metrics and traces) vs off: p50 at 1 in flight {:.2}×, throughput at 64 in flight {:.2}× (goal: cost under 2 %)",
         p50_of(Path::ProxyTelemetry) / p50_of(Path::Proxy),
         median(Path::ProxyTelemetry, 64).rate / median(Path::Proxy, 64).rate
     );

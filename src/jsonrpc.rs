@@ -253,6 +253,13 @@ impl<'a> Envelope<'a> {
     }
 }
 
+/// Whether the JSON text `json` may hold the key that `key` finds (plain ASCII): its text is there,
+/// or a `\u` escape that could spell it. `false` is certain, so most messages are answered without
+/// parsing. The finder is built once by the caller (building one costs more than a search).
+pub fn may_contain_key(json: &[u8], key: &memchr::memmem::Finder<'_>) -> bool {
+    memchr::memchr_iter(b'\\', json).any(|i| json.get(i + 1) == Some(&b'u')) || key.find(json).is_some()
+}
+
 /// What can be read from the first bytes of a message too large to read whole: its top-level `id`
 /// (when it came before the cut) and whether it has a top-level `method` (a request or notification
 /// rather than a response). Lets the proxy answer an oversized request, or fail the request whose

@@ -52,7 +52,10 @@ impl Era {
     /// carries a protocol version in `_meta` (legacy traffic is never parsed here).
     pub fn of(params: Option<&RawValue>) -> Era {
         let Some(params) = params else { return Era::Legacy };
-        if memchr::memmem::find(params.get().as_bytes(), META_VERSION.as_bytes()).is_none() {
+        // Built once: building a finder per message costs more than the search.
+        static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(META_VERSION));
+        if FINDER.find(params.get().as_bytes()).is_none() {
             return Era::Legacy;
         }
         #[derive(serde::Deserialize)]

@@ -261,7 +261,8 @@ impl Router {
                     return;
                 }
                 // With traces on, the request carries our CLIENT span's traceparent upstream.
-                if let Some(traced) = self.ops.as_ref().and_then(|ops| ops.forwarded(&id, &line)) {
+                if let Some(traced) = self.ops.as_ref().and_then(|ops| ops.forwarded(&id, &line, env.params))
+                {
                     drop(env);
                     self.upstream.send(traced).await;
                     return;
@@ -390,6 +391,13 @@ impl Router {
                         return;
                     }
                 }
+                // Forwarded as it came: its measurement ends here, from this reading of it.
+                if let Some(ops) = &self.ops {
+                    ops.answered(id, env.result, env.error);
+                }
+                drop(env);
+                self.client.send_unobserved(line).await;
+                return;
             }
             Kind::Request => {
                 let id = env.id.clone().expect("a request has an id");

@@ -173,7 +173,8 @@ impl Operations {
 
     /// The request goes upstream: with traces on, returns the line with the CLIENT span's
     /// `traceparent` written into `params._meta` (None: forward the original bytes).
-    pub fn forwarded(&self, id: &Id, line: &[u8]) -> Option<Vec<u8>> {
+    /// `params` are the request's own, read from `line` by the caller (so it is not read again).
+    pub fn forwarded(&self, id: &Id, line: &[u8], params: Option<&RawValue>) -> Option<Vec<u8>> {
         let mut op = self.open.get_mut(id)?;
         let parent = op.server.clone()?;
         let name = match &op.tool {
@@ -189,20 +190,18 @@ impl Operations {
         let tp = traceparent(&cx)?;
         op.client = Some((Instant::now(), cx));
         drop(op);
-        with_traceparent(line, &tp)
+        spliced_traceparent(line, params, &tp).or_else(|| reserialised_with_traceparent(line, &tp))
     }
 
     /// The upstream answered a forwarded request (`error`: its error code, if any).
     pub fn upstream_answered(&self, id: &Id, error: Option<String>) {
         let Some(mut op) = self.open.get_mut(id) else { return };
-        let method = op.method.clone();
-        let tool = op.tool.clone();
         let (at, cx) = match op.client.take() {
             Some(c) => (c.0, Some(c.1)),
             None => (op.started, None),
         };
+        record_client_operation(at, &op.method, op.tool.as_deref(), error.as_deref());
         drop(op);
-        record_client_operation(at, &method, tool.as_deref(), error.as_deref());
         if let Some(cx) = cx {
             if let Some(e) = error {
                 cx.span().set_status(Status::error(e));
@@ -221,8 +220,16 @@ impl Operations {
             return;
         }
         let Some(id) = env.id.as_ref() else { return };
+        self.answered(id, env.result, env.error);
+    }
+
+    /// The response to request `id` goes to the client (with its `result` or `error`): its
+    /// measurement ends. The router calls this for the answers it forwards as they came, from the
+    /// envelope it already read; every other line to the client is seen by
+    /// [`Self::observe_client_line`].
+    pub fn answered(&self, id: &Id, result: Option<&RawValue>, error: Option<&RawValue>) {
         let Some((_, op)) = self.open.remove(id) else { return };
-        let error = match (env.error, env.result) {
+        let error = match (error, result) {
             (Some(e), _) => Some(error_code(e)),
             (None, Some(r)) if op.method == "tools/call" && is_tool_error(r) => Some("tool_error".to_owned()),
             _ => None,
@@ -263,6 +270,22 @@ pub fn error_code(error: &RawValue) -> String {
 }
 
 fn is_tool_error(result: &RawValue) -> bool {
+    // The key's text must be there, or an escape that could spell it; most results are not read.
+    // Only `"isError"` followed by `: true` can make it one (or an escape that could spell the key),
+    // so most results are not read again.
+    static KEY: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new("\"isError\""));
+    let bytes = result.get().as_bytes();
+    let escaped = memchr::memchr_iter(b'\\', bytes).any(|i| bytes.get(i + 1) == Some(&b'u'));
+    let set = || {
+        KEY.find_iter(bytes).any(|at| {
+            let rest = bytes[at + 9..].trim_ascii_start();
+            rest.strip_prefix(b":").is_some_and(|v| v.trim_ascii_start().starts_with(b"true"))
+        })
+    };
+    if !escaped && !set() {
+        return false;
+    }
     #[derive(serde::Deserialize)]
     struct R {
         #[serde(rename = "isError", default)]
@@ -271,8 +294,69 @@ fn is_tool_error(result: &RawValue) -> bool {
     serde_json::from_str::<R>(result.get()).ok().and_then(|r| r.is_error).unwrap_or(false)
 }
 
-/// The line with `params._meta.traceparent` set (the rest of the message re-serialised as parsed).
+/// The line with `params._meta.traceparent` set (`None`: its params are not an object). The value is
+/// written into the original bytes, the rest of the message left as it came; a message that cannot be
+/// read that way (no params, duplicate keys) is re-serialised as parsed, with the same meaning.
 pub fn with_traceparent(line: &[u8], tp: &str) -> Option<Vec<u8>> {
+    let params = Envelope::parse(line).ok().and_then(|env| env.params);
+    spliced_traceparent(line, params, tp).or_else(|| reserialised_with_traceparent(line, tp))
+}
+
+/// [`with_traceparent`] by splicing into `line`, whose `params` are given (read from it): `_meta` (or
+/// its `traceparent`) is added at the end of its object, or the `traceparent` value replaced where it
+/// stands, as a parsed object would have it. `None`: not done this way.
+fn spliced_traceparent(line: &[u8], params: Option<&RawValue>, tp: &str) -> Option<Vec<u8>> {
+    #[derive(serde::Deserialize)]
+    struct Params<'a> {
+        #[serde(rename = "_meta", borrow, default, deserialize_with = "present")]
+        meta: Option<&'a RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow, default, deserialize_with = "present")]
+        traceparent: Option<&'a RawValue>,
+    }
+    let params = params?.get();
+    let start = (params.as_ptr() as usize).checked_sub(line.as_ptr() as usize)?;
+    if !params.starts_with('{') || start + params.len() > line.len() {
+        return None; // not an object, or not read from this line
+    }
+    let offset = |inner: &str| inner.as_ptr() as usize - line.as_ptr() as usize;
+    let value = format!("\"{tp}\"");
+    // (where, how many bytes it replaces, what goes there)
+    let (at, replaced, text) = match serde_json::from_str::<Params<'_>>(params).ok()?.meta {
+        None => (
+            offset(params) + params.len() - 1,
+            0,
+            member(params, "_meta", &format!("{{\"traceparent\":{value}}}")),
+        ),
+        Some(meta) if meta.get().starts_with('{') => {
+            let meta = meta.get();
+            match serde_json::from_str::<Meta<'_>>(meta).ok()?.traceparent {
+                Some(old) => (offset(old.get()), old.get().len(), value),
+                None => (offset(meta) + meta.len() - 1, 0, member(meta, "traceparent", &value)),
+            }
+        }
+        Some(_) => return None,
+    };
+    let mut out = Vec::with_capacity(line.len() + text.len());
+    out.extend_from_slice(&line[..at]);
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&line[at + replaced..]);
+    Some(out)
+}
+
+/// `"key":value` to add at the end of the object `object` (JSON text), after a comma unless it is empty.
+fn member(object: &str, key: &str, value: &str) -> String {
+    let empty = object[1..object.len() - 1].trim().is_empty();
+    format!("{}\"{key}\":{value}", if empty { "" } else { "," })
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+fn reserialised_with_traceparent(line: &[u8], tp: &str) -> Option<Vec<u8>> {
     let mut msg: Map<String, Value> = serde_json::from_slice(line).ok()?;
     let params = msg.entry("params").or_insert_with(|| Value::Object(Map::new())).as_object_mut()?;
     set_traceparent(params, tp)?;
@@ -363,4 +447,87 @@ pub fn task_request(task_id: &str, method: &str, tool: Option<&str>) -> Option<(
         .start_with_context(&tracer(), &parent);
     let cx = parent.with_span(span);
     Some((traceparent(&cx)?, cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    /// The spliced line means what the re-serialised one means, and keeps the rest of the bytes.
+    fn same_meaning(line: &str) -> String {
+        let params = Envelope::parse(line.as_bytes()).unwrap().params;
+        let spliced = spliced_traceparent(line.as_bytes(), params, TP).expect("spliced");
+        let parsed = reserialised_with_traceparent(line.as_bytes(), TP).expect("re-serialised");
+        let a: Value = serde_json::from_slice(&spliced).expect("valid JSON");
+        let b: Value = serde_json::from_slice(&parsed).expect("valid JSON");
+        assert_eq!(a, b, "{line}");
+        // Key order too: `_meta` and `traceparent` stand where a parsed object puts them.
+        assert_eq!(a.to_string(), b.to_string(), "{line}");
+        String::from_utf8(spliced).expect("UTF-8")
+    }
+
+    #[test]
+    fn traceparent_is_written_into_the_original_bytes() {
+        let got = same_meaning(
+            r#"{"jsonrpc":"2.0", "id":1,"method":"tools/call","params":{"name":"echo", "arguments":{"text":"a\u00e9"}}}"#,
+        );
+        assert_eq!(
+            got,
+            format!(
+                r#"{{"jsonrpc":"2.0", "id":1,"method":"tools/call","params":{{"name":"echo", "arguments":{{"text":"a\u00e9"}},"_meta":{{"traceparent":"{TP}"}}}}}}"#
+            )
+        );
+        same_meaning(r#"{"jsonrpc":"2.0","id":1,"method":"ping","params":{ }}"#);
+        same_meaning(r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":{}}}"#);
+        same_meaning(
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":{"progressToken":7}, "a":[1,{"_meta":2}]}}"#,
+        );
+        let replaced = same_meaning(
+            r#"{"jsonrpc":"2.0","id":"q","method":"x","params":{"_meta":{"traceparent":"00-old-old-00","tracestate":"k=v"},"n":1}}"#,
+        );
+        assert!(replaced.contains(&format!(r#"{{"traceparent":"{TP}","tracestate":"k=v"}}"#)), "{replaced}");
+    }
+
+    #[test]
+    fn what_cannot_be_spliced_is_reserialised_or_left_alone() {
+        // No params, duplicate keys: re-serialised, with the same meaning as before.
+        for line in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":{},"_meta":{"a":1}}}"#,
+        ] {
+            let params = Envelope::parse(line.as_bytes()).unwrap().params;
+            assert!(spliced_traceparent(line.as_bytes(), params, TP).is_none(), "{line}");
+            let out = with_traceparent(line.as_bytes(), TP).expect("re-serialised");
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["params"]["_meta"]["traceparent"], TP, "{line}");
+        }
+        // Params or `_meta` that are not objects: nothing can be written.
+        for line in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":"no"}}"#,
+        ] {
+            assert_eq!(with_traceparent(line.as_bytes(), TP), None, "{line}");
+        }
+    }
+
+    #[test]
+    fn a_tool_error_is_found_whatever_the_spelling() {
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        assert!(is_tool_error(&raw(r#"{"content":[],"isError":true}"#)));
+        assert!(is_tool_error(&raw(r#"{"content":[],"\u0069sError":true}"#)));
+        assert!(!is_tool_error(&raw(r#"{"content":[{"type":"text","text":"isError"}],"isError":false}"#)));
+        assert!(!is_tool_error(&raw(r#"{"content":[{"type":"text","text":"fine"}]}"#)));
+        assert!(is_tool_error(&raw(r#"{"content":[], "isError" :  true }"#)));
+        assert!(!is_tool_error(&raw(r#"{"content":[{"type":"text","text":"\"isError\": true"}]}"#)));
+    }
+
+    #[test]
+    fn params_read_from_another_buffer_are_not_spliced() {
+        let line = br#"{"jsonrpc":"2.0","id":1,"method":"x","params":{}}"#;
+        let copy = line.to_vec();
+        let other = Envelope::parse(&copy).unwrap().params;
+        assert!(spliced_traceparent(line, other, TP).is_none());
+    }
 }

@@ -99,16 +99,28 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     }
 }
 
+/// One queued line, and whether the writer's [`Observer`] is to see it.
+struct Outgoing {
+    line: Bytes,
+    observe: bool,
+}
+
 /// A handle to a line writer task: send lines, then close to flush and end the stream.
 #[derive(Clone)]
 pub struct LineSink {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Outgoing>,
 }
 
 impl LineSink {
     /// Queues one message (without newline). Returns `false` when the stream is closed.
     pub async fn send(&self, line: impl Into<Bytes>) -> bool {
-        self.tx.send(line.into()).await.is_ok()
+        self.tx.send(Outgoing { line: line.into(), observe: true }).await.is_ok()
+    }
+
+    /// Queues one message the writer's observer does not need to see: its sender has already done
+    /// what the observer would (telemetry measured the answer it forwards), so it is not read twice.
+    pub async fn send_unobserved(&self, line: impl Into<Bytes>) -> bool {
+        self.tx.send(Outgoing { line: line.into(), observe: false }).await.is_ok()
     }
 }
 
@@ -153,7 +165,7 @@ pub fn spawn_observed_line_writer<W>(
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(capacity);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(capacity);
     let (close_tx, mut close_rx) = oneshot::channel::<()>();
     let (done_tx, done_rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -199,13 +211,13 @@ where
 
 async fn write_line<W: AsyncWrite + Unpin>(
     out: &mut W,
-    line: &[u8],
+    line: &Outgoing,
     observer: Option<&Observer>,
 ) -> std::io::Result<()> {
-    if let Some(observe) = observer {
-        observe(line);
+    if let Some(observe) = observer.filter(|_| line.observe) {
+        observe(&line.line);
     }
-    out.write_all(line).await?;
+    out.write_all(&line.line).await?;
     out.write_all(b"\n").await
 }
 

@@ -308,6 +308,9 @@ impl Interceptor {
     }
 
     async fn on_tools_call(self: &Arc<Self>, id: &Id, params: Option<&RawValue>) -> Decision {
+        if let Some(decision) = self.plain_call_fast(id, params) {
+            return decision;
+        }
         let Some(mut call) = params.and_then(|p| serde_json::from_str::<Map<String, Value>>(p.get()).ok())
         else {
             return Decision::Forward(Rewrite::PlainCall); // let the upstream judge malformed calls
@@ -401,6 +404,45 @@ impl Interceptor {
             self.start_local_task(&record.id, &Value::Object(call).to_string()).await;
         }
         Decision::Handled
+    }
+
+    /// The common `tools/call`, decided from the top level of its params read in place (the arguments
+    /// are skipped, never built): a plain call of an ordinary tool is forwarded as it came. `None`: the
+    /// call needs [`Self::on_tools_call`]'s full reading (a task, a hand-off tool, Notion, a required
+    /// task tool, or params this reading does not take, such as duplicate keys); the decision is the
+    /// same either way.
+    fn plain_call_fast(self: &Arc<Self>, id: &Id, params: Option<&RawValue>) -> Option<Decision> {
+        let params = params?;
+        if !params.get().starts_with('{') {
+            return None;
+        }
+        let head: CallHead<'_> = serde_json::from_str(params.get()).ok()?;
+        let tool = head.name?;
+        if head.task.is_some() || has_allow_async(head.arguments) || tool == self.notion.poll_tool() {
+            return None;
+        }
+        let config = self.engine.config();
+        if (config.sync_deadline_ms > 0 && (tool == STATUS_TOOL || tool == RESULT_TOOL))
+            || config.requires_task(&tool)
+        {
+            return None;
+        }
+        self.notion.note_client_call();
+        if config.taskifies(&tool) {
+            let token = match head.meta {
+                Some(meta) => {
+                    serde_json::from_str::<Value>(meta.get()).ok()?.get("progressToken").map(Value::to_string)
+                }
+                None => None,
+            };
+            self.watch_plain_call(
+                id.clone(),
+                tool.into_owned(),
+                token,
+                sync_clients::HandOff::Text { modern: false },
+            );
+        }
+        Some(Decision::Forward(Rewrite::PlainCall))
     }
 
     /// Sends a task's call upstream. No future waits for it: the router hands the answer to
@@ -629,6 +671,39 @@ impl Interceptor {
     }
 }
 
+/// The top level of a `tools/call`'s params, borrowed from the message: what routes the call. A key
+/// present with `null` counts as present, as it does in a parsed object.
+#[derive(serde::Deserialize)]
+struct CallHead<'a> {
+    #[serde(borrow, default)]
+    name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    arguments: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    task: Option<&'a RawValue>,
+    #[serde(rename = "_meta", borrow, default, deserialize_with = "present")]
+    meta: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+/// Whether a call's raw `arguments` have the top-level key `allow_async` (Notion's own async
+/// protocol), as `Value::get` has it: `false` for arguments that are not an object. The key can only
+/// be there if its text is, or an escape that could spell it, so most calls are answered without
+/// parsing.
+fn has_allow_async(arguments: Option<&RawValue>) -> bool {
+    static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new("allow_async"));
+    let Some(raw) = arguments.map(RawValue::get) else { return false };
+    if !raw.starts_with('{') || !jsonrpc::may_contain_key(raw.as_bytes(), &KEY) {
+        return false;
+    }
+    serde_json::from_str::<std::collections::HashMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny>>(raw)
+        .is_ok_and(|keys| keys.contains_key("allow_async"))
+}
+
 /// Reads a nested value out of raw JSON text (`None` if absent or the text is not an object).
 fn lookup(raw: &str, path: &[&str]) -> Option<Value> {
     let v: Map<String, Value> = serde_json::from_str(raw).ok()?;
@@ -642,4 +717,39 @@ fn lookup_value<'a>(map: &'a Map<String, Value>, path: &[&str]) -> Option<&'a Va
         v = v.get(*key)?;
     }
     Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_async_is_read_as_a_parsed_object_has_it() {
+        for args in [
+            r#"{}"#,
+            r#""allow_async""#,
+            r#"[{"allow_async":1}]"#,
+            r#"{"allow_async":null}"#,
+            r#"{"\u0061llow_async":true}"#,
+            r#"{"text":"allow_async"}"#,
+            r#"{"text":"\u0041","nested":{"allow_async":1}}"#,
+            r#"{"a":1,"allow_async":false,"allow_async":true}"#,
+        ] {
+            let raw = RawValue::from_string(args.to_owned()).unwrap();
+            let parsed: Value = serde_json::from_str(args).unwrap();
+            assert_eq!(has_allow_async(Some(&raw)), parsed.get("allow_async").is_some(), "{args}");
+        }
+        assert!(!has_allow_async(None));
+    }
+
+    #[test]
+    fn the_call_head_counts_a_null_as_present_and_refuses_duplicates() {
+        let head: CallHead<'_> =
+            serde_json::from_str(r#"{"name":"echo","task":null,"arguments":{"x":1}}"#).unwrap();
+        assert_eq!(head.name.as_deref(), Some("echo"));
+        assert!(head.task.is_some(), "task: null is a task field, refused later as not an object");
+        assert!(head.meta.is_none());
+        // Duplicate keys: left to the full reading (the last one wins there).
+        assert!(serde_json::from_str::<CallHead<'_>>(r#"{"name":"a","name":"b"}"#).is_err());
+    }
 }
