@@ -89,7 +89,7 @@ pub struct NotionSimArgs {
     #[arg(long, env = "MCP_NOTION_SIM_ENVELOPE", value_enum, default_value_t = Envelope::Both)]
     pub envelope: Envelope,
     /// The form of async task answers.
-    #[arg(long, env = "MCP_NOTION_SIM_ASYNC_SHAPE", value_enum, default_value_t = AsyncShape::Envelope)]
+    #[arg(long, env = "MCP_NOTION_SIM_ASYNC_SHAPE", value_enum, default_value_t = AsyncShape::Published)]
     pub async_shape: AsyncShape,
     /// Poll answers carry only `status` (and `result` or `error` once the task ended).
     #[arg(long, env = "MCP_NOTION_SIM_MINIMAL_POLLS")]
@@ -310,7 +310,9 @@ impl State {
         match shape {
             AsyncShape::Hybrid => task.insert("suggested_backoff_ms".into(), json!(backoff_ms)),
             // Whole seconds as an integer, as the API reference shows them.
-            _ if backoff_ms % 1000 == 0 => task.insert("poll_after_seconds".into(), json!(backoff_ms / 1000)),
+            _ if backoff_ms.is_multiple_of(1000) => {
+                task.insert("poll_after_seconds".into(), json!(backoff_ms / 1000))
+            }
             _ => task.insert("poll_after_seconds".into(), json!(backoff_ms as f64 / 1000.0)),
         };
         task
@@ -424,7 +426,9 @@ impl NotionSim {
         let (status, attempt) = self.state.status(op);
         let mut body = match (self.state.args.minimal_polls, self.state.args.async_shape) {
             (true, _) => json!({ "status": status }),
-            (false, AsyncShape::Envelope) => json!({ "task_id": p.task_id, "status": status, "attempt": attempt }),
+            (false, AsyncShape::Envelope) => {
+                json!({ "task_id": p.task_id, "status": status, "attempt": attempt })
+            }
             (false, shape) => Value::Object(self.state.published(&p.task_id, op, status, shape)),
         };
         match status {
