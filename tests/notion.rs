@@ -528,3 +528,93 @@ fn a_bad_upstream_url_or_header_fails_at_start_with_the_reason() {
     let r = p.call(2, "tools/list", json!({}));
     assert!(r["error"]["message"].as_str().unwrap().contains("could not be reached"), "{r}");
 }
+
+#[test]
+fn a_models_own_allow_async_beside_params_task_becomes_our_task_with_the_page() {
+    // The tool's schema offers allow_async, and a model may set it while its client asks for a task.
+    for proxy_args in [&[][..], &["--profile", "notion"][..]] {
+        let mut n = notion(
+            "own-async-task",
+            proxy_args,
+            &["--work-ms", "400", "--suggested-backoff-ms", "100", "--rate-limit", "0"],
+        );
+        let p = &mut n.peer;
+        let r = p.call(
+            1,
+            "tools/call",
+            json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap", "allow_async": true}, "task": {}}),
+        );
+        assert!(r.get("error").is_none(), "{proxy_args:?}: params.task reached the upstream: {r}");
+        let t = r["result"]["task"]["taskId"].as_str().expect("a CreateTaskResult").to_owned();
+        let seen = statuses_until_end(p, &t);
+        assert_eq!(seen.last().unwrap()["status"], "completed", "{seen:?}");
+        let result = p.ok(2, "tasks/result", json!({"taskId": t}));
+        assert_eq!(structured(&result)["page"]["duplicated_from"], "roadmap", "{result}");
+        assert!(!result["content"].to_string().contains("async_task"), "{result}");
+        // The proxy polled Notion's task; no call carried params.task upstream (the simulator would
+        // have refused it).
+        assert!(n.log().iter().any(|l| l["tool"] == "notion-get-async-task"));
+    }
+}
+
+#[test]
+fn a_modern_clients_own_allow_async_with_a_task_hint_becomes_our_task() {
+    let mut n = notion(
+        "own-async-modern",
+        &[],
+        &["--work-ms", "1200", "--suggested-backoff-ms", "100", "--rate-limit", "0"],
+    );
+    let meta = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "modern", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {"extensions": {"io.modelcontextprotocol/tasks": {}}},
+    });
+    let p = &mut n.peer;
+    let r = p.call(
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap", "allow_async": true},
+            "task": {}, "_meta": meta}),
+    );
+    assert_eq!(r["result"]["resultType"], "task", "{r}");
+    let t = r["result"]["taskId"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let g = p.call(2, "tasks/get", json!({"taskId": t, "_meta": meta}));
+        if matches!(g["result"]["status"].as_str(), Some("completed" | "failed")) {
+            break g["result"].clone();
+        }
+        assert!(Instant::now() < deadline, "{g}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["result"]["structuredContent"]["page"]["duplicated_from"], "roadmap", "{done}");
+    assert!(!done["result"]["content"].to_string().contains("async_task"), "{done}");
+    // Without the hint, allow_async stays the modern client's own protocol: Notion's answer as it is.
+    let r = p.call(
+        3,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap", "allow_async": true}, "_meta": meta}),
+    );
+    assert_eq!(structured(&r["result"])["object"], "async_task", "{r}");
+}
+
+#[test]
+fn the_notion_profile_hides_allow_async_from_the_tools_it_runs_as_tasks() {
+    let schema_of = |tools: &[Value], name: &str| {
+        tools.iter().find(|t| t["name"] == name).unwrap()["inputSchema"]["properties"].clone()
+    };
+    let mut n = notion("hide", &["--profile", "notion"], &["--rate-limit", "0"]);
+    let tools = n.peer.ok(1, "tools/list", json!({}))["tools"].as_array().unwrap().clone();
+    for name in ["notion-duplicate-page", "notion-create-pages"] {
+        let props = schema_of(&tools, name);
+        assert!(
+            props.get("allow_async").is_none() && props.get("page_id").or(props.get("pages")).is_some(),
+            "{props}"
+        );
+    }
+    // Without the profile, the upstream's schema is left as it is.
+    let mut n = notion("show", &[], &["--rate-limit", "0"]);
+    let tools = n.peer.ok(1, "tools/list", json!({}))["tools"].as_array().unwrap().clone();
+    assert!(schema_of(&tools, "notion-duplicate-page").get("allow_async").is_some());
+}

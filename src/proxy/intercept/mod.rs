@@ -321,8 +321,10 @@ impl Interceptor {
             return Decision::Forward(Rewrite::PlainCall);
         };
         let own_async = call.get("arguments").and_then(|a| a.get("allow_async")).is_some();
-        if own_async || tool == self.notion.poll_tool() {
+        if (own_async || tool == self.notion.poll_tool()) && !call.contains_key("task") {
             // The client drives Notion's protocol itself: hands off, but it spends the same budget.
+            // (With `params.task` it asked for one of our tasks: that goes on below, and `params.task`
+            // never reaches an upstream that has no tasks.)
             self.notion.note_client_call();
             return Decision::Forward(Rewrite::None);
         }
@@ -357,7 +359,13 @@ impl Interceptor {
         if self.facts().native_tools.contains(&tool) {
             return Decision::Forward(Rewrite::NativeTaskCall);
         }
-        let notion = self.notion.handles(&tool);
+        // A client's own `allow_async` beside `params.task`: the adapter drives Notion's protocol when
+        // it runs, else the call runs as a plain task without it (so its result is the page, not an
+        // async task the client would have to poll itself).
+        let notion = self.notion.handles(&tool) || (own_async && self.notion.is_active());
+        if own_async && !notion {
+            without_allow_async(&mut call);
+        }
         if !notion && !self.engine.config().taskifies(&tool) {
             let msg = format!(
                 "Tool '{tool}' does not support task-augmented execution (taskSupport is forbidden); call it without params.task"
@@ -618,6 +626,13 @@ impl Interceptor {
         }
         // Let the woken tasks/result waiters queue their answers.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Removes a client's `allow_async` from a call's arguments.
+fn without_allow_async(call: &mut Map<String, Value>) {
+    if let Some(Value::Object(args)) = call.get_mut("arguments") {
+        args.remove("allow_async");
     }
 }
 
