@@ -72,6 +72,14 @@ pub struct NotionConfig {
     pub max_backoff_ms: u64,
     /// How long to hold back after a rate_limited answer that names no retry-after, in ms.
     pub default_retry_after_ms: u64,
+    /// How long one poll may wait for its answer, in ms.
+    pub poll_timeout_ms: u64,
+    /// Polls in a row that fail (an answer that cannot be read, a JSON-RPC error, a timeout, a Notion
+    /// error) before the task fails.
+    pub max_poll_failures: u32,
+    /// Remove `allow_async` from the input schema of the async tools in `tools/list` (the proxy does
+    /// the async work; the `notion` profile sets it).
+    pub hide_allow_async: bool,
 }
 
 impl Default for NotionConfig {
@@ -85,6 +93,9 @@ impl Default for NotionConfig {
             backoff_factor: 1.5,
             max_backoff_ms: 10_000,
             default_retry_after_ms: 1000,
+            poll_timeout_ms: 30_000,
+            max_poll_failures: 3,
+            hide_allow_async: false,
         }
     }
 }
@@ -509,6 +520,7 @@ impl Config {
             ("notion.default_backoff_ms", n.default_backoff_ms),
             ("notion.max_backoff_ms", n.max_backoff_ms),
             ("notion.default_retry_after_ms", n.default_retry_after_ms),
+            ("notion.poll_timeout_ms", n.poll_timeout_ms),
         ] {
             if !(10..=600_000).contains(&value) {
                 return Err(ConfigError::Invalid {
@@ -517,6 +529,13 @@ impl Config {
                     allowed: "allowed: 10 to 600000".into(),
                 });
             }
+        }
+        if !(1..=100).contains(&n.max_poll_failures) {
+            return Err(ConfigError::Invalid {
+                key: "notion.max_poll_failures",
+                value: n.max_poll_failures.to_string(),
+                allowed: "allowed: 1 to 100 polls in a row".into(),
+            });
         }
         if n.poll_tool.trim().is_empty() {
             return Err(ConfigError::Invalid {

@@ -137,6 +137,9 @@ fn failures_keep_notions_error_and_retrying_is_reported() {
             "1",
             "--retrying-rate",
             "1",
+            // The seed's form, whose poll answers number the attempts.
+            "--async-shape",
+            "envelope",
         ],
     );
     let p = &mut n.peer;
@@ -239,8 +242,9 @@ fn clients_driving_notions_own_protocol_and_sync_clients_pass_untouched() {
     // Notion's own protocol, by hand: the envelope comes back as Notion sent it.
     let r = p.tool(1, "notion-duplicate-page", json!({"page_id": "roadmap", "allow_async": true}));
     let envelope = structured(&r["result"]);
-    let notion_task = envelope["async_task"]["task_id"].as_str().unwrap().to_owned();
-    assert_eq!(envelope["async_task"]["suggested_backoff_ms"], 100);
+    assert_eq!(envelope["object"], "async_task", "{envelope}");
+    let notion_task = envelope["id"].as_str().unwrap().to_owned();
+    assert_eq!(envelope["poll_after_seconds"], 0.1);
     std::thread::sleep(Duration::from_millis(1000));
     let r = p.tool(2, "notion-get-async-task", json!({"task_id": notion_task}));
     assert_eq!(structured(&r["result"])["status"], "succeeded", "{r}");
@@ -306,7 +310,7 @@ fn max_in_any_second(log: &[Value]) -> usize {
     best
 }
 
-fn load(name: &str, tasks: usize, budget: u32, work_ms: u64) -> (f64, Vec<f64>) {
+fn load(name: &str, tasks: usize, budget: u32, work_ms: u64, shape: &str) -> (f64, Vec<f64>) {
     let budget_s = budget.to_string();
     let work_s = work_ms.to_string();
     let mut n = notion(
@@ -321,6 +325,8 @@ fn load(name: &str, tasks: usize, budget: u32, work_ms: u64) -> (f64, Vec<f64>) 
             &budget_s,
             "--suggested-backoff-ms",
             "1000",
+            "--async-shape",
+            shape,
         ],
     );
     let p = &mut n.peer;
@@ -391,7 +397,7 @@ fn load(name: &str, tasks: usize, budget: u32, work_ms: u64) -> (f64, Vec<f64>) 
     lag.sort_by(f64::total_cmp);
     let pct = |q: f64| lag[((lag.len() - 1) as f64 * q).round() as usize];
     eprintln!(
-        "notion load {name}: {tasks} tasks, budget {budget}/s, {polls} polls ({:.2} per task), peak {peak} req/s, \
+        "notion load {name} ({shape} form): {tasks} tasks, budget {budget}/s, {polls} polls ({:.2} per task), peak {peak} req/s, \
          Notion success → task completed p50 {:.0} ms p90 {:.0} ms max {:.0} ms, all done in {:.1} s",
         polls as f64 / tasks as f64,
         pct(0.5),
@@ -404,7 +410,8 @@ fn load(name: &str, tasks: usize, budget: u32, work_ms: u64) -> (f64, Vec<f64>) 
 
 #[test]
 fn a_thousand_tasks_complete_within_a_scaled_budget_and_never_break_it() {
-    let (polls_per_task, lag) = load("load-100", 1000, 100, 500);
+    // Notion's published form: the async task object, polled by its `id`, paced by poll_after_seconds.
+    let (polls_per_task, lag) = load("load-100", 1000, 100, 500, "published");
     // Work (0.5–0.8 s) fits in the suggested backoff (1 s): one poll each finds it done.
     assert!(polls_per_task <= 1.5, "{polls_per_task} polls per task");
     assert!(lag[lag.len() / 2] < 3000.0, "a finished Notion task is noticed within seconds: {lag:?}");
@@ -412,7 +419,8 @@ fn a_thousand_tasks_complete_within_a_scaled_budget_and_never_break_it() {
 
 #[test]
 fn a_few_tasks_at_notions_real_three_requests_per_second() {
-    let (polls_per_task, _) = load("load-3", 4, 3, 500);
+    // The seed's envelope, at Notion's real rate.
+    let (polls_per_task, _) = load("load-3", 4, 3, 500, "envelope");
     assert!(polls_per_task <= 1.5, "{polls_per_task} polls per task");
 }
 
@@ -519,4 +527,94 @@ fn a_bad_upstream_url_or_header_fails_at_start_with_the_reason() {
     assert!(r["error"]["message"].as_str().unwrap().contains("could not be reached"), "{r}");
     let r = p.call(2, "tools/list", json!({}));
     assert!(r["error"]["message"].as_str().unwrap().contains("could not be reached"), "{r}");
+}
+
+#[test]
+fn a_models_own_allow_async_beside_params_task_becomes_our_task_with_the_page() {
+    // The tool's schema offers allow_async, and a model may set it while its client asks for a task.
+    for proxy_args in [&[][..], &["--profile", "notion"][..]] {
+        let mut n = notion(
+            "own-async-task",
+            proxy_args,
+            &["--work-ms", "400", "--suggested-backoff-ms", "100", "--rate-limit", "0"],
+        );
+        let p = &mut n.peer;
+        let r = p.call(
+            1,
+            "tools/call",
+            json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap", "allow_async": true}, "task": {}}),
+        );
+        assert!(r.get("error").is_none(), "{proxy_args:?}: params.task reached the upstream: {r}");
+        let t = r["result"]["task"]["taskId"].as_str().expect("a CreateTaskResult").to_owned();
+        let seen = statuses_until_end(p, &t);
+        assert_eq!(seen.last().unwrap()["status"], "completed", "{seen:?}");
+        let result = p.ok(2, "tasks/result", json!({"taskId": t}));
+        assert_eq!(structured(&result)["page"]["duplicated_from"], "roadmap", "{result}");
+        assert!(!result["content"].to_string().contains("async_task"), "{result}");
+        // The proxy polled Notion's task; no call carried params.task upstream (the simulator would
+        // have refused it).
+        assert!(n.log().iter().any(|l| l["tool"] == "notion-get-async-task"));
+    }
+}
+
+#[test]
+fn a_modern_clients_own_allow_async_with_a_task_hint_becomes_our_task() {
+    let mut n = notion(
+        "own-async-modern",
+        &[],
+        &["--work-ms", "1200", "--suggested-backoff-ms", "100", "--rate-limit", "0"],
+    );
+    let meta = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "modern", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {"extensions": {"io.modelcontextprotocol/tasks": {}}},
+    });
+    let p = &mut n.peer;
+    let r = p.call(
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap", "allow_async": true},
+            "task": {}, "_meta": meta}),
+    );
+    assert_eq!(r["result"]["resultType"], "task", "{r}");
+    let t = r["result"]["taskId"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let g = p.call(2, "tasks/get", json!({"taskId": t, "_meta": meta}));
+        if matches!(g["result"]["status"].as_str(), Some("completed" | "failed")) {
+            break g["result"].clone();
+        }
+        assert!(Instant::now() < deadline, "{g}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["result"]["structuredContent"]["page"]["duplicated_from"], "roadmap", "{done}");
+    assert!(!done["result"]["content"].to_string().contains("async_task"), "{done}");
+    // Without the hint, allow_async stays the modern client's own protocol: Notion's answer as it is.
+    let r = p.call(
+        3,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap", "allow_async": true}, "_meta": meta}),
+    );
+    assert_eq!(structured(&r["result"])["object"], "async_task", "{r}");
+}
+
+#[test]
+fn the_notion_profile_hides_allow_async_from_the_tools_it_runs_as_tasks() {
+    let schema_of = |tools: &[Value], name: &str| {
+        tools.iter().find(|t| t["name"] == name).unwrap()["inputSchema"]["properties"].clone()
+    };
+    let mut n = notion("hide", &["--profile", "notion"], &["--rate-limit", "0"]);
+    let tools = n.peer.ok(1, "tools/list", json!({}))["tools"].as_array().unwrap().clone();
+    for name in ["notion-duplicate-page", "notion-create-pages"] {
+        let props = schema_of(&tools, name);
+        assert!(
+            props.get("allow_async").is_none() && props.get("page_id").or(props.get("pages")).is_some(),
+            "{props}"
+        );
+    }
+    // Without the profile, the upstream's schema is left as it is.
+    let mut n = notion("show", &[], &["--rate-limit", "0"]);
+    let tools = n.peer.ok(1, "tools/list", json!({}))["tools"].as_array().unwrap().clone();
+    assert!(schema_of(&tools, "notion-duplicate-page").get("allow_async").is_some());
 }

@@ -2,125 +2,28 @@
 //!
 //! A task-run call of `notion-create-pages` or `notion-duplicate-page` goes upstream with
 //! `allow_async: true`. Notion answers either with the operation's result (it finished at once: the
-//! task completes) or with `{"async_task": {"task_id", "suggested_backoff_ms", …}}`; then the adapter
-//! polls `notion-get-async-task` through the shared [`PollScheduler`] and maps Notion's statuses onto
-//! the task: `queued|running|retrying` → `working`, `succeeded` → `completed` with the operation's
-//! result, `failed` → `failed` with Notion's error. The envelope's schema is undocumented, so parsing
-//! is tolerant: structured or text content, unknown fields kept, unreadable answers retried.
+//! task completes) or with an async task (in any of the forms [`forms`] reads); then the adapter polls
+//! `notion-get-async-task` through the shared [`PollScheduler`] and maps Notion's statuses onto the
+//! task: `queued|running|retrying` → `working` (Notion's status in `statusMessage`), `succeeded` →
+//! `completed` with the operation's result, `failed` → `failed` with Notion's error. It never polls
+//! forever: a task Notion no longer knows, and answers it cannot read or polls that fail
+//! `max_poll_failures` times in a row, fail the task with a message that says why.
+//!
+//! [`NotionAdapter::poll_task`] is the polling loop alone, so a task can also be followed from a
+//! known Notion task id.
 
+use super::forms::{self, Accepted, AsyncTask, NotionStatus, Poll};
 use super::poll::{Backoff, PollScheduler};
 use crate::config::NotionConfig;
+use crate::upstream::{Upstream, UpstreamError};
 use crate::tasks::engine::TaskEngine;
 use crate::tasks::model::{Outcome, TaskStatus};
-use crate::upstream::{Upstream, UpstreamError};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::oneshot;
-
-/// What one Notion answer says, once read.
-#[derive(Debug, Clone, PartialEq)]
-pub enum NotionAnswer {
-    /// `rate_limited` (HTTP 429): wait this long, then retry.
-    RateLimited(Duration),
-    /// The operation runs asynchronously as this Notion task.
-    AsyncTask {
-        /// Notion's task id.
-        task_id: String,
-        /// How long Notion suggests waiting before the first poll.
-        backoff: Option<Duration>,
-        /// The whole envelope, unknown fields included.
-        envelope: Map<String, Value>,
-    },
-    /// A `notion-get-async-task` status.
-    Status {
-        /// `queued`, `running`, `retrying`, `succeeded`, `failed` (or something new).
-        status: String,
-        /// The attempt number, when given.
-        attempt: Option<u64>,
-        /// The operation's result (on success).
-        result: Option<Value>,
-        /// Notion's error (on failure).
-        error: Option<Value>,
-    },
-    /// Anything else: a final tool result as it stands.
-    Final,
-}
-
-/// Reads a `CallToolResult` from Notion: the structured content if any, else the first text content
-/// that is a JSON object.
-pub fn payload(result: &RawValue) -> Option<Map<String, Value>> {
-    let r: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
-    if let Some(Value::Object(s)) = r.get("structuredContent") {
-        return Some(s.clone());
-    }
-    r.get("content")?.as_array()?.iter().find_map(|c| {
-        let text = c.get("text")?.as_str()?;
-        match serde_json::from_str::<Value>(text.trim()).ok()? {
-            Value::Object(m) => Some(m),
-            _ => None,
-        }
-    })
-}
-
-/// Classifies a tool result from Notion (`default_wait` when a rate limit names no retry-after).
-pub fn classify(result: &RawValue, default_wait: Duration) -> NotionAnswer {
-    let Some(p) = payload(result) else {
-        return match rate_limit_in_text(result.get()) {
-            true => NotionAnswer::RateLimited(default_wait),
-            false => NotionAnswer::Final,
-        };
-    };
-    if let Some(wait) = rate_limit(&p, default_wait) {
-        return NotionAnswer::RateLimited(wait);
-    }
-    if let Some(Value::Object(envelope)) = p.get("async_task")
-        && let Some(task_id) = envelope.get("task_id").and_then(Value::as_str)
-    {
-        let backoff = envelope
-            .get("suggested_backoff_ms")
-            .and_then(Value::as_f64)
-            .map(|ms| Duration::from_millis(ms.max(0.0) as u64));
-        return NotionAnswer::AsyncTask { task_id: task_id.to_owned(), backoff, envelope: envelope.clone() };
-    }
-    if let Some(status) = p.get("status").and_then(Value::as_str)
-        && p.contains_key("task_id")
-    {
-        return NotionAnswer::Status {
-            status: status.to_owned(),
-            attempt: p.get("attempt").and_then(Value::as_u64),
-            result: p.get("result").cloned(),
-            error: p.get("error").cloned(),
-        };
-    }
-    NotionAnswer::Final
-}
-
-fn rate_limit(p: &Map<String, Value>, default_wait: Duration) -> Option<Duration> {
-    let error = p.get("error").and_then(Value::as_object).unwrap_or(p);
-    let limited = error.get("code").and_then(Value::as_str) == Some("rate_limited")
-        || error.get("status").and_then(Value::as_u64) == Some(429);
-    if !limited {
-        return None;
-    }
-    let secs = ["retry_after", "retry_after_seconds", "retryAfter"]
-        .iter()
-        .find_map(|k| error.get(*k).or_else(|| p.get(*k)).and_then(Value::as_f64));
-    let ms = ["retry_after_ms", "retryAfterMs"]
-        .iter()
-        .find_map(|k| error.get(*k).or_else(|| p.get(*k)).and_then(Value::as_f64));
-    Some(match (ms, secs) {
-        (Some(ms), _) => Duration::from_millis(ms.max(0.0) as u64),
-        (None, Some(s)) => Duration::from_secs_f64(s.max(0.0)),
-        (None, None) => default_wait,
-    })
-}
-
-fn rate_limit_in_text(raw: &str) -> bool {
-    raw.contains("rate_limited") && raw.contains("\"isError\":true")
-}
 
 /// The Notion adapter of one upstream.
 pub struct NotionAdapter {
@@ -158,6 +61,11 @@ impl NotionAdapter {
         self.is_active() && self.config.async_tools.iter().any(|t| t == tool)
     }
 
+    /// Whether `tools/list` hides `allow_async` from the tools the adapter handles.
+    pub fn hides_allow_async(&self) -> bool {
+        self.config.hide_allow_async
+    }
+
     /// The name of Notion's polling tool.
     pub fn poll_tool(&self) -> &str {
         &self.config.poll_tool
@@ -192,122 +100,194 @@ impl NotionAdapter {
             args.insert("allow_async".into(), Value::Bool(true));
         }
         let params = Value::Object(call).to_string();
-        let default_wait = Duration::from_millis(self.config.default_retry_after_ms);
         // Start the operation (retrying while Notion says rate_limited).
-        let (notion_id, backoff, envelope) = loop {
+        let notion = loop {
             let reply = tokio::select! {
-                r = self.call(upstream, task_id, &params, true) => r,
+                r = self.call(upstream, task_id, &params, true, None) => r,
                 _ = stopped(&mut stop) => return,
             };
-            let answer = match &reply {
-                Ok(Outcome::Result(raw)) => Some(classify(raw, default_wait)),
-                _ => None,
+            let raw = match reply {
+                Ok(Outcome::Result(raw)) => raw,
+                other => {
+                    count_request(task_id, "start", "error");
+                    return finish_other(engine, task_id, other);
+                }
             };
-            count_request(task_id, "start", start_outcome(answer.as_ref()));
-            match reply {
-                Ok(Outcome::Result(raw)) => match answer.expect("classified above") {
-                    NotionAnswer::RateLimited(wait) => {
-                        tracing::info!(
-                            task_id,
-                            wait_ms = wait.as_millis() as u64,
-                            "Notion rate limited the start of a task; retrying after the wait"
-                        );
-                        self.scheduler.pause_for(wait);
-                    }
-                    NotionAnswer::AsyncTask { task_id: notion_id, backoff, envelope } => {
-                        break (notion_id, backoff, envelope);
-                    }
-                    // Notion answered synchronously: the task is done at once.
-                    _ => return finish_result(engine, task_id, raw),
-                },
-                other => return finish_other(engine, task_id, other),
+            let answer = forms::read_accepted(&serde_json::from_str(raw.get()).unwrap_or(Value::Null));
+            count_request(task_id, "start", start_outcome(&answer));
+            match answer {
+                Accepted::RateLimited(wait) => {
+                    let wait = wait.unwrap_or(Duration::from_millis(self.config.default_retry_after_ms));
+                    tracing::info!(
+                        task_id,
+                        wait_ms = wait.as_millis() as u64,
+                        "Notion rate limited the start of a task; retrying after the wait"
+                    );
+                    self.scheduler.pause_for(wait);
+                }
+                Accepted::Task(notion) => break *notion,
+                // Notion answered synchronously (or refused the call): the task is done at once.
+                Accepted::Final => return finish_result(engine, task_id, raw),
             }
         };
+        let Some(notion_id) = notion.id.clone() else {
+            // An async task with nothing to poll it by: done if it says so, else unusable.
+            if notion.status.as_ref().is_some_and(NotionStatus::is_terminal) {
+                let answer = notion.clone();
+                return finish_ended(engine, task_id, "(no id)", &notion, answer);
+            }
+            let shown = forms::shown(&Value::Object(notion.object.clone()).to_string(), SHOWN_CHARS);
+            tracing::warn!(task_id, answer = %shown, "Notion accepted the call as an async task but named no task id");
+            let message =
+                format!("Notion accepted the call as an async task but named no task id to poll: {shown}");
+            return finish_unreadable(engine, task_id, message);
+        };
         let unknown: Vec<&String> =
-            envelope.keys().filter(|k| !matches!(k.as_str(), "task_id" | "suggested_backoff_ms")).collect();
+            notion.object.keys().filter(|k| !KNOWN_FIELDS.contains(&k.as_str())).collect();
         if !unknown.is_empty() {
             tracing::debug!(task_id, notion_task = %notion_id, ?unknown, "async_task carries fields we do not use; kept");
         }
-        let first = backoff.unwrap_or(Duration::from_millis(self.config.default_backoff_ms));
+        if notion.status.as_ref().is_some_and(NotionStatus::is_terminal) {
+            // Finished by the time Notion answered (the published object carries its result).
+            let answer = notion.clone();
+            return finish_ended(engine, task_id, &notion_id, &notion, answer);
+        }
+        self.poll_task(engine, upstream, task_id, notion, stop).await;
+    }
+
+    /// Polls the Notion task `notion` (as accepted, or [`AsyncTask::known`] by its id alone) until it
+    /// ends, and ends the MCP task `task_id` with its outcome. The first poll waits Notion's hint (or
+    /// `default_backoff_ms`); then the wait grows by `backoff_factor` up to `max_backoff_ms`, and never
+    /// undercuts a `poll_after_seconds` Notion gives. Each poll is bounded by `poll_timeout_ms`; answers
+    /// that cannot be read, polls that fail and polls that time out are tried again with that backoff,
+    /// and the task fails once `max_poll_failures` of them come in a row. Stops when `stop` fires.
+    pub async fn poll_task(
+        &self,
+        engine: &TaskEngine,
+        upstream: &Upstream,
+        task_id: &str,
+        notion: AsyncTask,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        let Some(notion_id) = notion.id.clone() else {
+            return finish_unreadable(
+                engine,
+                task_id,
+                "A Notion task without an id cannot be polled.".into(),
+            );
+        };
+        let first = notion.poll_after.unwrap_or(Duration::from_millis(self.config.default_backoff_ms));
         let mut backoff = Backoff::new(
             first,
             self.config.backoff_factor,
             Duration::from_millis(self.config.max_backoff_ms),
         );
+        let status = notion.status.as_ref().map_or("queued", NotionStatus::as_str);
         engine.update_working(
             task_id,
-            Some(format!("Notion task {notion_id}: queued")),
+            Some(format!("Notion task {notion_id}: {status}")),
             Some(self.cadence(&backoff)),
         );
         let poll_params =
             json!({ "name": self.config.poll_tool, "arguments": { "task_id": notion_id } }).to_string();
-        let mut unreadable = 0u32;
+        let poll_timeout = Duration::from_millis(self.config.poll_timeout_ms);
+        let max_failures = self.config.max_poll_failures;
+        // Notion's floor for the next wait (poll_after_seconds of the last answer).
+        let mut floor = Duration::ZERO;
+        let mut failures = 0u32;
         loop {
+            let wait = backoff.step().max(floor);
             tokio::select! {
-                _ = tokio::time::sleep(backoff.step()) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = stopped(&mut stop) => {
                     tracing::info!(task_id, notion_task = %notion_id, "stopped polling; Notion has no cancel, so its operation may still finish");
                     return;
                 }
             }
             let reply = tokio::select! {
-                r = self.call(upstream, task_id, &poll_params, false) => r,
+                r = self.call(upstream, task_id, &poll_params, false, Some(poll_timeout)) => r,
                 _ = stopped(&mut stop) => return,
             };
-            let raw = match reply {
-                Ok(Outcome::Result(raw)) => raw,
-                other => {
+            // A poll that failed: tried again (the backoff grows) until too many fail in a row.
+            let failed = match reply {
+                Ok(Outcome::Result(raw)) => {
+                    let answer = forms::read_poll(&serde_json::from_str(raw.get()).unwrap_or(Value::Null));
+                    count_request(task_id, "poll", poll_outcome(&answer));
+                    match answer {
+                        Poll::RateLimited(wait) => {
+                            let wait =
+                                wait.unwrap_or(Duration::from_millis(self.config.default_retry_after_ms));
+                            tracing::info!(
+                                task_id,
+                                wait_ms = wait.as_millis() as u64,
+                                "Notion rate limited a poll; every poll waits"
+                            );
+                            self.scheduler.pause_for(wait);
+                            None
+                        }
+                        Poll::Status(answer) => {
+                            failures = 0;
+                            floor = answer.poll_after.unwrap_or(Duration::ZERO);
+                            let status = answer.status.clone().expect("a poll answer has a status");
+                            if status.is_terminal() {
+                                return finish_ended(engine, task_id, &notion_id, &notion, *answer);
+                            }
+                            let mut message = format!("Notion task {notion_id}: {}", status.as_str());
+                            if let Some(a) = answer.attempt {
+                                message.push_str(&format!(" (attempt {a})"));
+                            }
+                            engine.update_working(task_id, Some(message), Some(self.cadence(&backoff)));
+                            None
+                        }
+                        Poll::NotFound(error) => {
+                            let message = format!(
+                                "Notion no longer knows task {notion_id} ({}). Notion keeps finished tasks only \
+                                 for a limited time, so its outcome can no longer be read; check the workspace \
+                                 for the page.",
+                                forms::error_text(&error)
+                            );
+                            tracing::warn!(task_id, notion_task = %notion_id, %message, "Notion task not found");
+                            return finish_failed(engine, task_id, &notion_id, &notion, error, message);
+                        }
+                        Poll::Error(error) => Some((
+                            format!("Notion answered with an error: {}", forms::error_text(&error)),
+                            Some(error),
+                        )),
+                        Poll::Unreadable => {
+                            let shown = forms::shown(raw.get(), SHOWN_CHARS);
+                            Some((format!("could not read Notion's answer: {shown}"), None))
+                        }
+                    }
+                }
+                Ok(Outcome::Error(raw)) => {
                     count_request(task_id, "poll", "error");
-                    return finish_other(engine, task_id, other);
+                    let message = serde_json::from_str::<Value>(raw.get())
+                        .ok()
+                        .and_then(|e| e.get("message").and_then(Value::as_str).map(str::to_owned))
+                        .unwrap_or_else(|| forms::shown(raw.get(), SHOWN_CHARS));
+                    Some((format!("the poll failed: {message}"), None))
+                }
+                Err(UpstreamError::Timeout(t)) => {
+                    count_request(task_id, "poll", "timeout");
+                    Some((format!("the poll got no answer within {} ms", t.as_millis()), None))
+                }
+                Err(gone) => {
+                    count_request(task_id, "poll", "error");
+                    return finish_other(engine, task_id, Err(gone));
                 }
             };
-            let answer = classify(&raw, default_wait);
-            count_request(task_id, "poll", poll_outcome(&answer));
-            match answer {
-                NotionAnswer::RateLimited(wait) => {
-                    tracing::info!(
-                        task_id,
-                        wait_ms = wait.as_millis() as u64,
-                        "Notion rate limited a poll; every poll waits"
-                    );
-                    self.scheduler.pause_for(wait);
-                }
-                NotionAnswer::Status { status, attempt, result, error } => match status.as_str() {
-                    "succeeded" => {
-                        let meta = json!({ "io.mcp-asyncify/notion": { "task_id": notion_id, "async_task": envelope } });
-                        let body = succeeded_result(result, meta);
-                        let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
-                        engine.finish(task_id, TaskStatus::Completed, None, Some(Outcome::Result(raw)));
-                        return;
-                    }
-                    "failed" => {
-                        let error =
-                            error.unwrap_or_else(|| json!({ "message": "Notion reported the task failed" }));
-                        let message = error.get("message").and_then(Value::as_str).map(str::to_owned);
-                        let body = json!({
-                            "content": [{ "type": "text", "text": json!({ "error": error }).to_string() }],
-                            "structuredContent": { "error": error },
-                            "isError": true,
-                            "_meta": { "io.mcp-asyncify/notion": { "task_id": notion_id, "async_task": envelope } },
-                        });
-                        let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
-                        let message = Some(format!("Notion task failed: {}", message.unwrap_or_default()));
-                        engine.finish(task_id, TaskStatus::Failed, message, Some(Outcome::Result(raw)));
-                        return;
-                    }
-                    other => {
-                        let mut message = format!("Notion task {notion_id}: {other}");
-                        if let Some(a) = attempt {
-                            message.push_str(&format!(" (attempt {a})"));
-                        }
-                        engine.update_working(task_id, Some(message), Some(self.cadence(&backoff)));
-                    }
-                },
-                NotionAnswer::AsyncTask { .. } | NotionAnswer::Final => {
-                    unreadable += 1;
-                    let shown: String = raw.get().chars().take(300).collect();
-                    tracing::warn!(task_id, notion_task = %notion_id, answer = %shown, unreadable, "could not read Notion's poll answer; polling again");
-                }
+            let Some((why, error)) = failed else { continue };
+            failures += 1;
+            if failures < max_failures {
+                tracing::warn!(task_id, notion_task = %notion_id, failures, max_failures, "polling Notion: {why}; polling again");
+                continue;
+            }
+            let message =
+                format!("Polling Notion task {notion_id} failed {failures} times in a row; last: {why}");
+            tracing::error!(task_id, notion_task = %notion_id, "{message}");
+            match error {
+                Some(error) => return finish_failed(engine, task_id, &notion_id, &notion, error, message),
+                None => return finish_unreadable(engine, task_id, message),
             }
         }
     }
@@ -322,6 +302,7 @@ impl NotionAdapter {
         task_id: &str,
         params: &str,
         start: bool,
+        timeout: Option<Duration>,
     ) -> Result<Outcome, UpstreamError> {
         match start {
             true => self.scheduler.acquire_start().await,
@@ -338,7 +319,7 @@ impl NotionAdapter {
             Some((tp, _)) => crate::telemetry::trace::params_with_traceparent(params, tp),
             None => params.to_owned(),
         };
-        let reply = upstream.request("tools/call", Some(&params), None).await;
+        let reply = upstream.request("tools/call", Some(&params), timeout).await;
         if let Some((_, cx)) = traced {
             use opentelemetry::trace::TraceContextExt;
             cx.span().end();
@@ -361,27 +342,28 @@ fn count_request(task_id: &str, request: &'static str, outcome: &'static str) {
     );
 }
 
-fn start_outcome(answer: Option<&NotionAnswer>) -> &'static str {
+fn start_outcome(answer: &Accepted) -> &'static str {
     match answer {
-        None => "error",
-        Some(NotionAnswer::RateLimited(_)) => "rate_limited",
-        Some(NotionAnswer::AsyncTask { .. }) => "async_task",
-        Some(_) => "sync",
+        Accepted::RateLimited(_) => "rate_limited",
+        Accepted::Task(_) => "async_task",
+        Accepted::Final => "sync",
     }
 }
 
-fn poll_outcome(answer: &NotionAnswer) -> &'static str {
+fn poll_outcome(answer: &Poll) -> &'static str {
     match answer {
-        NotionAnswer::RateLimited(_) => "rate_limited",
-        NotionAnswer::Status { status, .. } => match status.as_str() {
-            "queued" => "queued",
-            "running" => "running",
-            "retrying" => "retrying",
-            "succeeded" => "succeeded",
-            "failed" => "failed",
+        Poll::RateLimited(_) => "rate_limited",
+        Poll::Status(t) => match t.status {
+            Some(NotionStatus::Queued) => "queued",
+            Some(NotionStatus::Running) => "running",
+            Some(NotionStatus::Retrying) => "retrying",
+            Some(NotionStatus::Succeeded) => "succeeded",
+            Some(NotionStatus::Failed) => "failed",
             _ => "other",
         },
-        _ => "unreadable",
+        Poll::NotFound(_) => "not_found",
+        Poll::Error(_) => "error",
+        Poll::Unreadable => "unreadable",
     }
 }
 
@@ -391,22 +373,91 @@ async fn stopped(stop: &mut oneshot::Receiver<()>) {
     }
 }
 
+/// Fields of an async task object the adapter reads (the rest is kept and passed on in `_meta`).
+const KNOWN_FIELDS: &[&str] = &[
+    "object",
+    "id",
+    "task_id",
+    "status",
+    "status_url",
+    "created_time",
+    "operation",
+    "poll_after_seconds",
+    "suggested_backoff_ms",
+    "attempt",
+    "result",
+    "error",
+];
+
+/// How much of an answer the adapter cannot read is shown in a status message and the log.
+const SHOWN_CHARS: usize = 500;
+
+/// What the adapter keeps of Notion's task beside the result: the accepted object (unknown fields
+/// included) and the last status answer without its result (which is the tool result itself).
+fn notion_meta(notion_id: &str, accepted: &AsyncTask, last: &AsyncTask) -> Value {
+    let mut status = last.object.clone();
+    status.remove("result");
+    json!({ "io.mcp-asyncify/notion": { "task_id": notion_id, "async_task": accepted.object, "status": status } })
+}
+
+/// Ends the task as Notion's task ended (`last` has a terminal status).
+fn finish_ended(engine: &TaskEngine, task_id: &str, notion_id: &str, accepted: &AsyncTask, last: AsyncTask) {
+    let meta = notion_meta(notion_id, accepted, &last);
+    match last.status {
+        Some(NotionStatus::Succeeded) => {
+            let body = succeeded_result(last.result, meta);
+            let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
+            engine.finish(task_id, TaskStatus::Completed, None, Some(Outcome::Result(raw)));
+        }
+        _ => {
+            let error = last.error.unwrap_or_else(|| json!({ "message": "Notion reported the task failed" }));
+            let message = format!("Notion task failed: {}", forms::error_text(&error));
+            finish_error_result(engine, task_id, error, message, meta);
+        }
+    }
+}
+
+/// Fails the task with Notion's error object (a failed task, or one Notion no longer knows).
+fn finish_failed(
+    engine: &TaskEngine,
+    task_id: &str,
+    notion_id: &str,
+    accepted: &AsyncTask,
+    error: Value,
+    message: String,
+) {
+    let meta = json!({ "io.mcp-asyncify/notion": { "task_id": notion_id, "async_task": accepted.object } });
+    finish_error_result(engine, task_id, error, message, meta);
+}
+
+/// A tool result with `isError`: `message` as text (what a model reads), Notion's error structured.
+fn finish_error_result(engine: &TaskEngine, task_id: &str, error: Value, message: String, meta: Value) {
+    let body = json!({
+        "content": [{ "type": "text", "text": message }],
+        "structuredContent": { "error": error },
+        "isError": true,
+        "_meta": meta,
+    });
+    let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
+    engine.finish(task_id, TaskStatus::Failed, Some(message), Some(Outcome::Result(raw)));
+}
+
+/// Fails the task because Notion's answers could not be used; `message` says why and shows them.
+fn finish_unreadable(engine: &TaskEngine, task_id: &str, message: String) {
+    let body = json!({ "content": [{ "type": "text", "text": message }], "isError": true });
+    let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
+    engine.finish(task_id, TaskStatus::Failed, Some(message), Some(Outcome::Result(raw)));
+}
+
 fn finish_result(engine: &TaskEngine, task_id: &str, raw: Box<RawValue>) {
-    let failed = serde_json::from_str::<Map<String, Value>>(raw.get())
-        .ok()
-        .and_then(|m| m.get("isError").and_then(Value::as_bool))
-        .unwrap_or(false);
+    let result = serde_json::from_str::<Map<String, Value>>(raw.get()).unwrap_or_default();
+    let failed = result.get("isError").and_then(Value::as_bool).unwrap_or(false);
     let (status, message) = match failed {
         true => {
-            let error =
-                payload(&raw).map(|p| p.get("error").and_then(Value::as_object).cloned().unwrap_or(p));
+            let error = forms::read_poll(&Value::Object(result));
             let message = match error {
-                Some(e) => format!(
-                    "Notion error {}: {}",
-                    e.get("code").and_then(Value::as_str).unwrap_or("unknown"),
-                    e.get("message").and_then(Value::as_str).unwrap_or("")
-                ),
-                None => "The tool returned an error result (isError: true).".to_owned(),
+                Poll::NotFound(e) | Poll::Error(e) => format!("Notion error {}", forms::error_text(&e)),
+                _ => "The tool returned an error result (isError: true).".to_owned(),
             };
             (TaskStatus::Failed, Some(message))
         }
@@ -434,10 +485,12 @@ fn finish_other(engine: &TaskEngine, task_id: &str, reply: Result<Outcome, Upstr
 }
 
 /// The `CallToolResult` of a Notion task that succeeded: Notion's result as text, and as
-/// `structuredContent` when it is an object (the only shape `structuredContent` may have). A success
-/// with no result still says so, never `structuredContent: null`.
+/// `structuredContent` when it is an object (the only shape `structuredContent` may have); a result
+/// that is itself a `CallToolResult` (an MCP operation's) is used as it is. A success with no result
+/// still says so, never `structuredContent: null`.
 fn succeeded_result(result: Option<Value>, meta: Value) -> Value {
     let mut body = match result {
+        Some(Value::Object(r)) if is_tool_result(&r) => Value::Object(r),
         Some(Value::Object(r)) => json!({
             "content": [{ "type": "text", "text": Value::Object(r.clone()).to_string() }],
             "structuredContent": r,
@@ -448,58 +501,24 @@ fn succeeded_result(result: Option<Value>, meta: Value) -> Value {
         Some(other) => json!({ "content": [{ "type": "text", "text": other.to_string() }] }),
     };
     body["isError"] = Value::Bool(false);
-    body["_meta"] = meta;
+    match body.get_mut("_meta").and_then(Value::as_object_mut) {
+        Some(m) => {
+            if let Value::Object(ours) = meta {
+                m.extend(ours);
+            }
+        }
+        None => body["_meta"] = meta,
+    }
     body
 }
 
-#[cfg(test)]
-mod tests {
-
-    #[test]
-    fn a_success_without_a_result_is_still_a_valid_tool_result() {
-        for result in [None, Some(Value::Null), Some(json!([1, 2]))] {
-            let body = succeeded_result(result.clone(), json!({}));
-            assert!(body.get("structuredContent").is_none(), "{result:?}: {body}");
-            assert!(!body["content"][0]["text"].as_str().unwrap().is_empty(), "{body}");
-            assert_eq!(body["isError"], false);
-        }
-        let body = succeeded_result(Some(json!({"page": {"id": "p"}})), json!({}));
-        assert_eq!(body["structuredContent"]["page"]["id"], "p");
-    }
-    use super::*;
-
-    fn raw(v: Value) -> Box<RawValue> {
-        RawValue::from_string(v.to_string()).unwrap()
-    }
-
-    #[test]
-    fn reads_the_envelope_from_text_or_structured_content_keeping_unknown_fields() {
-        let env = json!({"async_task": {"task_id": "n1", "suggested_backoff_ms": 800, "estimated_ms": 5}});
-        let text = raw(json!({"content": [{"type": "text", "text": env.to_string()}]}));
-        let structured = raw(json!({"content": [], "structuredContent": env}));
-        for r in [text, structured] {
-            match classify(&r, Duration::from_secs(1)) {
-                NotionAnswer::AsyncTask { task_id, backoff, envelope } => {
-                    assert_eq!(task_id, "n1");
-                    assert_eq!(backoff, Some(Duration::from_millis(800)));
-                    assert_eq!(envelope["estimated_ms"], 5);
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn reads_statuses_and_rate_limits() {
-        let s = raw(json!({"structuredContent": {"task_id": "n1", "status": "retrying", "attempt": 2}}));
-        assert_eq!(
-            classify(&s, Duration::ZERO),
-            NotionAnswer::Status { status: "retrying".into(), attempt: Some(2), result: None, error: None }
-        );
-        let limited = raw(json!({"isError": true, "content": [{"type": "text",
-            "text": json!({"object": "error", "status": 429, "code": "rate_limited", "retry_after": 2}).to_string()}]}));
-        assert_eq!(classify(&limited, Duration::ZERO), NotionAnswer::RateLimited(Duration::from_secs(2)));
-        let plain = raw(json!({"content": [{"type": "text", "text": "page created"}]}));
-        assert_eq!(classify(&plain, Duration::ZERO), NotionAnswer::Final);
-    }
+/// `{"content": [{"type": …}, …]}` and nothing a page would have: a `CallToolResult`.
+fn is_tool_result(r: &Map<String, Value>) -> bool {
+    r.get("content")
+        .and_then(Value::as_array)
+        .is_some_and(|c| !c.is_empty() && c.iter().all(|b| b.get("type").is_some_and(Value::is_string)))
+        && r.keys().all(|k| matches!(k.as_str(), "content" | "structuredContent" | "isError" | "_meta"))
 }
+
+#[cfg(test)]
+mod tests;

@@ -142,7 +142,11 @@ impl PollScheduler {
     }
 }
 
-/// Backoff between polls of one task: first `suggested`, then ×`factor` each time, at most `max`.
+/// The least a wait grows by: a suggested backoff of 0 still grows (0, 100 ms, 150 ms, …).
+const MIN_STEP: Duration = Duration::from_millis(100);
+
+/// Backoff between polls of one task: first `suggested`, then ×`factor` each time (at least
+/// [`MIN_STEP`]), at most `max`.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     next: Duration,
@@ -164,7 +168,7 @@ impl Backoff {
     /// Returns the delay to wait now and grows the next one.
     pub fn step(&mut self) -> Duration {
         let now = self.next;
-        self.next = self.next.mul_f64(self.factor).min(self.max);
+        self.next = self.next.mul_f64(self.factor).max(MIN_STEP).min(self.max);
         now
     }
 }
@@ -178,6 +182,13 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(1000), 1.5, Duration::from_secs(10));
         let steps: Vec<u64> = (0..8).map(|_| b.step().as_millis() as u64).collect();
         assert_eq!(steps, [1000, 1500, 2250, 3375, 5062, 7593, 10000, 10000]);
+    }
+
+    #[test]
+    fn a_suggested_backoff_of_zero_still_grows() {
+        let mut b = Backoff::new(Duration::ZERO, 1.5, Duration::from_secs(10));
+        let steps: Vec<u64> = (0..4).map(|_| b.step().as_millis() as u64).collect();
+        assert_eq!(steps, [0, 100, 150, 225]);
     }
 
     #[tokio::test]

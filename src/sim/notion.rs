@@ -1,10 +1,16 @@
 //! A simulator of Notion's hosted MCP server, for tests, benches and the demo.
 //!
-//! It follows the two sources we have (Notion's async-tools announcement and Notion's MCP guide):
-//! `notion-create-pages` and `notion-duplicate-page` block for the whole operation unless called with
-//! `allow_async: true`, then answer at once with `{"async_task": {"task_id", "suggested_backoff_ms"}}`;
-//! `notion-get-async-task` reports `queued`, `running`, `retrying`, `succeeded` (with the created or
-//! duplicated page ids) or `failed` (with a Notion error). Every tool call counts against a limit of
+//! It follows the sources we have (Notion's async-tools announcement, Notion's MCP guide, and the
+//! published async task object of Notion's API reference): `notion-create-pages` and
+//! `notion-duplicate-page` block for the whole operation unless called with `allow_async: true`, then
+//! answer at once with an async task in the form `--async-shape` picks (the published `{"object":
+//! "async_task", "id", "status", "poll_after_seconds", …}`, the seed's `{"async_task": {"task_id",
+//! "suggested_backoff_ms"}}`, or the published object nested under `async_task` with the seed's
+//! names); `notion-get-async-task` reports `queued`, `running`, `retrying`, `succeeded` (with the
+//! created or duplicated page ids) or `failed` (with a Notion error), in the same form or, with
+//! `--minimal-polls`, as nothing but `status` and `result`/`error`. A finished task is forgotten
+//! `--retention-ms` after it ended (then a poll gets `object_not_found`, as Notion answers once its
+//! bounded retention has passed). Every tool call counts against a limit of
 //! `--rate-limit` requests per second; over it, the call gets Notion's `rate_limited` error (HTTP 429)
 //! with a `retry_after`. Errors are tool results with `isError: true` whose text (and structured
 //! content) is Notion's error object, which is how Notion's MCP server surfaces API errors.
@@ -30,6 +36,20 @@ pub enum Envelope {
     Structured,
     /// Both (the default).
     Both,
+}
+
+/// The form of async task answers (the accepted answer and full poll answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AsyncShape {
+    /// The published object: `{"object": "async_task", "id", "status", "status_url", "created_time",
+    /// "operation", "poll_after_seconds", "result" | "error"}`.
+    Published,
+    /// The seed's envelope: `{"async_task": {"task_id", "suggested_backoff_ms"}}`, polls as
+    /// `{"task_id", "status", "attempt", "result" | "error"}`.
+    Envelope,
+    /// The published object nested under `async_task`, named with the seed's `task_id` and
+    /// `suggested_backoff_ms`.
+    Hybrid,
 }
 
 /// Options of the simulator.
@@ -68,6 +88,16 @@ pub struct NotionSimArgs {
     /// How the async envelope is returned.
     #[arg(long, env = "MCP_NOTION_SIM_ENVELOPE", value_enum, default_value_t = Envelope::Both)]
     pub envelope: Envelope,
+    /// The form of async task answers.
+    #[arg(long, env = "MCP_NOTION_SIM_ASYNC_SHAPE", value_enum, default_value_t = AsyncShape::Published)]
+    pub async_shape: AsyncShape,
+    /// Poll answers carry only `status` (and `result` or `error` once the task ended).
+    #[arg(long, env = "MCP_NOTION_SIM_MINIMAL_POLLS")]
+    pub minimal_polls: bool,
+    /// Forget a finished task this many ms after it ended (a poll then gets `object_not_found`); 0
+    /// keeps finished tasks for the simulator's life.
+    #[arg(long, env = "MCP_NOTION_SIM_RETENTION_MS", default_value_t = 0)]
+    pub retention_ms: u64,
     /// Serve Streamable HTTP at http://ADDR/mcp instead of stdio (one workspace and one rate limit for
     /// every session, like the hosted server).
     #[arg(long, env = "MCP_NOTION_SIM_HTTP", value_name = "ADDR")]
@@ -124,11 +154,20 @@ pub struct Fetch {
 }
 
 struct Operation {
+    tool: String,
+    created: SystemTime,
     started: Instant,
     work: Duration,
     fails: bool,
     retries: bool,
     result: Value,
+}
+
+impl Operation {
+    /// Whether it ended more than `retention` ago (never, with a zero retention).
+    fn expired(&self, retention: Duration) -> bool {
+        !retention.is_zero() && self.started.elapsed() >= self.work + retention
+    }
 }
 
 struct State {
@@ -250,6 +289,36 @@ impl State {
     }
 }
 
+impl State {
+    /// The published async task object (`Hybrid`: with the seed's `task_id` and
+    /// `suggested_backoff_ms` in place of `id` and `poll_after_seconds`).
+    fn published(&self, id: &str, op: &Operation, status: &str, shape: AsyncShape) -> Map<String, Value> {
+        let backoff_ms = self.args.suggested_backoff_ms;
+        let mut task = Map::new();
+        task.insert("object".into(), json!("async_task"));
+        match shape {
+            AsyncShape::Hybrid => task.insert("task_id".into(), json!(id)),
+            _ => task.insert("id".into(), json!(id)),
+        };
+        task.insert("status".into(), json!(status));
+        task.insert("status_url".into(), json!(format!("https://api.notion.com/v1/async_tasks/{id}")));
+        task.insert("created_time".into(), json!(humantime::format_rfc3339_millis(op.created).to_string()));
+        task.insert(
+            "operation".into(),
+            json!({ "surface": "mcp", "name": op.tool.trim_start_matches("notion-") }),
+        );
+        match shape {
+            AsyncShape::Hybrid => task.insert("suggested_backoff_ms".into(), json!(backoff_ms)),
+            // Whole seconds as an integer, as the API reference shows them.
+            _ if backoff_ms.is_multiple_of(1000) => {
+                task.insert("poll_after_seconds".into(), json!(backoff_ms / 1000))
+            }
+            _ => task.insert("poll_after_seconds".into(), json!(backoff_ms as f64 / 1000.0)),
+        };
+        task
+    }
+}
+
 /// A Notion API error object, as Notion returns it.
 fn notion_error(status: u16, code: &str, message: &str) -> Value {
     json!({ "object": "error", "status": status, "code": code, "message": message })
@@ -344,19 +413,31 @@ impl NotionSim {
         if let Some(limited) = self.refuse_if_limited("notion-get-async-task", &args) {
             return limited;
         }
-        let ops = lock(&self.state.operations);
+        let mut ops = lock(&self.state.operations);
+        let retention = Duration::from_millis(self.state.args.retention_ms);
+        if ops.get(&p.task_id).is_some_and(|op| op.expired(retention)) {
+            ops.remove(&p.task_id);
+        }
         let Some(op) = ops.get(&p.task_id) else {
             drop(ops);
             let msg = format!("Could not find async task with ID: {}.", p.task_id);
             return self.refuse("notion-get-async-task", &args, notion_error(404, "object_not_found", &msg));
         };
         let (status, attempt) = self.state.status(op);
-        let mut body = json!({ "task_id": p.task_id, "status": status, "attempt": attempt });
+        let mut body = match (self.state.args.minimal_polls, self.state.args.async_shape) {
+            (true, _) => json!({ "status": status }),
+            (false, AsyncShape::Envelope) => {
+                json!({ "task_id": p.task_id, "status": status, "attempt": attempt })
+            }
+            (false, shape) => Value::Object(self.state.published(&p.task_id, op, status, shape)),
+        };
         match status {
             "succeeded" => body["result"] = op.result.clone(),
             "failed" => {
-                body["error"] =
-                    notion_error(409, "conflict_error", "Conflict occurred while saving. Please try again.")
+                let mut error =
+                    notion_error(409, "conflict_error", "Conflict occurred while saving. Please try again.");
+                error["request_id"] = json!(format!("req-{}", p.task_id));
+                body["error"] = error;
             }
             _ => {}
         }
@@ -436,16 +517,38 @@ impl NotionSim {
         let fails = self.state.random() < self.state.args.failure_rate;
         let retries = self.state.random() < self.state.args.retrying_rate;
         let task_id = self.state.new_id("task");
-        lock(&self.state.operations)
-            .insert(task_id.clone(), Operation { started: Instant::now(), work, fails, retries, result });
-        let mut envelope = Map::new();
-        envelope.insert("task_id".into(), json!(task_id));
-        envelope.insert("suggested_backoff_ms".into(), json!(self.state.args.suggested_backoff_ms));
+        let op = Operation {
+            tool: tool.to_owned(),
+            created: SystemTime::now(),
+            started: Instant::now(),
+            work,
+            fails,
+            retries,
+            result,
+        };
+        let mut task = match self.state.args.async_shape {
+            AsyncShape::Envelope => {
+                let mut envelope = Map::new();
+                envelope.insert("task_id".into(), json!(task_id));
+                envelope.insert("suggested_backoff_ms".into(), json!(self.state.args.suggested_backoff_ms));
+                envelope
+            }
+            shape => self.state.published(&task_id, &op, "queued", shape),
+        };
         if self.state.args.extra_fields {
-            envelope.insert("estimated_ms".into(), json!(work.as_millis() as u64));
-            envelope.insert("kind".into(), json!(tool.trim_start_matches("notion-")));
+            task.insert("estimated_ms".into(), json!(work.as_millis() as u64));
+            task.insert("kind".into(), json!(tool.trim_start_matches("notion-")));
         }
-        let body = json!({ "async_task": envelope });
+        let body = match self.state.args.async_shape {
+            AsyncShape::Published => Value::Object(task),
+            AsyncShape::Envelope | AsyncShape::Hybrid => json!({ "async_task": task }),
+        };
+        {
+            let mut ops = lock(&self.state.operations);
+            let retention = Duration::from_millis(self.state.args.retention_ms);
+            ops.retain(|_, op| !op.expired(retention));
+            ops.insert(task_id.clone(), op);
+        }
         self.state.log(
             tool,
             args,

@@ -319,8 +319,10 @@ impl Interceptor {
             return Decision::Forward(Rewrite::PlainCall);
         };
         let own_async = call.get("arguments").and_then(|a| a.get("allow_async")).is_some();
-        if own_async || tool == self.notion.poll_tool() {
+        if (own_async || tool == self.notion.poll_tool()) && !call.contains_key("task") {
             // The client drives Notion's protocol itself: hands off, but it spends the same budget.
+            // (With `params.task` it asked for one of our tasks: that goes on below, and `params.task`
+            // never reaches an upstream that has no tasks.)
             self.notion.note_client_call();
             return Decision::Forward(Rewrite::None);
         }
@@ -355,7 +357,13 @@ impl Interceptor {
         if self.facts().native_tools.contains(&tool) {
             return Decision::Forward(Rewrite::NativeTaskCall);
         }
-        let notion = self.notion.handles(&tool);
+        // A client's own `allow_async` beside `params.task`: the adapter drives Notion's protocol when
+        // it runs, else the call runs as a plain task without it (so its result is the page, not an
+        // async task the client would have to poll itself).
+        let notion = self.notion.handles(&tool) || (own_async && self.notion.is_active());
+        if own_async && !notion {
+            without_allow_async(&mut call);
+        }
         if !notion && !self.engine.config().taskifies(&tool) {
             let msg = format!(
                 "Tool '{tool}' does not support task-augmented execution (taskSupport is forbidden); call it without params.task"
@@ -702,6 +710,13 @@ fn has_allow_async(arguments: Option<&RawValue>) -> bool {
     }
     serde_json::from_str::<std::collections::HashMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny>>(raw)
         .is_ok_and(|keys| keys.contains_key("allow_async"))
+}
+
+/// Removes a client's `allow_async` from a call's arguments.
+fn without_allow_async(call: &mut Map<String, Value>) {
+    if let Some(Value::Object(args)) = call.get_mut("arguments") {
+        args.remove("allow_async");
+    }
 }
 
 /// Reads a nested value out of raw JSON text (`None` if absent or the text is not an object).

@@ -368,21 +368,23 @@ impl Interceptor {
         };
         // A 2025-11-25 `task` hint means nothing in 2026-07-28 (the server decides), and must not reach
         // the upstream, which would take it for its own.
-        let stripped = call.remove("task").is_some();
-        let forward = |rewrite: Rewrite| match stripped {
-            true => Decision::ForwardAs(
-                jsonrpc::request(id, "tools/call", Some(&Value::Object(call.clone()).to_string())),
-                rewrite,
-            ),
-            false => Decision::Forward(rewrite),
-        };
+        let mut stripped = call.remove("task").is_some();
         let config = self.engine.config();
-        if call.get("arguments").and_then(|a| a.get("allow_async")).is_some()
-            || tool == self.notion.poll_tool()
-        {
+        let own_async = call.get("arguments").and_then(|a| a.get("allow_async")).is_some();
+        // A client's own `allow_async` stays its protocol, unless it came with a task hint from a
+        // client that declared the Tasks extension: then the call is one of our tasks, as in 2025-11-25.
+        let ours = own_async && stripped && modern.tasks;
+        if (own_async && !ours) || tool == self.notion.poll_tool() {
             self.notion.note_client_call();
-            return forward(Rewrite::None);
+            return self.forward_modern(id, &call, stripped, Rewrite::None);
         }
+        let notion = self.notion.handles(&tool) || (ours && self.notion.is_active());
+        if ours && !notion && config.taskifies(&tool) && !self.facts().native_tools.contains(&tool) {
+            // Run as a plain task: the result is then the page, not an async task to poll by hand.
+            super::without_allow_async(&mut call);
+            stripped = true;
+        }
+        let forward = |rewrite: Rewrite| self.forward_modern(id, &call, stripped, rewrite);
         if config.sync_deadline_ms > 0 && (tool == STATUS_TOOL || tool == RESULT_TOOL) {
             let this = self.clone();
             let id = id.clone();
@@ -410,7 +412,6 @@ impl Interceptor {
             self.client.send(era::missing_tasks_extension(id, &format!("tool '{tool}'"))).await;
             return Decision::Handled;
         }
-        let notion = self.notion.handles(&tool);
         if native || !(notion || config.taskifies(&tool)) {
             self.notion.note_client_call();
             return forward(Rewrite::None);
@@ -432,6 +433,23 @@ impl Interceptor {
         self.notion.note_client_call();
         self.watch_task_window(id.clone(), tool.clone());
         forward(Rewrite::TaskWindow { tool, started: Instant::now() })
+    }
+
+    /// Forwards a 2026-07-28 call: as the client sent it, or as `call` when the proxy changed it.
+    fn forward_modern(
+        &self,
+        id: &Id,
+        call: &Map<String, Value>,
+        changed: bool,
+        rewrite: Rewrite,
+    ) -> Decision {
+        match changed {
+            true => Decision::ForwardAs(
+                jsonrpc::request(id, "tools/call", Some(&Value::Object(call.clone()).to_string())),
+                rewrite,
+            ),
+            false => Decision::Forward(rewrite),
+        }
     }
 
     /// A call in its task window: still running after `task_after_ms`, it becomes a task.

@@ -63,6 +63,14 @@ impl Interceptor {
         let mut r: Map<String, Value> = serde_json::from_str(result.get()).ok()?;
         let tools = r.get_mut("tools")?.as_array_mut()?;
         self.learn_tools(tools);
+        if self.notion.hides_allow_async() {
+            for tool in tools.iter_mut() {
+                let name = tool.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+                if self.notion.handles(&name) {
+                    hide_allow_async(tool);
+                }
+            }
+        }
         let facts = self.facts();
         for tool in tools.iter_mut().filter(|_| !modern) {
             let Some(tool) = tool.as_object_mut() else { continue };
@@ -156,5 +164,16 @@ impl Interceptor {
         }
         let mut known = self.peers.tools_known.subscribe();
         let _ = tokio::time::timeout(Duration::from_secs(5), known.wait_for(|k| *k)).await;
+    }
+}
+
+/// Removes `allow_async` from a tool's input schema (its property, and its place in `required`).
+fn hide_allow_async(tool: &mut Value) {
+    let Some(schema) = tool.get_mut("inputSchema").and_then(Value::as_object_mut) else { return };
+    if let Some(Value::Object(properties)) = schema.get_mut("properties") {
+        properties.remove("allow_async");
+    }
+    if let Some(Value::Array(required)) = schema.get_mut("required") {
+        required.retain(|r| r != "allow_async");
     }
 }
