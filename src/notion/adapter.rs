@@ -15,9 +15,9 @@
 use super::forms::{self, Accepted, AsyncTask, NotionStatus, Poll};
 use super::poll::{Backoff, PollScheduler};
 use crate::config::NotionConfig;
-use crate::upstream::{Upstream, UpstreamError};
 use crate::tasks::engine::TaskEngine;
 use crate::tasks::model::{Outcome, TaskStatus};
+use crate::upstream::{Upstream, UpstreamError};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;

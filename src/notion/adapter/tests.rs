@@ -4,9 +4,10 @@
 use super::*;
 use crate::config::{NotionMode, TasksConfig};
 use crate::jsonrpc::Id;
-use crate::proxy::pending::{OwnWaiter, Pending};
+use crate::jsonrpc::Outcome;
 use crate::tasks::model::{Generation, Origin, TaskRecord};
 use crate::tasks::store::memory::MemoryStore;
+use crate::upstream::own::{OwnRequests, OwnWaiter};
 use std::collections::VecDeque;
 use tokio::io::AsyncBufReadExt;
 use tokio::time::Instant;
@@ -44,11 +45,11 @@ fn config() -> NotionConfig {
 
 /// Runs one task whose start gets `start` and whose polls get `polls` in order (then `Silent`).
 async fn run(config: NotionConfig, start: Answer, polls: Vec<Answer>) -> Run {
-    let pending = Arc::new(Pending::new());
+    let own = Arc::new(OwnRequests::new());
     let (ours, theirs) = tokio::io::duplex(1 << 16);
     let (sink, _closer) = crate::transport::lines::spawn_line_writer(ours, 64);
     let (_exit_tx, exit) = tokio::sync::watch::channel(None);
-    let upstream = Upstream::new(sink, pending.clone(), exit);
+    let upstream = Upstream::new(sink, own.clone(), exit);
     let engine = TaskEngine::new(TasksConfig::default(), Arc::new(MemoryStore::new()));
     let record =
         engine.create("test", "notion-duplicate-page", Origin::Notion, Generation::Legacy, None).unwrap();
@@ -56,7 +57,7 @@ async fn run(config: NotionConfig, start: Answer, polls: Vec<Answer>) -> Run {
 
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let fake = {
-        let pending = pending.clone();
+        let own = own.clone();
         let seen = seen.clone();
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(theirs).lines();
@@ -76,11 +77,11 @@ async fn run(config: NotionConfig, start: Answer, polls: Vec<Answer>) -> Run {
                 }
                 let id = Id::from_raw(&RawValue::from_string(request["id"].to_string()).unwrap());
                 let reply = match answers.pop_front().unwrap_or(Answer::Silent) {
-                    Answer::Result(v) => Reply::Result(RawValue::from_string(v.to_string()).unwrap()),
-                    Answer::Error(e) => Reply::Error(RawValue::from_string(e.to_string()).unwrap()),
+                    Answer::Result(v) => Outcome::Result(RawValue::from_string(v.to_string()).unwrap()),
+                    Answer::Error(e) => Outcome::Error(RawValue::from_string(e.to_string()).unwrap()),
                     Answer::Silent => continue,
                 };
-                if let Some(OwnWaiter::Caller(tx)) = pending.take_own(&id) {
+                if let Some(OwnWaiter::Caller(tx)) = own.take(&id) {
                     let _ = tx.send(reply);
                 }
             }
