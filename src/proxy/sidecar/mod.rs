@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// A hosted upstream instead (`--upstream-url`, set by the command line).
     #[arg(skip)]
     pub upstream: Option<HttpUpstreamOptions>,
+    /// Whether a client's own `Authorization` goes to the hosted upstream (`--upstream-auth
+    /// passthrough`). Otherwise it only binds the client's tasks, and the proxy's own sign-in (or
+    /// the configured headers) authenticates it upstream.
+    #[arg(skip)]
+    pub pass_client_authorization: bool,
 }
 
 /// The protocol versions whose Streamable HTTP rules the sidecar follows (`MCP-Protocol-Version`).
@@ -831,8 +836,10 @@ impl Sidecar {
         let (process, http, upstream_in, upstream_out): (_, _, Input, Output) = match &self.args.upstream {
             Some(options) => {
                 let (w, r, handle) = http_upstream::connect(options.clone());
-                // The client's credential goes to the hosted server unchanged (never logged).
-                handle.set_authorization(headers.get(header::AUTHORIZATION).cloned());
+                if self.args.pass_client_authorization {
+                    // The client's credential goes to the hosted server unchanged (never logged).
+                    handle.set_authorization(headers.get(header::AUTHORIZATION).cloned());
+                }
                 (None, Some(handle), Box::new(w), Box::new(r))
             }
             None => match UpstreamProcess::spawn(&self.args.command) {
