@@ -613,7 +613,8 @@ impl Config {
             });
         }
         let metadata_url = a.client_metadata_url.trim();
-        if !metadata_url.is_empty() && !(metadata_url.starts_with("https://") && metadata_url.len() > 8) {
+        let https_url = metadata_url.strip_prefix("https://").is_some_and(|rest| !rest.is_empty());
+        if !metadata_url.is_empty() && !https_url {
             return Err(ConfigError::Invalid {
                 key: "upstream_auth.client_metadata_url",
                 value: format!("{metadata_url:?}"),

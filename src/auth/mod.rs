@@ -252,8 +252,11 @@ impl UpstreamAuth {
         }
     }
 
+    /// The sign-in, read from the store on first use, and again while there is no token: another
+    /// process (`mcp-asyncify login`, a second wrapper) may have signed in since.
     fn loaded<'a>(&self, state: &'a mut Option<Option<SignIn>>) -> Result<&'a Option<SignIn>, AuthError> {
-        if state.is_none() {
+        let signed_in = matches!(state, Some(Some(s)) if s.access_token.is_some());
+        if !signed_in {
             *state = Some(self.options.store.load(&self.options.server_url)?);
         }
         Ok(state.as_ref().expect("just loaded"))
@@ -274,6 +277,19 @@ impl UpstreamAuth {
         mut sign_in: SignIn,
         challenge: Option<&Challenge>,
     ) -> Result<Option<HeaderValue>, AuthError> {
+        // Another process sharing the store may have refreshed already (and rotated the refresh
+        // token ours would now be refused with): take its tokens when they are newer.
+        if let Ok(Some(stored)) = self.options.store.load(&self.options.server_url)
+            && stored.access_token.is_some()
+            && stored.access_token != sign_in.access_token
+        {
+            if now_ms() < renew_at(stored.issued_at_ms, stored.expires_at_ms) {
+                let header = self.publish(stored.access_token.as_deref().unwrap_or(""), &stored);
+                *state = Some(Some(stored));
+                return Ok(header);
+            }
+            sign_in = stored;
+        }
         let why = match sign_in.refresh_token.clone() {
             Some(refresh) => match refresh_tokens(&self.http, &mut sign_in, &refresh).await {
                 Ok(()) => {
