@@ -387,8 +387,13 @@ fn token_error<E: std::error::Error>(
         }
         RequestTokenError::Request(e) => (false, e.to_string()),
         RequestTokenError::Parse(e, body) => {
-            let body = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-            (false, format!("the token endpoint's answer is not valid ({e}): {body:?}"))
+            // The body helps with an HTML error page; one that may hold a token is never shown.
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            if text.contains("token") {
+                (false, format!("the token endpoint's answer is not valid ({e})"))
+            } else {
+                (false, format!("the token endpoint's answer is not valid ({e}): {text:?}"))
+            }
         }
         RequestTokenError::Other(e) => (false, format!("the token endpoint's answer is not valid: {e}")),
     }
@@ -569,7 +574,6 @@ async fn choose_client(
     };
     let body = serde_json::json!({
         "client_name": "mcp-asyncify",
-        "client_uri": "https://github.com/mcp-asyncify/mcp-asyncify",
         "redirect_uris": [sign_in.redirect_uri],
         "grant_types": ["authorization_code", "refresh_token"],
         "response_types": ["code"],
