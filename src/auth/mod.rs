@@ -660,6 +660,52 @@ pub async fn logout(options: &OAuthOptions) -> Result<bool, AuthError> {
 mod tests {
     use super::*;
 
+    fn options(client_id: Option<&str>, metadata_url: Option<&str>) -> OAuthOptions {
+        OAuthOptions {
+            server_url: "https://mcp.example.com/mcp".into(),
+            store: TokenStore::at(std::env::temp_dir().join("asyncify-unused-store")),
+            interactive: false,
+            sign_in_timeout: Duration::from_secs(1),
+            client_id: client_id.map(str::to_owned),
+            client_metadata_url: metadata_url.map(str::to_owned),
+            redirect_port: 0,
+            scope: None,
+        }
+    }
+
+    fn server(cimd: bool, registration: bool) -> AuthServer {
+        AuthServer {
+            issuer: "https://auth.example.com".into(),
+            authorization_endpoint: "https://auth.example.com/authorize".into(),
+            token_endpoint: "https://auth.example.com/token".into(),
+            registration_endpoint: registration.then(|| "https://auth.example.com/register".into()),
+            revocation_endpoint: None,
+            code_challenge_methods_supported: vec!["S256".into()],
+            client_id_metadata_document_supported: cimd,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_id_is_the_configured_one_or_the_metadata_document_where_supported() {
+        let http = AuthHttp::new(Duration::from_secs(1));
+        let doc = "https://me.example.com/mcp-asyncify.json";
+        let mut sign_in = SignIn::default();
+        choose_client(&http, &options(Some("pre-registered"), Some(doc)), &server(true, true), &mut sign_in)
+            .await
+            .unwrap();
+        assert_eq!((sign_in.client_id.as_str(), sign_in.registered), ("pre-registered", false));
+        let mut sign_in = SignIn::default();
+        choose_client(&http, &options(None, Some(doc)), &server(true, true), &mut sign_in).await.unwrap();
+        assert_eq!((sign_in.client_id.as_str(), sign_in.registered), (doc, false));
+        // A server without metadata documents nor registration: say what to configure.
+        let err =
+            choose_client(&http, &options(None, Some(doc)), &server(false, false), &mut SignIn::default())
+                .await
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("upstream_auth.client_id"), "{err}");
+    }
+
     #[test]
     fn tokens_are_renewed_a_minute_early_or_a_quarter_of_a_short_life_early() {
         assert_eq!(renew_at(0, Some(3_600_000)), 3_540_000);

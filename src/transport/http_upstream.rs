@@ -528,6 +528,20 @@ impl Inner {
             if status == StatusCode::UNAUTHORIZED && self.oauth.is_some() {
                 return Ok(Posted::Unauthorized(sent, www_authenticate));
             }
+            if self.oauth.is_some() {
+                // The proxy's own sign-in lacks a permission: the client cannot fix that with a
+                // challenge of its own, so say what to do instead.
+                let scope = www_authenticate
+                    .as_deref()
+                    .map(crate::auth::discovery::parse_challenge)
+                    .and_then(|c| c.scope);
+                let needs = scope.map(|s| format!(" (it asks for the scope \"{s}\")")).unwrap_or_default();
+                return Err(Failure::SignIn(format!(
+                    "the upstream refused the request: {}{needs}; set upstream_auth.scope and sign in again with `mcp-asyncify login {}`",
+                    http_status(status),
+                    self.shown_url
+                )));
+            }
             return Err(Failure::Refused { status, www_authenticate });
         }
         if !status.is_success() {
