@@ -613,12 +613,13 @@ impl Config {
             });
         }
         let metadata_url = a.client_metadata_url.trim();
-        let https_url = metadata_url.strip_prefix("https://").is_some_and(|rest| !rest.is_empty());
-        if !metadata_url.is_empty() && !https_url {
+        if !metadata_url.is_empty() && !crate::auth::discovery::secure_enough(metadata_url) {
             return Err(ConfigError::Invalid {
                 key: "upstream_auth.client_metadata_url",
                 value: format!("{metadata_url:?}"),
-                allowed: "allowed: an https URL of a client ID metadata document, or empty".into(),
+                allowed:
+                    "allowed: an https URL of a client ID metadata document (http only on loopback), or empty"
+                        .into(),
             });
         }
         let listen = self.telemetry.metrics_listen.trim();

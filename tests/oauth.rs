@@ -294,6 +294,48 @@ fn a_broken_authorization_server_gets_a_clear_error() {
 }
 
 #[test]
+fn a_client_id_metadata_document_replaces_registration_where_the_server_supports_it() {
+    use std::io::{Read, Write};
+    // The document, served from this machine (a real one would be https): it names itself.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let doc_url = format!("http://{}/mcp-asyncify.json", listener.local_addr().unwrap());
+    let doc = json!({
+        "client_id": doc_url, "client_name": "mcp-asyncify", "redirect_uris": ["http://127.0.0.1/callback"],
+        "grant_types": ["authorization_code", "refresh_token"], "token_endpoint_auth_method": "none",
+    })
+    .to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = conn.read(&mut [0u8; 4096]);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{doc}",
+                doc.len()
+            );
+        }
+    });
+    let home = Home::new("cimd");
+    let config =
+        common::config_file("oauth-cimd", &format!("[upstream_auth]\nclient_metadata_url = \"{doc_url}\"\n"));
+    let sim = sim(&[]);
+    let (code, stderr) = home.run(&["--config", config.to_str().unwrap(), "login", &sim.url], true);
+    assert_eq!(code, 0, "{stderr}");
+    let s = stats(&sim);
+    assert_eq!(
+        (count(&s, "registrations"), count(&s, "metadata_documents"), count(&s, "code_exchanges")),
+        (0, 1, 1),
+        "{s}"
+    );
+    assert_eq!(home.stored().1["client_id"], doc_url.as_str());
+    // The stored sign-in works.
+    let mut p =
+        Peer::start_cmd(&mut home.command(&["--log-level", "warn", "--upstream-url", &sim.url], false));
+    assert!(initialize(&mut p)["result"].is_object(), "{}", p.stderr());
+}
+
+#[test]
 fn the_sidecar_uses_its_own_sign_in_and_never_forwards_a_clients_token() {
     let home = Home::new("sidecar");
     let sim = sim(&["--work-ms", "300"]);

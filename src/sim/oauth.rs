@@ -102,10 +102,21 @@ fn form(body: &[u8]) -> HashMap<String, String> {
     oauth2::url::form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
 }
 
+/// `http://127.0.0.1:PORT/path` → `http://127.0.0.1/path`.
+fn without_port(uri: &str) -> String {
+    match oauth2::url::Url::parse(uri) {
+        Ok(mut url) => {
+            let _ = url.set_port(None);
+            url.to_string()
+        }
+        Err(_) => uri.to_owned(),
+    }
+}
+
 fn is_loopback_redirect(uri: &str) -> bool {
-    uri.starts_with("http://127.0.0.1:")
-        || uri.starts_with("http://localhost:")
-        || uri.starts_with("http://[::1]:")
+    oauth2::url::Url::parse(uri).is_ok_and(|u| {
+        u.scheme() == "http" && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"))
+    })
 }
 
 impl AuthServer {
@@ -207,12 +218,13 @@ impl AuthServer {
                         "grant_types_supported": ["authorization_code", "refresh_token"],
                         "code_challenge_methods_supported": ["S256"],
                         "token_endpoint_auth_methods_supported": ["none"],
+                        "client_id_metadata_document_supported": true,
                         "scopes_supported": ["notion"],
                     }),
                 )
             }
             (&Method::POST, "/oauth/register") => self.register(&body),
-            (&Method::GET, "/oauth/authorize") => self.authorize(query),
+            (&Method::GET, "/oauth/authorize") => self.authorize(query).await,
             (&Method::POST, "/oauth/token") => self.token(&body),
             (&Method::POST, "/oauth/revoke") => {
                 let params = form(&body);
@@ -265,23 +277,45 @@ impl AuthServer {
         )
     }
 
-    fn authorize(&self, query: &str) -> Response<Body> {
+    /// The redirect URIs of a client whose id is the URL of its metadata document (fetched, and
+    /// checked to name itself).
+    async fn metadata_document(&self, url: &str) -> Result<Vec<String>, String> {
+        let http = crate::auth::http::AuthHttp::new(Duration::from_secs(5));
+        let answer = http.get_json(url).await.map_err(|e| e.to_string())?;
+        let doc: Value = serde_json::from_slice(&answer.body).map_err(|e| format!("not JSON: {e}"))?;
+        if !answer.status.is_success() || doc["client_id"] != url {
+            return Err("the document does not name itself as client_id".into());
+        }
+        self.count("metadata_documents");
+        Ok(doc["redirect_uris"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default())
+    }
+
+    async fn authorize(&self, query: &str) -> Response<Body> {
         let params = form(query.as_bytes());
         let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
         let (client_id, redirect_uri) = (get("client_id"), get("redirect_uri"));
-        {
-            let state = self.state.lock().expect("not poisoned");
-            let Some(redirects) = state.clients.get(client_id) else {
-                return oauth_error(StatusCode::BAD_REQUEST, "invalid_client", "unknown client_id");
-            };
-            if !redirects.iter().any(|r| r == redirect_uri) {
-                // Never redirect to an unregistered URI (RFC 6749 §4.1.2.1).
-                return oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "redirect_uri is not registered",
-                );
+        let registered = self.state.lock().expect("not poisoned").clients.get(client_id).cloned();
+        let allowed = match registered {
+            // A registered client: its redirect URIs exactly.
+            Some(redirects) => redirects.iter().any(|r| r == redirect_uri),
+            // A client ID metadata document: a loopback redirect may use any port (RFC 8252 §7.3).
+            None if client_id.starts_with("http://") || client_id.starts_with("https://") => {
+                match self.metadata_document(client_id).await {
+                    Ok(redirects) => redirects.iter().any(|r| {
+                        r == redirect_uri
+                            || (is_loopback_redirect(r) && without_port(r) == without_port(redirect_uri))
+                    }),
+                    Err(why) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_client", &why),
+                }
             }
+            None => return oauth_error(StatusCode::BAD_REQUEST, "invalid_client", "unknown client_id"),
+        };
+        if !allowed {
+            // Never redirect to an unregistered URI (RFC 6749 §4.1.2.1).
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "redirect_uri is not registered");
         }
         let back = |pairs: &[(&str, &str)]| {
             let mut url = oauth2::url::Url::parse(redirect_uri).expect("registered URIs are URLs");
