@@ -878,9 +878,13 @@ impl Inner {
                 stream_session = Some(session.clone());
             }
             let last = parser.last_event_id.clone().filter(|id| !id.is_empty());
-            if let Err(e) = self.use_current_authorization().await {
-                tracing::debug!(error = %e, "the GET stream has no valid sign-in yet");
-            }
+            let sent = match self.use_current_authorization().await {
+                Ok(sent) => sent,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the GET stream has no valid sign-in yet");
+                    None
+                }
+            };
             let deadline = Instant::now() + self.request_timeout;
             let response = self
                 .send_by(deadline, || {
@@ -923,6 +927,17 @@ impl Inner {
                     match end {
                         StreamEnd::Broke(why) => format!("the GET stream broke: {why}"),
                         _ => String::new(),
+                    }
+                }
+                Ok(response) if response.status() == StatusCode::UNAUTHORIZED && self.oauth.is_some() => {
+                    // The token was refused (revoked, say): renew it for the next attempt.
+                    let challenge = response
+                        .headers()
+                        .get(header::WWW_AUTHENTICATE)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                    match self.renew_authorization(sent, challenge).await {
+                        Ok(()) => "the GET stream's access token was refused; renewed it".to_owned(),
+                        Err(e) => format!("the GET stream was refused: {e}"),
                     }
                 }
                 Ok(response) => format!("the GET stream was answered {}", http_status(response.status())),
