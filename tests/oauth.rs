@@ -251,6 +251,11 @@ fn a_revoked_refresh_token_asks_to_sign_in_again_and_logout_forgets_the_sign_in(
     assert!(msg.contains("expired or was revoked") && msg.contains("invalid_grant"), "{r}");
     assert!(msg.contains(&format!("sign in again with `mcp-asyncify login {}`", sim.url)), "{r}");
     assert!(started.elapsed() < Duration::from_secs(10), "no hang: {:?}", started.elapsed());
+    // Asked again, the same advice (the dead tokens are not tried twice).
+    let r = initialize(&mut p);
+    let msg = r["error"]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains(&format!("sign in again with `mcp-asyncify login {}`", sim.url)), "{r}");
+    assert_eq!(count(&stats(&sim), "refused_refreshes"), 1);
     assert_eq!(home.opened().len(), 1, "only login opened a browser");
     drop(p);
 

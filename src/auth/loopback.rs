@@ -46,7 +46,11 @@ impl Loopback {
         let server = Arc::new(server.to_owned());
         let accept = async {
             loop {
-                let Ok((stream, _)) = self.listener.accept().await else { continue };
+                let Ok((stream, _)) = self.listener.accept().await else {
+                    // Out of descriptors, say: wait a little rather than spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
                 let tx = tx.clone();
                 let server = server.clone();
                 let service =

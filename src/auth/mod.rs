@@ -216,7 +216,9 @@ impl UpstreamAuth {
         }
         let mut state = self.state.lock().await;
         let sign_in = self.loaded(&mut state)?;
-        let Some(sign_in) = sign_in else { return Ok(None) };
+        // Not signed in (or the tokens were refused): send without, and let the upstream's 401 say
+        // how to sign in.
+        let Some(sign_in) = sign_in.as_ref().filter(|s| s.access_token.is_some()) else { return Ok(None) };
         if let Some(token) = &sign_in.access_token
             && now_ms() < renew_at(sign_in.issued_at_ms, sign_in.expires_at_ms)
         {
