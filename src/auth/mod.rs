@@ -215,10 +215,13 @@ impl UpstreamAuth {
             return Ok(Some(header));
         }
         let mut state = self.state.lock().await;
-        let sign_in = self.loaded(&mut state)?;
+        if state.is_none() {
+            *state = Some(self.options.store.load(&self.options.server_url)?);
+        }
         // Not signed in (or the tokens were refused): send without, and let the upstream's 401 say
-        // how to sign in.
-        let Some(sign_in) = sign_in.as_ref().filter(|s| s.access_token.is_some()) else { return Ok(None) };
+        // how to sign in (the store is read again then, not on every request).
+        let sign_in = state.as_ref().and_then(Option::as_ref);
+        let Some(sign_in) = sign_in.filter(|s| s.access_token.is_some()) else { return Ok(None) };
         if let Some(token) = &sign_in.access_token
             && now_ms() < renew_at(sign_in.issued_at_ms, sign_in.expires_at_ms)
         {
@@ -242,7 +245,17 @@ impl UpstreamAuth {
         if current.is_some() && current.as_ref() != sent {
             return Ok(()); // renewed by another request meanwhile
         }
-        match self.loaded(&mut state)?.clone() {
+        let sign_in = self.loaded(&mut state)?.clone();
+        // Signed in meanwhile (by `mcp-asyncify login`, say): retry with that token.
+        if let Some(stored) = &sign_in
+            && let Some(token) = &stored.access_token
+            && bearer(token).as_ref() != sent
+            && now_ms() < renew_at(stored.issued_at_ms, stored.expires_at_ms)
+        {
+            self.publish(token, stored);
+            return Ok(());
+        }
+        match sign_in {
             Some(sign_in) if sent.is_some() => {
                 tracing::info!(upstream = %self.options.server_url, "the upstream refused the access token; renewing it");
                 self.renew(&mut state, sign_in, Some(&challenge)).await.map(|_| ())
