@@ -22,6 +22,73 @@ pub struct Config {
     pub notion: NotionConfig,
     /// OpenTelemetry export (OTLP itself is configured by the standard `OTEL_*` variables).
     pub telemetry: TelemetryConfig,
+    /// How the proxy authenticates to an `--upstream-url` (OAuth sign-in, the client's own token, none).
+    pub upstream_auth: UpstreamAuthConfig,
+}
+
+/// Who provides the `Authorization` sent to an `--upstream-url`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamAuthMode {
+    /// The proxy signs in with OAuth when the upstream answers 401, and keeps the tokens.
+    #[default]
+    Oauth,
+    /// The sidecar's client's own `Authorization` goes to the upstream unchanged (its 401 and
+    /// challenge come back to the client). In the stdio wrapper: no header, as `none`.
+    Passthrough,
+    /// No `Authorization` but the configured `--header`s.
+    None,
+}
+
+/// Whether a sign-in may open a browser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SignInMode {
+    /// The stdio wrapper (and `login`) open the browser; the sidecar does not (it uses the sign-in
+    /// stored by `mcp-asyncify login`, and says so when there is none).
+    #[default]
+    Auto,
+    /// Always open the browser when a sign-in is needed.
+    Browser,
+    /// Never: a needed sign-in is an error that says to run `mcp-asyncify login URL`.
+    Never,
+}
+
+/// `[upstream_auth]`: signing in to a hosted upstream.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamAuthConfig {
+    /// `oauth`, `passthrough` or `none`. A configured `Authorization` header always wins.
+    pub mode: UpstreamAuthMode,
+    /// `auto`, `browser` or `never`.
+    pub sign_in: SignInMode,
+    /// How long the user has to finish signing in, in ms.
+    pub sign_in_timeout_ms: u64,
+    /// Where sign-ins are kept (empty: the user's config directory; `MCP_ASYNCIFY_AUTH_DIR` wins).
+    pub store_dir: String,
+    /// A client id registered with the authorization server beforehand (empty: register dynamically).
+    pub client_id: String,
+    /// An https URL of a client ID metadata document, used where the server supports them.
+    pub client_metadata_url: String,
+    /// The loopback port of the redirect (0: any free port).
+    pub redirect_port: u16,
+    /// Scopes to ask for, space-separated (empty: those the server names).
+    pub scope: String,
+}
+
+impl Default for UpstreamAuthConfig {
+    fn default() -> Self {
+        UpstreamAuthConfig {
+            mode: UpstreamAuthMode::Oauth,
+            sign_in: SignInMode::Auto,
+            sign_in_timeout_ms: 300_000,
+            store_dir: String::new(),
+            client_id: String::new(),
+            client_metadata_url: String::new(),
+            redirect_port: 0,
+            scope: String::new(),
+        }
+    }
 }
 
 /// `[telemetry]`: where metrics are served.
@@ -301,6 +368,10 @@ pub struct Overrides {
     pub metrics_listen: Option<String>,
     /// `--profile` / `MCP_ASYNCIFY_PROFILE`: a built-in base configuration (used when no file is given).
     pub profile: Option<String>,
+    /// `--upstream-auth` / `MCP_ASYNCIFY_UPSTREAM_AUTH`.
+    pub upstream_auth: Option<UpstreamAuthMode>,
+    /// `--sign-in` / `MCP_ASYNCIFY_SIGN_IN`.
+    pub sign_in: Option<SignInMode>,
 }
 
 /// A configuration a person has to fix.
@@ -434,6 +505,12 @@ impl Config {
         if let Some(v) = &o.metrics_listen {
             self.telemetry.metrics_listen = v.clone();
         }
+        if let Some(v) = o.upstream_auth {
+            self.upstream_auth.mode = v;
+        }
+        if let Some(v) = o.sign_in {
+            self.upstream_auth.sign_in = v;
+        }
     }
 
     /// Checks every value against its allowed range.
@@ -551,6 +628,24 @@ impl Config {
                 allowed: format!(
                     "allowed: error, warn, info, debug, trace, or a RUST_LOG filter such as `mcp_asyncify=debug` ({e})"
                 ),
+            });
+        }
+        let a = &self.upstream_auth;
+        if !(1000..=3_600_000).contains(&a.sign_in_timeout_ms) {
+            return Err(ConfigError::Invalid {
+                key: "upstream_auth.sign_in_timeout_ms",
+                value: a.sign_in_timeout_ms.to_string(),
+                allowed: "allowed: 1000 to 3600000".into(),
+            });
+        }
+        let metadata_url = a.client_metadata_url.trim();
+        if !metadata_url.is_empty() && !crate::auth::discovery::secure_enough(metadata_url) {
+            return Err(ConfigError::Invalid {
+                key: "upstream_auth.client_metadata_url",
+                value: format!("{metadata_url:?}"),
+                allowed:
+                    "allowed: an https URL of a client ID metadata document (http only on loopback), or empty"
+                        .into(),
             });
         }
         let listen = self.telemetry.metrics_listen.trim();

@@ -12,6 +12,8 @@
 //! * [`proxy`] — the routing loop of a session, the client's in-flight requests, the interceptor (tasks,
 //!   both protocol generations), the stdio wrapper's lifecycle (EOF, signals, upstream exit, no
 //!   orphans) and the Streamable HTTP sidecar.
+//! * [`auth`] — the OAuth client toward a hosted upstream (`--upstream-url`): discovery, registration,
+//!   PKCE sign-in through the browser, the 0600 token store, refresh; `login` and `logout`.
 //! * [`sim`] — MCP servers we run ourselves: the test fixture server used by the end-to-end tests and
 //!   benches, and the Notion simulator.
 //! * [`demo`] — `mcp-asyncify demo`: the proxy, the Notion simulator and a scripted client in one run.
@@ -22,6 +24,7 @@
 //!   as Prometheus text (`--metrics-listen`) and OTLP (the standard `OTEL_*` variables).
 //! * [`logging`] — logs to stderr, text or JSON; stdout is reserved for JSON-RPC.
 
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod jsonrpc;

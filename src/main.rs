@@ -106,6 +106,16 @@ struct CommonArgs {
     )]
     headers: Vec<String>,
 
+    /// Who provides the Authorization sent to --upstream-url: oauth (the proxy signs in when the
+    /// upstream asks), passthrough (the sidecar's client's own), none [default: oauth].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_UPSTREAM_AUTH", value_enum, value_name = "MODE")]
+    upstream_auth: Option<mcp_asyncify::config::UpstreamAuthMode>,
+
+    /// Whether an OAuth sign-in may open the browser: auto (the stdio wrapper and login do, the
+    /// sidecar does not), browser, never [default: auto].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_SIGN_IN", value_enum, value_name = "WHEN")]
+    sign_in: Option<mcp_asyncify::config::SignInMode>,
+
     /// Do not offer tasks at all: a pure passthrough.
     #[arg(long, global = true)]
     no_tasks: bool,
@@ -125,6 +135,20 @@ enum Mode {
 
     /// A simulator of Notion's hosted MCP server (async tasks, statuses, 3 requests/s limit) on stdio.
     NotionSim(mcp_asyncify::sim::notion::NotionSimArgs),
+
+    /// Sign in to a hosted MCP server now (OAuth in the browser) and keep the tokens for later runs.
+    Login(AuthArgs),
+
+    /// Forget the sign-in to a hosted MCP server (revoking its tokens where the server allows).
+    Logout(AuthArgs),
+}
+
+/// The server of `login` and `logout`.
+#[derive(clap::Args, Debug)]
+struct AuthArgs {
+    /// The MCP server URL, as given to --upstream-url (default: --upstream-url).
+    #[arg(value_name = "URL")]
+    url: Option<String>,
 }
 
 fn main() {
@@ -147,6 +171,8 @@ fn main() {
         notion_budget: cli.common.notion_budget,
         metrics_listen: cli.common.metrics_listen.clone(),
         profile: cli.common.profile.clone(),
+        upstream_auth: cli.common.upstream_auth,
+        sign_in: cli.common.sign_in,
     };
     let mut overrides = overrides;
     if matches!(cli.mode, Some(Mode::Demo(_) | Mode::TestServer(_))) && cli.common.log_level.is_none() {
@@ -184,12 +210,16 @@ fn main() {
                 Ok(()) => 0,
                 Err(e) => fail(&format!("{e:#}"), 1),
             },
+            Some(Mode::Login(args)) => login(&config, args.url.or(cli.common.upstream_url)).await,
+            Some(Mode::Logout(args)) => logout(&config, args.url.or(cli.common.upstream_url)).await,
             Some(Mode::Serve(mut args)) => {
                 if let Some(url) = &cli.common.upstream_url {
-                    match mcp_asyncify::proxy::wrapper::http_options(url, &cli.common.headers) {
+                    match upstream_options(&config, url, &cli.common.headers, false) {
                         Ok(o) => args.upstream = Some(o),
                         Err(e) => fail(&format!("{e:#}"), 2),
                     }
+                    args.pass_client_authorization =
+                        config.upstream_auth.mode == mcp_asyncify::config::UpstreamAuthMode::Passthrough;
                 }
                 with_telemetry(&config, true, mcp_asyncify::proxy::sidecar::run(&config, args)).await
             }
@@ -198,7 +228,7 @@ fn main() {
             }
             None if cli.common.upstream_url.is_some() => {
                 let url = cli.common.upstream_url.as_deref().unwrap_or_default();
-                let options = match mcp_asyncify::proxy::wrapper::http_options(url, &cli.common.headers) {
+                let options = match upstream_options(&config, url, &cli.common.headers, true) {
                     Ok(o) => o,
                     Err(e) => fail(&format!("{e:#}"), 2),
                 };
@@ -213,6 +243,77 @@ fn main() {
     });
     // Exit at once: the runtime would otherwise wait on the blocking read of stdin.
     std::process::exit(code);
+}
+
+/// The `--upstream-url` options, with the OAuth sign-in attached when it is on.
+fn upstream_options(
+    config: &Config,
+    url: &str,
+    headers: &[String],
+    interactive_by_default: bool,
+) -> anyhow::Result<mcp_asyncify::transport::http_upstream::HttpUpstreamOptions> {
+    let mut options = mcp_asyncify::proxy::wrapper::http_options(url, headers)?;
+    mcp_asyncify::auth::attach(&config.upstream_auth, &mut options, interactive_by_default)?;
+    Ok(options)
+}
+
+/// The OAuth options of `login`/`logout` for `url` (checked like --upstream-url).
+fn auth_options(config: &Config, url: Option<String>, verb: &str) -> mcp_asyncify::auth::OAuthOptions {
+    let Some(url) = url else {
+        fail(
+            &format!(
+                "`mcp-asyncify {verb}` needs the server's URL: `mcp-asyncify {verb} https://mcp.notion.com/mcp`"
+            ),
+            2,
+        )
+    };
+    let options = match mcp_asyncify::proxy::wrapper::http_options(&url, &[]) {
+        Ok(o) => o,
+        Err(e) => fail(&format!("{e:#}"), 2),
+    };
+    match mcp_asyncify::auth::OAuthOptions::from_config(&config.upstream_auth, &options.url.to_string(), true)
+    {
+        Ok(o) => o,
+        Err(e) => fail(&e.to_string(), 1),
+    }
+}
+
+/// `mcp-asyncify login URL`.
+async fn login(config: &Config, url: Option<String>) -> i32 {
+    let options = auth_options(config, url, "login");
+    let server = options.server_url.clone();
+    match mcp_asyncify::auth::login(options).await {
+        Ok(Some(_)) => 0,
+        Ok(None) => {
+            eprintln!("mcp-asyncify: {server} lets requests through without a sign-in; nothing to do");
+            0
+        }
+        Err(e) => fail(&e.to_string(), 1),
+    }
+}
+
+/// `mcp-asyncify logout URL`.
+async fn logout(config: &Config, url: Option<String>) -> i32 {
+    let options = auth_options(config, url, "logout");
+    match mcp_asyncify::auth::logout(&options).await {
+        Ok(true) => {
+            eprintln!(
+                "mcp-asyncify: signed out of {} (removed {})",
+                options.server_url,
+                options.store.path_for(&options.server_url).display()
+            );
+            0
+        }
+        Ok(false) => {
+            eprintln!(
+                "mcp-asyncify: no sign-in to {} is stored (in {})",
+                options.server_url,
+                options.store.dir().display()
+            );
+            0
+        }
+        Err(e) => fail(&e.to_string(), 1),
+    }
 }
 
 /// Runs `work` with telemetry installed (the Prometheus text kept for `/metrics` when `prometheus`),

@@ -318,7 +318,8 @@ fn the_session_cap_refuses_clearly() {
 }
 
 #[test]
-fn a_hosted_upstreams_401_reaches_the_client_with_its_challenge_and_the_credential_passes_unchanged() {
+fn with_passthrough_a_hosted_upstreams_401_reaches_the_client_with_its_challenge_and_the_credential_passes_unchanged()
+ {
     // A hosted server that refuses everything, recording the Authorization it was sent.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream = format!("http://{}/mcp", listener.local_addr().unwrap());
@@ -342,7 +343,7 @@ fn a_hosted_upstreams_401_reaches_the_client_with_its_challenge_and_the_credenti
             );
         }
     });
-    let s = Sidecar::start(&["--upstream-url", &upstream], &[]);
+    let s = Sidecar::start(&["--upstream-url", &upstream, "--upstream-auth", "passthrough"], &[]);
     let r = s.post(
         None,
         Some("Bearer client-token"),

@@ -102,6 +102,9 @@ pub struct NotionSimArgs {
     /// every session, like the hosted server).
     #[arg(long, env = "MCP_NOTION_SIM_HTTP", value_name = "ADDR")]
     pub http: Option<std::net::SocketAddr>,
+    /// OAuth on `/mcp` over `--http` (`--oauth` and its options).
+    #[command(flatten)]
+    pub oauth: super::oauth::OAuthSimArgs,
 }
 
 /// Notion's limits on a request (from the API's documented limits): text content of a rich-text
@@ -583,9 +586,14 @@ pub async fn run(args: NotionSimArgs) -> anyhow::Result<()> {
     anyhow::ensure!((0.0..=1.0).contains(&args.failure_rate), "--failure-rate must be between 0 and 1");
     anyhow::ensure!((0.0..=1.0).contains(&args.retrying_rate), "--retrying-rate must be between 0 and 1");
     let http = args.http;
+    let oauth = args.oauth.clone();
+    anyhow::ensure!(
+        !oauth.oauth || http.is_some(),
+        "--oauth needs --http ADDR (OAuth protects an HTTP server)"
+    );
     let sim = NotionSim::new(args)?;
     if let Some(addr) = http {
-        return super::serve_http(sim, addr).await;
+        return super::serve_http_guarded(sim, addr, Some(&oauth)).await;
     }
     let service = sim.serve(rmcp::transport::stdio()).await?;
     service.waiting().await?;

@@ -13,6 +13,7 @@
 //!
 //! Header values (the client's `Authorization`, configured headers, session ids) are never logged.
 
+use crate::auth::UpstreamAuth;
 use crate::jsonrpc::{self, Envelope, Id, Kind};
 use crate::transport::lines::{Line, LineCloser, LineReader, LineSink, spawn_line_writer};
 use bytes::Bytes;
@@ -87,6 +88,9 @@ pub struct HttpUpstreamOptions {
     /// How long a request may take, unless its answer is an SSE stream that keeps sending (those
     /// end only when silent for 5 minutes).
     pub request_timeout: Duration,
+    /// The OAuth sign-in that provides `Authorization` (consulted before each request, and told of
+    /// each 401); none: the configured headers and [`HttpUpstream::set_authorization`] only.
+    pub oauth: Option<Arc<UpstreamAuth>>,
 }
 
 impl HttpUpstreamOptions {
@@ -97,6 +101,7 @@ impl HttpUpstreamOptions {
             headers: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
+            oauth: None,
         }
     }
 }
@@ -109,6 +114,7 @@ impl fmt::Debug for HttpUpstreamOptions {
             .field("headers", &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>())
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("oauth", &self.oauth.is_some())
             .finish()
     }
 }
@@ -258,6 +264,8 @@ enum Failure {
     Invalid(String),
     /// The upstream was closed.
     Closed,
+    /// The OAuth sign-in failed or is needed (the message says what to do).
+    SignIn(String),
 }
 
 impl fmt::Display for Failure {
@@ -276,6 +284,7 @@ impl fmt::Display for Failure {
             }
             Failure::Invalid(e) => write!(f, "the upstream's answer is not valid: {e}"),
             Failure::Closed => f.write_str("the HTTP upstream is closed"),
+            Failure::SignIn(e) => f.write_str(e),
         }
     }
 }
@@ -328,6 +337,8 @@ enum Posted {
     Done(Option<Answer>),
     /// HTTP 404 for this session id: the server dropped the session.
     SessionGone(HeaderValue),
+    /// HTTP 401 with the OAuth sign-in on: the header sent, and the challenge.
+    Unauthorized(Option<HeaderValue>, Option<String>),
 }
 
 /// How an SSE stream stopped.
@@ -350,6 +361,7 @@ struct Inner {
     session: watch::Sender<Option<HeaderValue>>,
     protocol_version: Mutex<Option<HeaderValue>>,
     authorization: Mutex<Option<HeaderValue>>,
+    oauth: Option<Arc<UpstreamAuth>>,
     /// The client's `initialize`, replayed when the server drops the session.
     initialize: Mutex<Option<Vec<u8>>>,
     reinitializing: tokio::sync::Mutex<()>,
@@ -387,6 +399,7 @@ impl Inner {
             session: watch::Sender::new(None),
             protocol_version: Mutex::new(None),
             authorization: Mutex::new(None),
+            oauth: options.oauth,
             initialize: Mutex::new(None),
             reinitializing: tokio::sync::Mutex::new(()),
             reinitialized: AtomicU64::new(0),
@@ -399,6 +412,25 @@ impl Inner {
 
     fn session_id(&self) -> Option<HeaderValue> {
         self.session.borrow().clone()
+    }
+
+    /// With the OAuth sign-in on: takes its current header (refreshed first if about to expire) for
+    /// the requests built from now on, and returns it.
+    async fn use_current_authorization(&self) -> Result<Option<HeaderValue>, Failure> {
+        let Some(oauth) = &self.oauth else { return Ok(None) };
+        let header = oauth.authorization().await.map_err(|e| Failure::SignIn(e.to_string()))?;
+        *self.authorization.lock().expect("not poisoned") = header.clone();
+        Ok(header)
+    }
+
+    /// The upstream refused `sent` (HTTP 401): the sign-in refreshes it, or signs in again.
+    async fn renew_authorization(
+        &self,
+        sent: Option<HeaderValue>,
+        challenge: Option<String>,
+    ) -> Result<(), Failure> {
+        let Some(oauth) = &self.oauth else { return Ok(()) };
+        oauth.refused(sent.as_ref(), challenge.as_deref()).await.map_err(|e| Failure::SignIn(e.to_string()))
     }
 
     /// Sends one line from the session upstream, and its answer (or an error answering it) back.
@@ -442,9 +474,19 @@ impl Inner {
     /// re-initializes it and retries once.
     async fn post(&self, body: Bytes, expect: &Expect) -> Result<Option<Answer>, Failure> {
         let mut retried = false;
+        let mut renewed = false;
         loop {
             match self.post_once(&body, expect).await? {
                 Posted::Done(answer) => return Ok(answer),
+                Posted::Unauthorized(sent, challenge) if !renewed => {
+                    self.renew_authorization(sent, challenge).await?;
+                    renewed = true;
+                }
+                Posted::Unauthorized(..) => {
+                    return Err(Failure::SignIn(
+                        "the upstream refused the access token it was just given; sign out and in again (mcp-asyncify logout URL, then login URL)".into(),
+                    ));
+                }
                 Posted::SessionGone(stale) if !retried => {
                     let id = &expect.id;
                     tracing::warn!(?id, "the upstream no longer knows the session; initializing a new one");
@@ -461,6 +503,7 @@ impl Inner {
 
     /// POSTs one message and relays what comes back.
     async fn post_once(&self, body: &Bytes, expect: &Expect) -> Result<Posted, Failure> {
+        let sent = self.use_current_authorization().await?;
         let deadline = Instant::now() + self.request_timeout;
         let session = if expect.initialize { None } else { self.session_id() };
         let response = self
@@ -482,6 +525,23 @@ impl Inner {
                 .headers()
                 .get(header::WWW_AUTHENTICATE)
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            if status == StatusCode::UNAUTHORIZED && self.oauth.is_some() {
+                return Ok(Posted::Unauthorized(sent, www_authenticate));
+            }
+            if self.oauth.is_some() {
+                // The proxy's own sign-in lacks a permission: the client cannot fix that with a
+                // challenge of its own, so say what to do instead.
+                let scope = www_authenticate
+                    .as_deref()
+                    .map(crate::auth::discovery::parse_challenge)
+                    .and_then(|c| c.scope);
+                let needs = scope.map(|s| format!(" (it asks for the scope \"{s}\")")).unwrap_or_default();
+                return Err(Failure::SignIn(format!(
+                    "the upstream refused the request: {}{needs}; set upstream_auth.scope and sign in again with `mcp-asyncify login {}`",
+                    http_status(status),
+                    self.shown_url
+                )));
+            }
             return Err(Failure::Refused { status, www_authenticate });
         }
         if !status.is_success() {
@@ -574,6 +634,7 @@ impl Inner {
             fruitless += 1;
             let session = self.session_id();
             tracing::debug!(id = ?expect.id, "resuming a request's stream");
+            self.use_current_authorization().await?;
             let deadline = Instant::now() + self.request_timeout;
             let response = self
                 .send_by(deadline, || {
@@ -772,6 +833,9 @@ impl Inner {
         match self.post_once(&Bytes::from(initialized), &expect).await {
             Ok(Posted::Done(_)) => {}
             Ok(Posted::SessionGone(_)) => return Err("the new session was dropped at once".into()),
+            Ok(Posted::Unauthorized(..)) => {
+                return Err("notifications/initialized was refused (HTTP 401)".into());
+            }
             Err(e) => return Err(format!("notifications/initialized failed: {e}")),
         }
         tracing::info!("initialized a new upstream session in place of the dropped one");
@@ -814,6 +878,13 @@ impl Inner {
                 stream_session = Some(session.clone());
             }
             let last = parser.last_event_id.clone().filter(|id| !id.is_empty());
+            let sent = match self.use_current_authorization().await {
+                Ok(sent) => sent,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the GET stream has no valid sign-in yet");
+                    None
+                }
+            };
             let deadline = Instant::now() + self.request_timeout;
             let response = self
                 .send_by(deadline, || {
@@ -856,6 +927,17 @@ impl Inner {
                     match end {
                         StreamEnd::Broke(why) => format!("the GET stream broke: {why}"),
                         _ => String::new(),
+                    }
+                }
+                Ok(response) if response.status() == StatusCode::UNAUTHORIZED && self.oauth.is_some() => {
+                    // The token was refused (revoked, say): renew it for the next attempt.
+                    let challenge = response
+                        .headers()
+                        .get(header::WWW_AUTHENTICATE)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                    match self.renew_authorization(sent, challenge).await {
+                        Ok(()) => "the GET stream's access token was refused; renewed it".to_owned(),
+                        Err(e) => format!("the GET stream was refused: {e}"),
                     }
                 }
                 Ok(response) => format!("the GET stream was answered {}", http_status(response.status())),

@@ -35,6 +35,7 @@ impl Peer {
 
     /// Starts any command with piped stdio.
     pub fn start_cmd(cmd: &mut Command) -> Peer {
+        keep_sign_ins_apart(cmd);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -239,6 +240,15 @@ impl Drop for Peer {
     }
 }
 
+/// Points the OAuth token store at a temporary directory unless the test chose one: a test never
+/// reads or writes the user's own sign-ins.
+pub fn keep_sign_ins_apart(cmd: &mut Command) {
+    if !cmd.get_envs().any(|(k, _)| k == "MCP_ASYNCIFY_AUTH_DIR") {
+        let dir = std::env::temp_dir().join(format!("asyncify-auth-{}", std::process::id()));
+        cmd.env("MCP_ASYNCIFY_AUTH_DIR", dir);
+    }
+}
+
 /// The text of the first content block of a tool result.
 pub fn text_of(result: &Value) -> &str {
     result["content"][0]["text"].as_str().unwrap_or_else(|| panic!("no text content in {result}"))
@@ -301,9 +311,17 @@ impl Served {
     /// Starts `BIN args…` where `{addr}` in an argument is replaced by the address; waits until it
     /// accepts connections.
     pub fn start(args: &[&str]) -> Served {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Served::start`] with environment variables set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Served {
         let addr = free_addr();
         let args: Vec<String> = args.iter().map(|a| a.replace("{addr}", &addr)).collect();
-        let mut child = Command::new(BIN).args(&args).stdin(Stdio::null()).spawn().expect("start the server");
+        let mut command = Command::new(BIN);
+        command.envs(env.iter().copied());
+        keep_sign_ins_apart(command.args(&args));
+        let mut child = command.stdin(Stdio::null()).spawn().expect("start the server");
         let deadline = Instant::now() + WAIT;
         while std::net::TcpStream::connect(&addr).is_err() {
             assert!(Instant::now() < deadline, "`{}` did not listen on {addr}", args.join(" "));

@@ -96,6 +96,11 @@ pub struct ServeArgs {
     /// A hosted upstream instead (`--upstream-url`, set by the command line).
     #[arg(skip)]
     pub upstream: Option<HttpUpstreamOptions>,
+    /// Whether a client's own `Authorization` goes to the hosted upstream (`--upstream-auth
+    /// passthrough`). Otherwise it only binds the client's tasks, and the proxy's own sign-in (or
+    /// the configured headers) authenticates it upstream.
+    #[arg(skip)]
+    pub pass_client_authorization: bool,
 }
 
 /// The protocol versions whose Streamable HTTP rules the sidecar follows (`MCP-Protocol-Version`).
@@ -363,6 +368,7 @@ mod tests {
             allow_hosts: Vec::new(),
             command: vec!["true".into()],
             upstream: None,
+            pass_client_authorization: false,
         };
         Sidecar::new(&config, args, "127.0.0.1:8931".parse().unwrap())
     }

@@ -78,8 +78,10 @@ impl Sidecar {
         let (process, http, upstream_in, upstream_out): (_, _, Input, Output) = match &self.args.upstream {
             Some(options) => {
                 let (w, r, handle) = http_upstream::connect(options.clone());
-                // The client's credential goes to the hosted server unchanged (never logged).
-                handle.set_authorization(headers.get(header::AUTHORIZATION).cloned());
+                if self.args.pass_client_authorization {
+                    // The client's credential goes to the hosted server unchanged (never logged).
+                    handle.set_authorization(headers.get(header::AUTHORIZATION).cloned());
+                }
                 (None, Some(handle), Box::new(w), Box::new(r))
             }
             None => match UpstreamProcess::spawn(&self.args.command) {
