@@ -99,6 +99,10 @@ pub fn classify(result: &RawValue, default_wait: Duration) -> NotionAnswer {
     NotionAnswer::Final
 }
 
+/// The longest wait a `rate_limited` answer may impose: Notion's are seconds; a larger number is
+/// read as this (every poll pauses until now + the wait, which must stay a time the clock can hold).
+pub const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(300);
+
 fn rate_limit(p: &Map<String, Value>, default_wait: Duration) -> Option<Duration> {
     let error = p.get("error").and_then(Value::as_object).unwrap_or(p);
     let limited = error.get("code").and_then(Value::as_str) == Some("rate_limited")
@@ -112,11 +116,12 @@ fn rate_limit(p: &Map<String, Value>, default_wait: Duration) -> Option<Duration
     let ms = ["retry_after_ms", "retryAfterMs"]
         .iter()
         .find_map(|k| error.get(*k).or_else(|| p.get(*k)).and_then(Value::as_f64));
-    Some(match (ms, secs) {
+    let wait = match (ms, secs) {
         (Some(ms), _) => Duration::from_millis(ms.max(0.0) as u64),
-        (None, Some(s)) => Duration::from_secs_f64(s.max(0.0)),
+        (None, Some(s)) => Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(MAX_RATE_LIMIT_WAIT),
         (None, None) => default_wait,
-    })
+    };
+    Some(wait.min(MAX_RATE_LIMIT_WAIT))
 }
 
 fn rate_limit_in_text(raw: &str) -> bool {
@@ -471,6 +476,26 @@ mod tests {
 
     fn raw(v: Value) -> Box<RawValue> {
         RawValue::from_string(v.to_string()).unwrap()
+    }
+
+    #[test]
+    fn a_huge_retry_after_is_a_bounded_wait_not_a_panic() {
+        for error in [
+            json!({"code": "rate_limited", "retry_after": 1e20}),
+            json!({"code": "rate_limited", "retry_after": 1e300}),
+            json!({"code": "rate_limited", "retry_after": 1e19}),
+            json!({"status": 429, "retry_after_ms": 1e300}),
+            json!({"status": 429, "retryAfterMs": 18446744073709551615_u64}),
+        ] {
+            let answer = std::panic::catch_unwind(|| {
+                classify(&raw(json!({"content": [], "structuredContent": {"error": error}})), Duration::ZERO)
+            });
+            let Ok(NotionAnswer::RateLimited(wait)) = answer else {
+                panic!("{error}: {answer:?}");
+            };
+            // The adapter pauses every poll until now + wait: that must be a time the clock can hold.
+            assert!(wait <= MAX_RATE_LIMIT_WAIT, "{error}: {wait:?}");
+        }
     }
 
     #[test]
