@@ -10,6 +10,8 @@ use std::time::Duration;
 /// The largest event (its `data` lines together, or one line) kept; a larger one is skipped. The same
 /// bound as the HTTP upstream's largest message.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024 * 1024;
+/// The UTF-8 byte order mark, which a stream may start with.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 /// The longest `retry:` hint of a server we honour.
 const RETRY_HINT_MAX: Duration = Duration::from_secs(60);
 
@@ -30,6 +32,8 @@ pub struct SseParser {
     line: Vec<u8>,
     after_cr: bool,
     started: bool,
+    /// The first bytes of a stream while they may still be a byte order mark that came in pieces.
+    start: Vec<u8>,
     data: Vec<u8>,
     has_data: bool,
     oversized: bool,
@@ -51,6 +55,7 @@ impl SseParser {
         self.line.clear();
         self.after_cr = false;
         self.started = false;
+        self.start.clear();
         self.data.clear();
         self.has_data = false;
         self.oversized = false;
@@ -61,11 +66,23 @@ impl SseParser {
     }
 
     /// Feeds bytes; complete events are pushed onto `out`.
-    pub fn feed(&mut self, mut chunk: &[u8], out: &mut Vec<SseEvent>) {
-        if !self.started && !chunk.is_empty() {
-            self.started = true;
-            chunk = chunk.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(chunk);
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
+        if self.started {
+            return self.feed_started(chunk, out);
         }
+        // A stream may begin with a byte order mark, to be skipped, and its three bytes may come in
+        // different chunks: hold the first bytes until they are known to be one or not.
+        let mut start = std::mem::take(&mut self.start);
+        start.extend_from_slice(chunk);
+        if start.len() < BOM.len() && BOM.starts_with(&start) {
+            self.start = start;
+            return;
+        }
+        self.started = true;
+        self.feed_started(start.strip_prefix(BOM).unwrap_or(&start), out);
+    }
+
+    fn feed_started(&mut self, mut chunk: &[u8], out: &mut Vec<SseEvent>) {
         while !chunk.is_empty() {
             if self.after_cr {
                 self.after_cr = false;
@@ -230,6 +247,22 @@ mod tests {
         // The unfinished block's id is not the last event id until its blank line.
         assert_eq!(parser.last_event_id.as_deref(), Some("1"));
         assert_eq!(parser.retry, Some(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn a_byte_order_mark_in_pieces_is_still_skipped() {
+        let text = b"\xEF\xBB\xBFdata: {\"x\":1}\n\n";
+        for cut in 0..text.len() {
+            let (events, _) = parse(&[&text[..cut], &text[cut..]]);
+            assert_eq!(events, vec![SseEvent { id: None, data: b"{\"x\":1}".to_vec() }], "cut at {cut}");
+        }
+        let one_by_one: Vec<&[u8]> = text.chunks(1).collect();
+        assert_eq!(parse(&one_by_one).0.len(), 1);
+        // Bytes that only begin like one are the stream's own.
+        let (events, _) = parse(&[b"\xEF", b"data: y\n\n"]);
+        assert!(events.is_empty(), "\\xEFdata is not a data field");
+        let (events, _) = parse(&[b"d", b"ata: y\n\n"]);
+        assert_eq!(events, vec![SseEvent { id: None, data: b"y".to_vec() }]);
     }
 
     #[test]
