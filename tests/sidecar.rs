@@ -392,6 +392,38 @@ fn idle_sessions_expire() {
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
+/// The sidecar's live tokio tasks, from its own metric.
+fn runtime_tasks(s: &Sidecar) -> f64 {
+    let page = s.http("GET", "/metrics", &[], b"").body;
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix("asyncify_runtime_tasks").and_then(|rest| rest.split_whitespace().last())
+        })
+        .and_then(|v| v.parse().ok())
+        .expect("asyncify_runtime_tasks in /metrics")
+}
+
+#[test]
+fn ended_sessions_leave_no_task_behind() {
+    let s = Sidecar::fixture(&[]);
+    let before = runtime_tasks(&s);
+    for i in 0..20 {
+        let sid = s.open(None);
+        let r = s.call(&sid, None, json!(1), "tools/call", json!({"name":"echo","arguments":{"text":"hi"}}));
+        assert_eq!(r["result"]["content"][0]["text"], "hi", "session {i}");
+        let sid_h = format!("Mcp-Session-Id: {sid}");
+        assert_eq!(s.http("DELETE", "/mcp", &[&sid_h], b"").status, 200);
+    }
+    // Every session's tasks end with it (no task event ever comes to wake a forgotten one).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut now = runtime_tasks(&s);
+    while now > before + 3.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        now = runtime_tasks(&s);
+    }
+    assert!(now <= before + 3.0, "{now} tokio tasks after 20 ended sessions, {before} before");
+}
+
 #[test]
 fn tasks_list_is_declared_only_where_tasks_are_bound_to_a_credential() {
     // Without a credential a session's tasks are bound to nothing but their unguessable ids, and the

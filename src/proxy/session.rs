@@ -56,6 +56,17 @@ pub struct Session {
     /// The interceptor (for the demo's and the tests' eyes).
     pub intercept: Arc<Interceptor>,
     exit: tokio::sync::watch::Sender<Option<String>>,
+    /// The task that tells this session's client about its tasks' transitions. It waits on the
+    /// engine's events, which are shared by every session: without an end of its own it would wait
+    /// for the next task event after the session ended (forever, on a server whose clients use no
+    /// tasks), so it ends with the session.
+    status_notifier: tokio::task::AbortHandle,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.status_notifier.abort();
+    }
 }
 
 impl Session {
@@ -91,7 +102,7 @@ impl Session {
             notion,
             config.proxy.upstream_protocol,
         );
-        intercept.spawn_status_notifier();
+        let status_notifier = intercept.spawn_status_notifier().abort_handle();
         let router = Arc::new(Router::new(
             client_sink,
             upstream_sink,
@@ -100,7 +111,7 @@ impl Session {
             config.proxy.max_message_bytes,
             ops,
         ));
-        Session { router, client_closer, upstream_closer, intercept, exit }
+        Session { router, client_closer, upstream_closer, intercept, exit, status_notifier }
     }
 
     /// The upstream is gone: our own requests fail, every waiting client request is answered with an

@@ -2,7 +2,7 @@
 
 use opentelemetry::KeyValue;
 use opentelemetry::global;
-use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
+use opentelemetry::metrics::{Counter, Histogram, ObservableGauge, UpDownCounter};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub struct Metrics {
     pub handoffs: Counter<u64>,
     /// `asyncify.sync.keepalives`: progress keep-alives sent to clients that do not speak tasks.
     pub keepalives: Counter<u64>,
+    /// `asyncify.runtime.tasks`: the tokio tasks alive in the process, read when metrics are collected
+    /// (a leak of tasks shows as growth; the soak bench watches it). Kept so its callback stays.
+    pub runtime_tasks: ObservableGauge<u64>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -124,6 +127,17 @@ impl Metrics {
                 .u64_counter("asyncify.sync.keepalives")
                 .with_unit("{notification}")
                 .with_description("Progress keep-alives sent to clients that do not speak tasks.")
+                .build(),
+            runtime_tasks: m
+                .u64_observable_gauge("asyncify.runtime.tasks")
+                .with_unit("{task}")
+                .with_description("Tokio tasks alive in the process.")
+                .with_callback(|gauge| {
+                    // Collection runs on the runtime (the endpoint, the OTLP reader); elsewhere, no value.
+                    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                        gauge.observe(runtime.metrics().num_alive_tasks() as u64, &[]);
+                    }
+                })
                 .build(),
         }
     }

@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 pub enum Line {
     /// A complete line, without its `\n` (or `\r\n`).
     Message(Vec<u8>),
-    /// A line longer than the maximum; its bytes were discarded but the first [`HEAD_BYTES`], kept so
-    /// the message's id can still be answered. `len` is its length.
+    /// A line longer than the maximum (not counting its line ending); its bytes were discarded but the
+    /// first [`HEAD_BYTES`], kept so the message's id can still be answered. `len` is its length.
     TooLong {
         /// How many bytes the line had.
         len: usize,
@@ -59,6 +59,9 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 if let Some(len) = self.discarding.take() {
                     return Ok(Some(Line::TooLong { len, head: std::mem::take(&mut self.head) }));
                 }
+                if self.buf.last() == Some(&b'\r') {
+                    self.buf.pop();
+                }
                 if self.buf.iter().all(u8::is_ascii_whitespace) {
                     self.buf.clear();
                     return Ok(None);
@@ -69,9 +72,17 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 Some(i) => (i, true),
                 None => (available.len(), false),
             };
+            // A `\r` at the end of what is read so far may be the first half of a `\r\n`: it does not
+            // count against the maximum (until more of the line follows it).
+            let last = if chunk > 0 { available.get(chunk - 1) } else { self.buf.last() };
+            let content = self.buf.len() + chunk - usize::from(last == Some(&b'\r'));
             match self.discarding.as_mut() {
-                Some(seen) => *seen += chunk,
-                None if self.buf.len() + chunk > self.max => {
+                Some(seen) => {
+                    *seen += chunk;
+                    let room = HEAD_BYTES - self.head.len();
+                    self.head.extend_from_slice(&available[..chunk.min(room)]);
+                }
+                None if content > self.max => {
                     self.discarding = Some(self.buf.len() + chunk);
                     let mut head = std::mem::take(&mut self.buf);
                     head.extend_from_slice(&available[..chunk.min(HEAD_BYTES)]);
@@ -224,6 +235,7 @@ async fn write_line<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     async fn lines(input: &[u8], max: usize) -> Vec<Line> {
         let mut r = LineReader::new(input, max);
@@ -257,6 +269,48 @@ mod tests {
                 Line::TooLong { len: 11, head: vec![b'y'; 11] }
             ]
         );
+    }
+
+    /// Reads `input` handed over in pieces of `size` bytes (a pipe delivers what each write held).
+    async fn lines_in_pieces(input: &[u8], size: usize, max: usize) -> Vec<Line> {
+        let (mut w, r) = tokio::io::duplex(size);
+        let input = input.to_vec();
+        let writer = tokio::spawn(async move {
+            for piece in input.chunks(size) {
+                w.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut reader = LineReader::new(r, max);
+        let mut out = Vec::new();
+        while let Some(l) = reader.next_line().await.unwrap() {
+            out.push(l);
+        }
+        writer.await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_line_of_exactly_the_maximum_passes_with_either_line_ending() {
+        for input in [&b"abcd\nok\n"[..], b"abcd\r\nok\r\n", b"abcd\r\nok\r"] {
+            for size in [1, 2, 5, 64] {
+                let got = lines_in_pieces(input, size, 4).await;
+                let want = vec![Line::Message(b"abcd".to_vec()), Line::Message(b"ok".to_vec())];
+                assert_eq!(got, want, "{:?} in pieces of {size}", String::from_utf8_lossy(input));
+            }
+        }
+        // A \r inside the line counts.
+        assert!(matches!(lines(b"abcd\rx\n", 5).await[..], [Line::TooLong { len: 6, .. }]));
+    }
+
+    #[tokio::test]
+    async fn the_head_of_a_too_long_line_does_not_depend_on_how_it_arrives() {
+        let line = b"{\"jsonrpc\":\"2.0\",\"id\":42,\"method\":\"tools/call\"}\n";
+        for size in [1, 3, 7, line.len()] {
+            let got = lines_in_pieces(line, size, 8).await;
+            let want = vec![Line::TooLong { len: line.len() - 1, head: line[..line.len() - 1].to_vec() }];
+            assert_eq!(got, want, "in pieces of {size}");
+        }
     }
 
     #[tokio::test]

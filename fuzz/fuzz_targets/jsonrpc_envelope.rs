@@ -1,0 +1,71 @@
+//! The JSON-RPC envelope: whatever a peer writes on a line, `Envelope::parse` answers a message or a
+//! clear error and never panics; what it accepts is consistent; the messages the proxy rebuilds from
+//! it (another id, an error, `resultType`) parse again with the same content; and the head sniffer
+//! used for oversized lines finds the same id as the full parse.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mcp_asyncify::jsonrpc::{self, Envelope, Id, Kind};
+use serde_json::value::RawValue;
+
+fuzz_target!(|data: &[u8]| {
+    let (sniffed_id, sniffed_method) = jsonrpc::sniff_head(data);
+    let env = match Envelope::parse(data) {
+        Ok(env) => env,
+        Err(e) => {
+            assert!(matches!(e.code(), jsonrpc::code::PARSE_ERROR | jsonrpc::code::INVALID_REQUEST));
+            return;
+        }
+    };
+    match env.kind {
+        Kind::Request => assert!(env.method.is_some() && env.id.is_some()),
+        Kind::Notification => assert!(env.method.is_some() && env.id.is_none()),
+        Kind::Response => {
+            assert!(env.method.is_none());
+            assert!(env.result.is_some() != env.error.is_some());
+        }
+    }
+    // An id is a JSON string or number, kept as its text (numbers of any size: `1e400` is a valid id
+    // even though no f64 holds it, so the text is checked as JSON, not as a value).
+    if let Some(id) = &env.id {
+        let raw: &RawValue = serde_json::from_str(id.as_json()).expect("an id is JSON");
+        let first = raw.get().as_bytes()[0];
+        assert!(first == b'"' || first == b'-' || first.is_ascii_digit(), "id {id}");
+        assert_eq!(id.is_string(), first == b'"');
+    }
+    // What the sniffer reads from the first bytes of a message agrees with the full parse.
+    assert_eq!(sniffed_id.as_ref(), env.id.as_ref(), "sniffed id");
+    assert_eq!(sniffed_method, env.method.is_some(), "sniffed method");
+
+    // The same message under the proxy's id, and back under the client's: nothing else changes.
+    if env.kind != Kind::Notification {
+        let internal = Id::string("stateless-1");
+        let line = jsonrpc::with_id(&env, &internal);
+        let up = Envelope::parse(&line).expect("a rewritten message parses");
+        assert_eq!(up.kind, env.kind);
+        assert_eq!(up.method, env.method);
+        assert_eq!(up.params.map(RawValue::get), env.params.map(RawValue::get));
+        assert_eq!(up.result.map(RawValue::get), env.result.map(RawValue::get));
+        assert_eq!(up.error.map(RawValue::get), env.error.map(RawValue::get));
+        if let Some(original) = &env.id {
+            let back = jsonrpc::with_id(&up, original);
+            let back = Envelope::parse(&back).expect("a message back under the client's id parses");
+            assert_eq!(back.id.as_ref(), Some(original));
+        }
+    }
+    // The proxy's own answers to it are valid JSON-RPC with the same id.
+    let error = jsonrpc::error_response(env.id.as_ref(), jsonrpc::code::INVALID_PARAMS, "m", None);
+    let error = Envelope::parse(&error).expect("an error response parses");
+    assert_eq!(error.id, env.id);
+    if let Some(result) = env.result {
+        let marked = jsonrpc::mark_complete(result.get());
+        let value: serde_json::Value = serde_json::from_str(&marked).expect("resultType keeps JSON valid");
+        if value.is_object() {
+            assert!(value.get("resultType").is_some());
+        }
+    }
+    if let Some(error) = env.error {
+        let _ = jsonrpc::error_code_of(error.get());
+    }
+});

@@ -1,0 +1,339 @@
+//! Properties that must hold for every input, not just the examples the other tests pick: framing
+//! gives the same messages however the byte stream is cut, ids of any JSON type come back exactly as
+//! the client sent them through every id rewriting the proxy does, and the proxy's own ids never
+//! collide with a client's.
+
+mod common;
+
+use common::{BIN, Peer, WAIT};
+use mcp_asyncify::jsonrpc::{self, Envelope, Id, Kind};
+use mcp_asyncify::proxy::intercept::Rewrite;
+use mcp_asyncify::proxy::pending::Pending;
+use mcp_asyncify::transport::lines::{HEAD_BYTES, Line, LineReader};
+use proptest::prelude::*;
+use serde_json::value::RawValue;
+use std::cell::RefCell;
+use std::collections::{HashSet, VecDeque};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// `cases` random cases per property; a failure is shrunk and printed (copy it into a unit test) rather
+/// than saved to a file beside the sources.
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Framing
+
+/// A reader that hands out the stream in the given pieces, one piece (at most) per read, the way a
+/// pipe delivers whatever the writer's last write held.
+struct Pieces(VecDeque<Vec<u8>>);
+
+impl AsyncRead for Pieces {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(mut piece) = self.0.pop_front() {
+            let n = piece.len().min(buf.remaining());
+            buf.put_slice(&piece[..n]);
+            if n < piece.len() {
+                self.0.push_front(piece.split_off(n));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Cuts `stream` at the given points (any order, repeats and out-of-range points allowed).
+fn cut(stream: &[u8], points: &[usize]) -> VecDeque<Vec<u8>> {
+    let mut points: Vec<usize> = points.iter().map(|p| p % (stream.len() + 1)).collect();
+    points.sort_unstable();
+    points.dedup();
+    let mut pieces = VecDeque::new();
+    let mut start = 0;
+    for p in points.into_iter().chain([stream.len()]) {
+        if p > start {
+            pieces.push_back(stream[start..p].to_vec());
+            start = p;
+        }
+    }
+    pieces
+}
+
+fn read_all(pieces: VecDeque<Vec<u8>>, max: usize) -> Vec<Line> {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    runtime.block_on(async {
+        let mut reader = LineReader::new(Pieces(pieces), max);
+        let mut out = Vec::new();
+        while let Some(line) = reader.next_line().await.unwrap() {
+            out.push(line);
+        }
+        out
+    })
+}
+
+/// What the framing must give, written the plain way: lines end at `\n`, a `\r` before it (or before
+/// the end of the stream) belongs to the line ending, blank and whitespace-only lines are skipped, and
+/// a line whose content is longer than `max` is reported too long with its first bytes.
+fn expected(stream: &[u8], max: usize) -> Vec<Line> {
+    let mut out = Vec::new();
+    for raw in stream.split(|&b| b == b'\n') {
+        let content = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if content.len() > max {
+            out.push(Line::TooLong { len: raw.len(), head: raw[..raw.len().min(HEAD_BYTES)].to_vec() });
+        } else if !content.iter().all(u8::is_ascii_whitespace) {
+            out.push(Line::Message(content.to_vec()));
+        }
+    }
+    out
+}
+
+/// One line of a stream: some message bytes (never `\n`), then an ending.
+fn line() -> impl Strategy<Value = Vec<u8>> {
+    let body = prop_oneof![
+        // JSON-ish text
+        proptest::collection::vec(
+            prop_oneof![Just(b'{'), Just(b'"'), Just(b'a'), Just(b':'), Just(b'1')],
+            0..40
+        ),
+        // anything but a newline, \r and whitespace included
+        proptest::collection::vec(any::<u8>().prop_filter("no newline", |b| *b != b'\n'), 0..40),
+        // blank-looking
+        proptest::collection::vec(prop_oneof![Just(b' '), Just(b'\t'), Just(b'\r')], 0..4),
+    ];
+    let ending =
+        prop_oneof![Just(&b"\n"[..]), Just(&b"\r\n"[..]), Just(&b"\n\n"[..]), Just(&b"\r\n\r\n"[..])];
+    (body, ending).prop_map(|(mut body, ending)| {
+        body.extend_from_slice(ending);
+        body
+    })
+}
+
+fn stream() -> impl Strategy<Value = Vec<u8>> {
+    (proptest::collection::vec(line(), 0..12), proptest::collection::vec(any::<u8>(), 0..8)).prop_map(
+        |(lines, tail)| {
+            // The last line may lack its newline.
+            let mut s = lines.concat();
+            s.extend(tail.into_iter().filter(|b| *b != b'\n'));
+            s
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    #[test]
+    fn any_cut_of_the_stream_gives_the_same_messages(
+        stream in stream(),
+        points in proptest::collection::vec(any::<usize>(), 0..16),
+        max in 1usize..48,
+    ) {
+        let whole = read_all(VecDeque::from([stream.clone()]), max);
+        prop_assert_eq!(&whole, &expected(&stream, max));
+        prop_assert_eq!(&read_all(cut(&stream, &points), max), &whole);
+        // Byte by byte too: the worst a pipe can do.
+        let bytes: VecDeque<Vec<u8>> = stream.iter().map(|b| vec![*b]).collect();
+        prop_assert_eq!(read_all(bytes, max), whole);
+    }
+
+    #[test]
+    fn a_message_of_exactly_the_maximum_passes_with_either_line_ending(
+        len in 1usize..64,
+        crlf in any::<bool>(),
+        points in proptest::collection::vec(any::<usize>(), 0..4),
+    ) {
+        let mut stream = vec![b'x'; len];
+        stream.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
+        stream.extend_from_slice(b"y\n");
+        let got = read_all(cut(&stream, &points), len);
+        prop_assert_eq!(got, vec![Line::Message(vec![b'x'; len]), Line::Message(b"y".to_vec())]);
+        let got = read_all(cut(&stream, &points), len - 1);
+        prop_assert!(matches!(got[0], Line::TooLong { .. }), "one byte over the maximum is too long");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Ids
+
+/// JSON-RPC ids of every kind a client may send, as JSON text: small and huge integers, negative,
+/// float-looking numbers, strings with escapes and any Unicode, written escaped or not.
+fn client_id() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<u64>().prop_map(|n| n.to_string()),
+        // Beyond 64 bits, and beyond a double's exact integers.
+        ("[1-9]", proptest::collection::vec(0u8..10, 17..40)).prop_map(|(first, digits)| {
+            let digits: String = digits.iter().map(|d| char::from(b'0' + d)).collect();
+            format!("-{first}{digits}")
+        }),
+        (any::<i32>(), 0u32..1000, -30i32..30).prop_map(|(i, f, e)| format!("{i}.{f}e{e}")),
+        Just("-0".to_owned()),
+        Just("0.0".to_owned()),
+        Just("1E+2".to_owned()),
+        any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+        // The same strings written with every character escaped (\uXXXX, surrogate pairs for the rest).
+        any::<String>().prop_map(|s| {
+            let mut out = String::from("\"");
+            for unit in s.encode_utf16() {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+            out.push('"');
+            out
+        }),
+        Just(r#""\"\\\/\b\f\n\r\t""#.to_owned()),
+        Just(r#""mcp-asyncify-1""#.to_owned()),
+        "[a-z0-9-]{0,12}".prop_map(|s| format!("\"mcp-asyncify-{s}\"")),
+    ]
+}
+
+/// Any JSON value as payload, written with arbitrary spacing.
+fn payload() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<String>().prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            proptest::collection::btree_map("[a-z_]{1,6}", inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+    .prop_flat_map(|v| {
+        let compact = v.to_string();
+        let pretty = serde_json::to_string_pretty(&v).unwrap().replace('\n', " ");
+        prop_oneof![Just(compact), Just(pretty)]
+    })
+}
+
+fn id_of(raw: &str) -> Id {
+    Id::from_raw(&serde_json::from_str::<Box<RawValue>>(raw).unwrap())
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    /// The sidecar serves a stateless request under an id of its own and answers the client under the
+    /// client's (`jsonrpc::with_id` both ways): the client's id comes back as the same JSON text, the
+    /// method, params and result byte for byte.
+    #[test]
+    fn a_client_id_survives_the_rewriting_both_ways(
+        raw in client_id(),
+        params in payload(),
+        result in payload(),
+        spaced in any::<bool>(),
+        n in any::<u64>(),
+    ) {
+        let sp = if spaced { " " } else { "" };
+        let line = format!(r#"{{{sp}"jsonrpc"{sp}:{sp}"2.0",{sp}"id"{sp}:{sp}{raw}{sp},"method":"tools/call","params":{sp}{params}{sp}}}"#);
+        let env = Envelope::parse(line.as_bytes()).unwrap();
+        prop_assert_eq!(env.kind, Kind::Request);
+        let original = env.id.clone().unwrap();
+        prop_assert_eq!(original.as_json(), raw.as_str());
+        prop_assert_eq!(original.is_string(), raw.starts_with('"'));
+
+        let internal = Id::string(&format!("stateless-{n}"));
+        let upstream_line = jsonrpc::with_id(&env, &internal);
+        let up = Envelope::parse(&upstream_line).unwrap();
+        prop_assert_eq!(up.kind, Kind::Request);
+        prop_assert_eq!(up.id.as_ref(), Some(&internal));
+        prop_assert_eq!(up.method, Some("tools/call"));
+        prop_assert_eq!(up.params.map(RawValue::get), Some(params.as_str()));
+
+        for answer in [
+            format!(r#"{{"jsonrpc":"2.0","id":{},"result":{result}}}"#, internal.as_json()),
+            format!(r#"{{"error":{{"code":-1,"message":"m","data":{result}}}, "id" :{} ,"jsonrpc":"2.0"}}"#, internal.as_json()),
+        ] {
+            let answer = Envelope::parse(answer.as_bytes()).unwrap();
+            prop_assert_eq!(answer.kind, Kind::Response);
+            let back = jsonrpc::with_id(&answer, &original);
+            let back = Envelope::parse(&back).unwrap();
+            prop_assert_eq!(back.id.as_ref().map(Id::as_json), Some(raw.as_str()));
+            prop_assert_eq!(back.result.map(RawValue::get), answer.result.map(RawValue::get));
+            prop_assert_eq!(back.error.map(RawValue::get), answer.error.map(RawValue::get));
+        }
+
+        // The errors the proxy writes itself carry the id unchanged, as valid JSON.
+        let error = jsonrpc::error_response(Some(&original), -32600, "m", None);
+        let error_env = Envelope::parse(&error).unwrap();
+        prop_assert_eq!(error_env.id.map(|i| i.as_json().to_owned()), Some(raw.clone()));
+        // And an oversized request's id is found in its first bytes.
+        let (sniffed, method) = jsonrpc::sniff_head(&line.as_bytes()[..line.len() - 2]);
+        prop_assert_eq!(sniffed.map(|i| i.as_json().to_owned()), Some(raw.clone()));
+        prop_assert!(method);
+    }
+
+    /// Whatever ids the client picks, even ones made to look like the proxy's, the proxy's own ids are
+    /// told apart, are all distinct, and find their waiter when answered.
+    #[test]
+    fn own_ids_never_collide_with_client_ids(
+        clients in proptest::collection::vec(client_id(), 1..40),
+        own in 1usize..40,
+    ) {
+        let pending = Pending::new();
+        let mut seen = HashSet::new();
+        let mut receivers = Vec::new();
+        for _ in 0..own {
+            let (id, rx) = pending.register_own();
+            prop_assert!(pending.is_own(&id));
+            prop_assert!(seen.insert(id.clone()), "own ids are distinct");
+            receivers.push((id, rx));
+        }
+        for raw in &clients {
+            let id = id_of(raw);
+            prop_assert!(!pending.is_own(&id), "{} taken for one of ours", raw);
+            prop_assert!(!seen.contains(&id));
+            // The client's request is tracked under its own id, apart from ours.
+            pending.track_client(id.clone(), "tools/call", Rewrite::None, false);
+            prop_assert!(pending.is_client_pending(&id));
+        }
+        // Another session's ids are not this one's.
+        let (theirs, _rx) = Pending::new().register_own();
+        prop_assert!(!pending.is_own(&theirs));
+        // An answer to each own id, read off the wire, finds its waiter.
+        for (id, _rx) in &receivers {
+            let line = format!(r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#, id.as_json());
+            let env = Envelope::parse(line.as_bytes()).unwrap();
+            let read = env.id.unwrap();
+            prop_assert!(pending.is_own(&read));
+            prop_assert!(pending.take_own(&read).is_some());
+        }
+        let distinct: HashSet<&String> = clients.iter().collect();
+        prop_assert_eq!(pending.drain_client().len(), distinct.len());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Through the binary
+
+thread_local! {
+    static RAW_PROXY: RefCell<Option<Peer>> = const { RefCell::new(None) };
+}
+
+proptest! {
+    #![proptest_config(config(128))]
+
+    /// The same through the built proxy (tasks on) in front of an echo server: the answer carries the
+    /// client's id exactly as sent, for ids of every kind, and the proxy's bookkeeping of the request
+    /// does not change a byte.
+    #[test]
+    fn ids_of_every_kind_come_back_through_the_proxy(raw in client_id(), params in payload()) {
+        RAW_PROXY.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let peer = cell.get_or_insert_with(|| {
+                Peer::start(&["--log-level", "warn", "--", BIN, "test-server", "--raw"])
+            });
+            peer.send(&format!(r#"{{"jsonrpc":"2.0","id":{raw},"method":"raw/echo","params":{params}}}"#));
+            let got = peer.next_line(WAIT).expect("an answer");
+            prop_assert_eq!(got, format!("{{ \"result\" : {params}, \"id\":{raw},\"jsonrpc\":\"2.0\" }}"));
+            Ok(())
+        })?;
+    }
+}
