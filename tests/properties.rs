@@ -281,29 +281,29 @@ proptest! {
         let mut seen = HashSet::new();
         let mut receivers = Vec::new();
         for _ in 0..own {
-            let (id, rx) = pending.register_own();
-            prop_assert!(pending.is_own(&id));
+            let (id, rx) = pending.own.register();
+            prop_assert!(pending.own.is_own(&id));
             prop_assert!(seen.insert(id.clone()), "own ids are distinct");
             receivers.push((id, rx));
         }
         for raw in &clients {
             let id = id_of(raw);
-            prop_assert!(!pending.is_own(&id), "{} taken for one of ours", raw);
+            prop_assert!(!pending.own.is_own(&id), "{} taken for one of ours", raw);
             prop_assert!(!seen.contains(&id));
             // The client's request is tracked under its own id, apart from ours.
             pending.track_client(id.clone(), "tools/call", Rewrite::None, false);
             prop_assert!(pending.is_client_pending(&id));
         }
         // Another session's ids are not this one's.
-        let (theirs, _rx) = Pending::new().register_own();
-        prop_assert!(!pending.is_own(&theirs));
+        let (theirs, _rx) = Pending::new().own.register();
+        prop_assert!(!pending.own.is_own(&theirs));
         // An answer to each own id, read off the wire, finds its waiter.
         for (id, _rx) in &receivers {
             let line = format!(r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#, id.as_json());
             let env = Envelope::parse(line.as_bytes()).unwrap();
             let read = env.id.unwrap();
-            prop_assert!(pending.is_own(&read));
-            prop_assert!(pending.take_own(&read).is_some());
+            prop_assert!(pending.own.is_own(&read));
+            prop_assert!(pending.own.take(&read).is_some());
         }
         let distinct: HashSet<&String> = clients.iter().collect();
         prop_assert_eq!(pending.drain_client().len(), distinct.len());
