@@ -219,9 +219,9 @@ impl NotionAdapter {
                         break (notion_id, backoff, envelope);
                     }
                     // Notion answered synchronously: the task is done at once.
-                    _ => return finish_result(engine, task_id, raw),
+                    _ => return finish_result(engine, task_id, raw).await,
                 },
-                other => return finish_other(engine, task_id, other),
+                other => return finish_other(engine, task_id, other).await,
             }
         };
         let unknown: Vec<&String> =
@@ -229,6 +229,39 @@ impl NotionAdapter {
         if !unknown.is_empty() {
             tracing::debug!(task_id, notion_task = %notion_id, ?unknown, "async_task carries fields we do not use; kept");
         }
+        // Persisted before polling, so that a restarted proxy resumes this Notion task.
+        engine.bind_upstream(task_id, &notion_id).await;
+        self.poll_task(engine, upstream, task_id, notion_id, backoff, envelope, stop).await;
+    }
+
+    /// Resumes a task whose Notion task was started by a proxy that is gone (crash or restart): polls
+    /// Notion's task by its persisted id until it ends, as [`Self::run_task`] would have.
+    pub async fn resume_task(
+        &self,
+        engine: &TaskEngine,
+        upstream: &Upstream,
+        task_id: &str,
+        notion_id: String,
+        stop: oneshot::Receiver<()>,
+    ) {
+        tracing::info!(task_id, notion_task = %notion_id, "resuming the polls of a Notion task after a restart");
+        self.poll_task(engine, upstream, task_id, notion_id, None, Map::new(), stop).await;
+    }
+
+    /// Polls Notion's task `notion_id` until it ends, and records how it ended.
+    #[allow(clippy::too_many_arguments)]
+    async fn poll_task(
+        &self,
+        engine: &TaskEngine,
+        upstream: &Upstream,
+        task_id: &str,
+        notion_id: String,
+        backoff: Option<Duration>,
+        envelope: Map<String, Value>,
+        stop: oneshot::Receiver<()>,
+    ) {
+        let mut stop = stop;
+        let default_wait = Duration::from_millis(self.config.default_retry_after_ms);
         let first = backoff.unwrap_or(Duration::from_millis(self.config.default_backoff_ms));
         let mut backoff = Backoff::new(
             first,
@@ -239,7 +272,7 @@ impl NotionAdapter {
             task_id,
             Some(format!("Notion task {notion_id}: queued")),
             Some(self.cadence(&backoff)),
-        );
+        ).await;
         let poll_params =
             json!({ "name": self.config.poll_tool, "arguments": { "task_id": notion_id } }).to_string();
         let mut unreadable = 0u32;
@@ -259,7 +292,7 @@ impl NotionAdapter {
                 Ok(Reply::Result(raw)) => raw,
                 other => {
                     count_request(task_id, "poll", "error");
-                    return finish_other(engine, task_id, other);
+                    return finish_other(engine, task_id, other).await;
                 }
             };
             let answer = classify(&raw, default_wait);
@@ -278,7 +311,7 @@ impl NotionAdapter {
                         let meta = json!({ "io.mcp-asyncify/notion": { "task_id": notion_id, "async_task": envelope } });
                         let body = succeeded_result(result, meta);
                         let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
-                        engine.finish(task_id, TaskStatus::Completed, None, Some(Outcome::Result(raw)));
+                        engine.finish(task_id, TaskStatus::Completed, None, Some(Outcome::Result(raw))).await;
                         return;
                     }
                     "failed" => {
@@ -293,7 +326,7 @@ impl NotionAdapter {
                         });
                         let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
                         let message = Some(format!("Notion task failed: {}", message.unwrap_or_default()));
-                        engine.finish(task_id, TaskStatus::Failed, message, Some(Outcome::Result(raw)));
+                        engine.finish(task_id, TaskStatus::Failed, message, Some(Outcome::Result(raw))).await;
                         return;
                     }
                     other => {
@@ -301,7 +334,7 @@ impl NotionAdapter {
                         if let Some(a) = attempt {
                             message.push_str(&format!(" (attempt {a})"));
                         }
-                        engine.update_working(task_id, Some(message), Some(self.cadence(&backoff)));
+                        engine.update_working(task_id, Some(message), Some(self.cadence(&backoff))).await;
                     }
                 },
                 NotionAnswer::AsyncTask { .. } | NotionAnswer::Final => {
@@ -392,7 +425,7 @@ async fn stopped(stop: &mut oneshot::Receiver<()>) {
     }
 }
 
-fn finish_result(engine: &TaskEngine, task_id: &str, raw: Box<RawValue>) {
+async fn finish_result(engine: &TaskEngine, task_id: &str, raw: Box<RawValue>) {
     let failed = serde_json::from_str::<Map<String, Value>>(raw.get())
         .ok()
         .and_then(|m| m.get("isError").and_then(Value::as_bool))
@@ -413,23 +446,23 @@ fn finish_result(engine: &TaskEngine, task_id: &str, raw: Box<RawValue>) {
         }
         false => (TaskStatus::Completed, None),
     };
-    engine.finish(task_id, status, message, Some(Outcome::Result(raw)));
+    engine.finish(task_id, status, message, Some(Outcome::Result(raw))).await;
 }
 
-fn finish_other(engine: &TaskEngine, task_id: &str, reply: Result<Reply, UpstreamError>) {
+async fn finish_other(engine: &TaskEngine, task_id: &str, reply: Result<Reply, UpstreamError>) {
     match reply {
-        Ok(Reply::Result(raw)) => finish_result(engine, task_id, raw),
+        Ok(Reply::Result(raw)) => finish_result(engine, task_id, raw).await,
         Ok(Reply::Error(raw)) => {
             let message = serde_json::from_str::<Map<String, Value>>(raw.get())
                 .ok()
                 .and_then(|m| m.get("message").and_then(Value::as_str).map(str::to_owned));
-            engine.finish(task_id, TaskStatus::Failed, message, Some(Outcome::Error(raw)));
+            engine.finish(task_id, TaskStatus::Failed, message, Some(Outcome::Error(raw))).await;
         }
         Err(e) => {
             let message = format!("The task could not finish: {e}.");
             let error = json!({ "code": crate::jsonrpc::code::UPSTREAM_GONE, "message": message });
             let raw = RawValue::from_string(error.to_string()).expect("valid JSON");
-            engine.finish(task_id, TaskStatus::Failed, Some(message), Some(Outcome::Error(raw)));
+            engine.finish(task_id, TaskStatus::Failed, Some(message), Some(Outcome::Error(raw))).await;
         }
     }
 }

@@ -49,7 +49,10 @@ pub async fn serve(addr: SocketAddr, registry: prometheus::Registry) -> anyhow::
                             Err(e) => ("500 Internal Server Error", "text/plain", e.to_string().into_bytes()),
                         }
                     }
-                    (b"GET", b"/healthz") => ("200 OK", "text/plain", b"ok\n".to_vec()),
+                    (b"GET", b"/healthz") => match crate::tasks::store::measured::healthz() {
+                        (true, text) => ("200 OK", "text/plain", text.into_bytes()),
+                        (false, text) => ("503 Service Unavailable", "text/plain", text.into_bytes()),
+                    },
                     (b"GET", _) => ("404 Not Found", "text/plain", b"try /metrics or /healthz\n".to_vec()),
                     _ => ("405 Method Not Allowed", "text/plain", b"GET only\n".to_vec()),
                 };

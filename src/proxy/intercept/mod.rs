@@ -158,6 +158,8 @@ pub struct Interceptor {
     notion: Arc<NotionAdapter>,
     /// Becomes true once the upstream's tools are known (listed by the proxy itself, or it gave up).
     tools_known: tokio::sync::watch::Sender<bool>,
+    /// Set once the upstream answered `initialize` (recovered tasks resume their polls then).
+    upstream_ready: tokio::sync::watch::Sender<bool>,
     /// Whether the proxy is listing the upstream's tools (it started after the handshake).
     discovering: AtomicBool,
     /// Set once the proxy initialized the upstream itself (for a 2026-07-28 client, which has no
@@ -217,6 +219,7 @@ impl Interceptor {
             client_speaks_tasks: AtomicBool::new(false),
             notion,
             tools_known: tokio::sync::watch::channel(false).0,
+            upstream_ready: tokio::sync::watch::channel(false).0,
             discovering: AtomicBool::new(false),
             own_init: tokio::sync::OnceCell::new(),
             swallow_initialized: AtomicBool::new(false),
@@ -234,10 +237,35 @@ impl Interceptor {
     }
 
     /// How many of the tasks this session started still run (their work needs this upstream).
-    pub fn tasks_in_flight(&self) -> usize {
-        self.started
-            .retain(|id, _| self.engine.get(&self.owner, id).is_some_and(|r| !r.status.is_terminal()));
+    pub async fn tasks_in_flight(&self) -> usize {
+        let started: Vec<String> = self.started.iter().map(|e| e.key().clone()).collect();
+        for id in started {
+            if !self.engine.get(&self.owner, &id).await.is_some_and(|r| !r.status.is_terminal()) {
+                self.started.remove(&id);
+            }
+        }
         self.started.len()
+    }
+
+    /// Resumes tasks recovered from the store (their process died): each Notion task polls its
+    /// persisted Notion task id on this session's upstream, once the upstream is initialized.
+    pub fn resume(self: &Arc<Self>, orphans: Vec<crate::tasks::engine::Orphan>) {
+        for orphan in orphans {
+            let (Origin::Notion, Some(notion_id)) = (orphan.task.origin, orphan.task.upstream_task.clone()) else {
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let task_id = orphan.task.id;
+                let stop = this.engine.stop_signal(&task_id).await;
+                let mut ready = this.upstream_ready.subscribe();
+                if ready.wait_for(|r| *r).await.is_err() {
+                    return;
+                }
+                this.started.insert(task_id.clone(), ());
+                this.notion.resume_task(&this.engine, &this.upstream, &task_id, notion_id, stop).await;
+            });
+        }
     }
 
     /// Whether the proxy offers tasks (off: a pure passthrough, for either generation).
@@ -382,7 +410,7 @@ impl Interceptor {
             }
         };
         let origin = if notion { Origin::Notion } else { Origin::Local };
-        let record = match self.engine.create(&self.owner, &tool, origin, Generation::Legacy, ttl) {
+        let record = match self.engine.create(&self.owner, &tool, origin, Generation::Legacy, ttl).await {
             Ok(created) => created,
             Err(e) => return self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
         };
@@ -397,7 +425,7 @@ impl Interceptor {
         // The answer goes out before the work starts, so no status notification can overtake it.
         self.reply_result(id, &Value::Object(result)).await;
         if notion {
-            let stop = self.engine.stop_signal(&record.id);
+            let stop = self.engine.stop_signal(&record.id).await;
             let this = self.clone();
             tokio::spawn(async move {
                 this.notion.run_task(&this.engine, &this.upstream, &record.id, call, stop).await;
@@ -427,33 +455,36 @@ impl Interceptor {
                         let Some(this) = this.upgrade() else { return };
                         this.call_ended(&task);
                         // The call will get no answer: its duration ends here, as cancelled.
-                        if let Some(super::pending::OwnWaiter::Task(_, sent)) =
-                            this.pending.take_own(&request_id)
-                            && crate::telemetry::metrics_on()
-                        {
-                            let tool = this.engine.get(&this.owner, &task).map(|r| r.tool);
-                            crate::telemetry::trace::record_client_operation(
-                                sent,
-                                "tools/call",
-                                tool.as_deref(),
-                                Some("cancelled"),
-                            );
-                        }
+                        let sent = match this.pending.take_own(&request_id) {
+                            Some(super::pending::OwnWaiter::Task(_, sent)) if crate::telemetry::metrics_on() => {
+                                Some(sent)
+                            }
+                            _ => None,
+                        };
                         this.upstream.forget(&request_id);
                         tokio::spawn(async move {
+                            if let Some(sent) = sent {
+                                let tool = this.engine.get(&this.owner, &task).await.map(|r| r.tool);
+                                crate::telemetry::trace::record_client_operation(
+                                    sent,
+                                    "tools/call",
+                                    tool.as_deref(),
+                                    Some("cancelled"),
+                                );
+                            }
                             this.cancel_upstream(&request_id, "the task was cancelled").await
                         });
                     }),
-                );
+                ).await;
             }
-            Err(e) => self.task_call_failed(task_id, e),
+            Err(e) => self.task_call_failed(task_id, e).await,
         }
     }
 
     /// The upstream answered a task's call.
-    pub fn task_call_answered(&self, task_id: &str, reply: Reply, sent: Instant) {
+    pub async fn task_call_answered(&self, task_id: &str, reply: Reply, sent: Instant) {
         if crate::telemetry::metrics_on() {
-            let tool = self.engine.get(&self.owner, task_id).map(|r| r.tool);
+            let tool = self.engine.get(&self.owner, task_id).await.map(|r| r.tool);
             let error = match &reply {
                 Reply::Error(e) => Some(crate::telemetry::trace::error_code(e)),
                 Reply::Result(_) => None,
@@ -466,12 +497,12 @@ impl Interceptor {
             );
         }
         self.call_ended(task_id);
-        self.finish_with_reply(task_id, Ok(reply));
+        self.finish_with_reply(task_id, Ok(reply)).await;
     }
 
-    fn task_call_failed(&self, task_id: &str, error: UpstreamError) {
+    async fn task_call_failed(&self, task_id: &str, error: UpstreamError) {
         self.call_ended(task_id);
-        self.finish_with_reply(task_id, Err(error));
+        self.finish_with_reply(task_id, Err(error)).await;
     }
 
     /// A task's call is no longer in flight (answered, failed, or cancelled).
@@ -505,7 +536,7 @@ impl Interceptor {
 
     /// Ends a task with the upstream's answer: results as `completed` (or `failed` when `isError`),
     /// JSON-RPC errors and a vanished upstream as `failed`.
-    fn finish_with_reply(&self, task_id: &str, reply: Result<Reply, UpstreamError>) {
+    async fn finish_with_reply(&self, task_id: &str, reply: Result<Reply, UpstreamError>) {
         let (status, message, outcome) = match reply {
             Ok(Reply::Result(raw)) if lookup(raw.get(), &["isError"]) == Some(Value::Bool(true)) => (
                 TaskStatus::Failed,
@@ -524,11 +555,11 @@ impl Interceptor {
                 (TaskStatus::Failed, Some(message), Outcome::Error(raw))
             }
         };
-        self.engine.finish(task_id, status, message, Some(outcome));
+        self.engine.finish(task_id, status, message, Some(outcome)).await;
     }
 
     /// Rewrites (or withholds) the upstream's response to a client request. `None`: do not forward.
-    pub fn on_upstream_response(
+    pub async fn on_upstream_response(
         &self,
         id: &Id,
         rewrite: Rewrite,
@@ -557,18 +588,18 @@ impl Interceptor {
                     (None, Some(e)) => Reply::Error(e.to_owned()),
                     (None, None) => return Some(Option::None),
                 };
-                self.finish_with_reply(&task_id, Ok(reply));
+                self.finish_with_reply(&task_id, Ok(reply)).await;
                 Some(Option::None)
             }
         }
     }
 
     /// The client answered an upstream request: a task waiting on it resumes.
-    pub fn on_client_response(&self, id: &Id) {
+    pub async fn on_client_response(&self, id: &Id) {
         if let Some((_, task_id)) = self.input_requests.remove(id)
             && !self.input_requests.iter().any(|e| *e.value() == task_id)
         {
-            self.engine.set_status(&task_id, TaskStatus::Working, None);
+            self.engine.set_status(&task_id, TaskStatus::Working, None).await;
         }
     }
 
@@ -610,7 +641,7 @@ impl Interceptor {
     /// has recorded its end, so waiters get their answers before the session closes.
     pub async fn settle(&self, orphaned: Vec<String>, why: &str) {
         for task_id in orphaned {
-            self.task_call_failed(&task_id, UpstreamError::Gone(why.to_string()));
+            self.task_call_failed(&task_id, UpstreamError::Gone(why.to_string())).await;
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         while !self.running.is_empty() && Instant::now() < deadline {

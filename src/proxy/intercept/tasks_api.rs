@@ -35,7 +35,7 @@ impl Interceptor {
                     .await;
             }
         };
-        let local = self.engine.get(&self.owner, &task_id);
+        let local = self.engine.get(&self.owner, &task_id).await;
         if local.is_none() && (self.native_tasks.contains_key(&task_id) || self.facts().tools_call) {
             return Decision::Forward(Rewrite::None);
         }
@@ -46,7 +46,7 @@ impl Interceptor {
                 Some(record) => self.reply_result(id, &Value::Object(record.to_wire())).await,
                 None => self.reply_error(id, code::INVALID_PARAMS, &not_found("retrieve")).await,
             },
-            "tasks/cancel" => match self.engine.cancel(&self.owner, &task_id) {
+            "tasks/cancel" => match self.engine.cancel(&self.owner, &task_id).await {
                 Ok(record) => self.reply_result(id, &Value::Object(record.to_wire())).await,
                 Err(e @ CancelError::Terminal(_)) => {
                     self.reply_error(id, code::INVALID_PARAMS, &e.to_string()).await
@@ -54,6 +54,7 @@ impl Interceptor {
                 Err(CancelError::NotFound) => {
                     self.reply_error(id, code::INVALID_PARAMS, &not_found("cancel")).await
                 }
+                Err(e @ CancelError::Store(_)) => self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
             },
             _ => {
                 if local.is_none() {
@@ -124,7 +125,7 @@ impl Interceptor {
             });
             return Decision::Handled;
         }
-        match self.engine.list(&self.owner, cursor.as_deref()) {
+        match self.engine.list(&self.owner, cursor.as_deref()).await {
             Ok((tasks, next)) => {
                 let tasks: Vec<Value> = tasks.into_iter().map(|t| Value::Object(t.to_wire())).collect();
                 let mut result = json!({ "tasks": tasks });

@@ -21,6 +21,8 @@ impl Interceptor {
         facts.list = lookup_value(&caps, &["tasks", "list"]).is_some();
         facts.has_tools = caps.contains_key("tools");
         facts.initialized = Some(result.clone());
+        drop(facts);
+        self.upstream_ready.send_replace(true);
     }
 
     pub(super) fn rewrite_initialize(&self, id: &Id, result: &RawValue) -> Option<Vec<u8>> {

@@ -35,7 +35,6 @@ mod stateless;
 use super::session::{Router, Session, Shared};
 use crate::config::Config;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
-use crate::tasks::engine::owner_hash;
 use crate::transport::http_upstream::{self, HttpUpstream, HttpUpstreamOptions};
 use crate::transport::lines::{Line, LineReader};
 use crate::transport::stdio::{self, UpstreamProcess};
@@ -215,7 +214,11 @@ impl HttpSession {
     }
 
     async fn tasks_in_flight(&self) -> usize {
-        self.session.lock().await.as_ref().map_or(0, |s| s.intercept.tasks_in_flight())
+        let intercept = self.session.lock().await.as_ref().map(|s| s.intercept.clone());
+        match intercept {
+            Some(intercept) => intercept.tasks_in_flight().await,
+            None => 0,
+        }
     }
 
     async fn close(&self, grace: Duration) {
@@ -277,9 +280,10 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
         ["localhost", "127.0.0.1", "[::1]"].iter().map(|h| h.to_string()).collect();
     allowed_hosts.push(bound.ip().to_string());
     allowed_hosts.extend(args.allow_hosts.iter().map(|h| h.to_ascii_lowercase()));
+    let shared = Shared::open(config, super::session::DefaultStore::Memory).await?;
     let sidecar = Arc::new(Sidecar {
         config: config.clone(),
-        shared: Shared::new(config),
+        shared,
         sessions: DashMap::new(),
         stateless: DashMap::new(),
         opening: tokio::sync::Mutex::new(()),
@@ -570,7 +574,10 @@ impl Sidecar {
             return r;
         }
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok"),
+            (&Method::GET, "/healthz") => match crate::tasks::store::measured::healthz() {
+                (true, text) => plain(StatusCode::OK, &text),
+                (false, text) => plain(StatusCode::SERVICE_UNAVAILABLE, &text),
+            },
             (&Method::GET, "/metrics") => match crate::telemetry::render_prometheus() {
                 Some(text) => full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
                 None => plain(StatusCode::NOT_FOUND, "metrics are off (start with --metrics-listen)"),
@@ -587,8 +594,12 @@ impl Sidecar {
         }
     }
 
-    fn credential(headers: &HeaderMap) -> Option<String> {
-        headers.get(header::AUTHORIZATION).map(|v| owner_hash(&String::from_utf8_lossy(v.as_bytes())))
+    /// The owner bound to the request's credential: an HMAC-SHA256 of its Authorization header, keyed
+    /// by the store's secret (never the credential itself).
+    fn credential(&self, headers: &HeaderMap) -> Option<String> {
+        headers
+            .get(header::AUTHORIZATION)
+            .map(|v| self.shared.owners.owner("bearer", &String::from_utf8_lossy(v.as_bytes())))
     }
 
     /// The session a request names, checked against its credential.
@@ -604,7 +615,7 @@ impl Sidecar {
         let Some(s) = self.sessions.get(id).map(|s| s.value().clone()) else {
             return Err(rpc_error(StatusCode::NOT_FOUND, None, -32001, "Session not found"));
         };
-        if s.credential != Self::credential(headers) {
+        if s.credential != self.credential(headers) {
             // Not the credential that made the session: as if it did not exist.
             return Err(rpc_error(StatusCode::NOT_FOUND, None, -32001, "Session not found"));
         }
@@ -796,11 +807,11 @@ impl Sidecar {
         self: Arc<Self>,
         headers: &HeaderMap,
     ) -> Result<Arc<HttpSession>, Response<HttpBody>> {
-        let credential = Self::credential(headers);
+        let credential = self.credential(headers);
         let session_key = uuid::Uuid::new_v4().simple().to_string();
         let owner = match &credential {
-            Some(c) => format!("credential:{c}"),
-            None => format!("session:{session_key}"),
+            Some(c) => c.clone(),
+            None => self.shared.owners.owner("session", &session_key),
         };
         let session = self.clone().spawn_session(headers, session_key, credential, owner).await?;
         self.sessions.insert(session.id.clone(), session.clone());
@@ -850,6 +861,7 @@ impl Sidecar {
         };
         let (client_w, client_r) = tokio::io::duplex(1 << 20);
         let session = Session::new(&self.config, &self.shared, owner, client_w, upstream_in);
+        self.shared.resume_orphans(&session);
         let router = session.router.clone();
         let http = Arc::new(HttpSession {
             id: id.clone(),
