@@ -128,7 +128,7 @@ impl TaskEngine {
         generation: Generation,
         requested_ttl_ms: Option<u64>,
     ) -> Result<TaskRecord, StoreError> {
-        let now = SystemTime::now();
+        let now = now_ms();
         let ttl_ms =
             requested_ttl_ms.unwrap_or(self.config.default_ttl_ms).clamp(MIN_TTL_MS, self.config.max_ttl_ms);
         let record = TaskRecord {
@@ -213,7 +213,7 @@ impl TaskEngine {
         message: Option<String>,
         poll_interval_ms: Option<u64>,
     ) -> Option<TaskRecord> {
-        let now = SystemTime::now();
+        let now = now_ms();
         let changed = self
             .store
             .update(id, &|r| {
@@ -289,7 +289,7 @@ impl TaskEngine {
         message: Option<String>,
         outcome: Option<Outcome>,
     ) -> Option<TaskRecord> {
-        let now = SystemTime::now();
+        let now = now_ms();
         let changed = self
             .store
             .update(id, &|r| {
@@ -645,6 +645,12 @@ impl TaskEngine {
         }
         Ok(resume)
     }
+}
+
+/// Now, to the millisecond: what the stores keep and the wire shows, so a record reads back the same.
+fn now_ms() -> SystemTime {
+    let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    SystemTime::UNIX_EPOCH + Duration::from_millis(since.as_millis() as u64)
 }
 
 /// How often this process marks itself alive in a shared store.

@@ -26,14 +26,15 @@ impl OwnerKey {
         OwnerKey { secret }
     }
 
-    /// The owner of tasks created in `context` of `kind` (`bearer` for an Authorization header,
-    /// `session` for an HTTP session without one, `user` or `process` over stdio).
+    /// The owner of tasks created in `context` of `kind` (`credential` for an Authorization header,
+    /// `session` for an HTTP session without one, `user` or `process` over stdio): `kind:` and the hex
+    /// HMAC (the kind stays readable: the proxy treats session-bound tasks differently).
     pub fn owner(&self, kind: &str, context: &str) -> String {
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.secret).expect("HMAC takes any key length");
         mac.update(kind.as_bytes());
         mac.update(b"\0");
         mac.update(context.as_bytes());
-        hex(&mac.finalize().into_bytes())
+        format!("{kind}:{}", hex(&mac.finalize().into_bytes()))
     }
 }
 
@@ -62,11 +63,11 @@ mod tests {
     fn owners_are_keyed_stable_and_distinct() {
         let a = OwnerKey::new([1; 32]);
         let b = OwnerKey::new([2; 32]);
-        let owner = a.owner("bearer", "Bearer secret-token");
-        assert_eq!(owner, a.owner("bearer", "Bearer secret-token"), "stable for one key");
-        assert_ne!(owner, b.owner("bearer", "Bearer secret-token"), "another key, another owner");
-        assert_ne!(owner, a.owner("session", "Bearer secret-token"), "kinds never collide");
-        assert_eq!(owner.len(), 64);
+        let owner = a.owner("credential", "Bearer secret-token");
+        assert_eq!(owner, a.owner("credential", "Bearer secret-token"), "stable for one key");
+        assert_ne!(owner, b.owner("credential", "Bearer secret-token"), "another key, another owner");
+        assert_ne!(owner[11..], a.owner("session", "Bearer secret-token")[8..], "kinds never collide");
+        assert!(owner.starts_with("credential:") && owner.len() == 11 + 64, "{owner}");
         assert!(!owner.contains("secret"));
         // RFC 4231 test case 2, to be sure this is HMAC-SHA256 and not a homemade mix.
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(b"Jefe").unwrap();

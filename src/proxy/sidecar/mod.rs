@@ -599,7 +599,7 @@ impl Sidecar {
     fn credential(&self, headers: &HeaderMap) -> Option<String> {
         headers
             .get(header::AUTHORIZATION)
-            .map(|v| self.shared.owners.owner("bearer", &String::from_utf8_lossy(v.as_bytes())))
+            .map(|v| self.shared.owners.owner("credential", &String::from_utf8_lossy(v.as_bytes())))
     }
 
     /// The session a request names, checked against its credential.
