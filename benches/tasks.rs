@@ -55,7 +55,9 @@ fn stores_bench() {
     }
     let file = dir.join("tasks.redb");
     println!();
-    println!("| store | tasks | create+complete/s | create p50 | create p99 | tasks/get p50 | tasks/get p99 | RSS before → after | file after tasks → after ttl |");
+    println!(
+        "| store | tasks | create+complete/s | create p50 | create p99 | tasks/get p50 | tasks/get p99 | RSS before → after | file after tasks → after ttl |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     for (name, url) in [

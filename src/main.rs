@@ -169,7 +169,9 @@ fn main() {
         profile: cli.common.profile.clone(),
     };
     let mut overrides = overrides;
-    if matches!(cli.mode, Some(Mode::Demo(_) | Mode::TestServer(_) | Mode::Tasks(_))) && cli.common.log_level.is_none() {
+    if matches!(cli.mode, Some(Mode::Demo(_) | Mode::TestServer(_) | Mode::Tasks(_)))
+        && cli.common.log_level.is_none()
+    {
         // The demo's own output tells the story; logs only for trouble unless asked.
         overrides.log_level = Some("warn".into());
     }

@@ -51,7 +51,11 @@ fn a_wrapper_killed_mid_notion_task_loses_nothing() {
     let sim = notion_sim("2500");
     let data = fresh_dir("e2e-data");
     let mut p = wrapper(&sim, &data);
-    let r = p.ok(1, "tools/call", json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}));
+    let r = p.ok(
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
+    );
     let task = r["task"]["taskId"].as_str().unwrap().to_owned();
     // Once Notion's task id is bound (the status names it), kill the wrapper without a chance to react.
     let mut n = 2;
@@ -68,7 +72,10 @@ fn a_wrapper_killed_mid_notion_task_loses_nothing() {
     let listed = q.ok(1, "tasks/list", json!({}));
     assert!(listed["tasks"].as_array().unwrap().iter().any(|t| t["taskId"] == task.as_str()), "{listed}");
     let r = q.ok(2, "tasks/result", json!({"taskId": task}));
-    let page = r.get("structuredContent").cloned().unwrap_or_else(|| serde_json::from_str(common::text_of(&r)).unwrap());
+    let page = r
+        .get("structuredContent")
+        .cloned()
+        .unwrap_or_else(|| serde_json::from_str(common::text_of(&r)).unwrap());
     assert_eq!(page["page"]["duplicated_from"], "roadmap", "{r}");
     let t = q.ok(3, "tasks/get", json!({"taskId": task}));
     assert_eq!(t["status"], "completed");
@@ -81,7 +88,9 @@ fn a_call_that_died_with_the_wrapper_fails_saying_so() {
     let data = fresh_dir("e2e-local");
     let start = |data: &std::path::Path| {
         let mut p = Peer::start_cmd(
-            Command::new(BIN).args(["--log-level", "warn", "--", BIN, "test-server"]).env("MCP_ASYNCIFY_DATA_DIR", data),
+            Command::new(BIN)
+                .args(["--log-level", "warn", "--", BIN, "test-server"])
+                .env("MCP_ASYNCIFY_DATA_DIR", data),
         );
         p.initialize(serde_json::from_str(TASK_CLIENT).unwrap());
         p
@@ -118,7 +127,8 @@ fn a_call_that_died_with_the_wrapper_fails_saying_so() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let line: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    let line: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
     assert_eq!(line["taskId"], task.as_str());
     assert_eq!(line["owner"].as_str().unwrap().len(), 16);
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&std::env::var("USER").unwrap_or("root".into())));
@@ -130,7 +140,18 @@ fn sidecar(addr: Option<&str>, upstream: &str, store: &str) -> (Child, String) {
     let mut cmd = Command::new(BIN);
     common::isolate(&mut cmd);
     let child = cmd
-        .args(["--log-level", "warn", "serve", "--listen", &addr, "--upstream-url", upstream, "--store", store])
+        .args([
+            "--log-level",
+            "warn",
+            "--profile",
+            "notion",
+            "serve",
+            "--listen",
+            &addr,
+            "--upstream-url",
+            upstream,
+        ])
+        .args(["--store", store])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -160,12 +181,19 @@ impl HttpClient {
         let session = r.header("mcp-session-id").expect("a session").to_owned();
         let c = HttpClient { addr: addr.into(), auth, session };
         let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-        http(&c.addr, "POST", "/mcp", &HttpClient::headers(&c.auth, Some(&c.session)), note.to_string().as_bytes());
+        http(
+            &c.addr,
+            "POST",
+            "/mcp",
+            &HttpClient::headers(&c.auth, Some(&c.session)),
+            note.to_string().as_bytes(),
+        );
         c
     }
 
     fn headers<'a>(auth: &'a str, session: Option<&'a str>) -> Vec<&'a str> {
-        let mut h = vec!["Content-Type: application/json", "Accept: application/json, text/event-stream", auth];
+        let mut h =
+            vec!["Content-Type: application/json", "Accept: application/json, text/event-stream", auth];
         if let Some(s) = session {
             h.push(s);
         }
@@ -175,8 +203,17 @@ impl HttpClient {
     fn call(&self, id: u64, method: &str, params: Value) -> Value {
         let session = format!("Mcp-Session-Id: {}", self.session);
         let msg = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let r = http(&self.addr, "POST", "/mcp", &HttpClient::headers(&self.auth, Some(&session)), msg.to_string().as_bytes());
-        r.messages().into_iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("no answer to {method}: {} {}", r.status, r.body))
+        let r = http(
+            &self.addr,
+            "POST",
+            "/mcp",
+            &HttpClient::headers(&self.auth, Some(&session)),
+            msg.to_string().as_bytes(),
+        );
+        r.messages()
+            .into_iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("no answer to {method}: {} {}", r.status, r.body))
     }
 }
 
@@ -187,7 +224,11 @@ fn a_sidecar_restarted_on_its_port_serves_the_same_credentials_tasks() {
     let store = format!("file:{}", dir.join("tasks.redb").display());
     let (mut first, addr) = sidecar(None, &sim.url, &store);
     let c = HttpClient::open(&addr, "token-1");
-    let r = c.call(1, "tools/call", json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}));
+    let r = c.call(
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
+    );
     let task = r["result"]["task"]["taskId"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned();
     let mut n = 2;
     wait_until("the Notion task to start", || {
@@ -200,7 +241,11 @@ fn a_sidecar_restarted_on_its_port_serves_the_same_credentials_tasks() {
     let (mut second, _) = sidecar(Some(&addr), &sim.url, &store);
     let c = HttpClient::open(&addr, "token-1");
     let r = c.call(1, "tasks/result", json!({"taskId": task}));
-    assert!(r["result"]["structuredContent"]["page"]["duplicated_from"] == "roadmap" || r.to_string().contains("roadmap"), "{r}");
+    assert!(
+        r["result"]["structuredContent"]["page"]["duplicated_from"] == "roadmap"
+            || r.to_string().contains("roadmap"),
+        "{r}"
+    );
     let stranger = HttpClient::open(&addr, "token-2");
     let r = stranger.call(1, "tasks/get", json!({"taskId": task}));
     assert!(r["error"].is_object(), "another credential sees nothing: {r}");
@@ -227,14 +272,22 @@ fn two_sidecars_on_one_redis_share_tasks_waits_and_cancels() {
     let on_a = HttpClient::open(&addr_a, "shared-token");
     let on_b = HttpClient::open(&addr_b, "shared-token");
     // Created on A, read at once and waited for on B.
-    let r = on_a.call(1, "tools/call", json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}));
+    let r = on_a.call(
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
+    );
     let task = r["result"]["task"]["taskId"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned();
     let t = on_b.call(2, "tasks/get", json!({"taskId": task}));
     assert_eq!(t["result"]["status"], "working", "{t}");
     let r = on_b.call(3, "tasks/result", json!({"taskId": task}));
     assert!(r.to_string().contains("roadmap"), "{r}");
     // Cancelled on B, seen cancelled on A.
-    let r = on_a.call(4, "tools/call", json!({"name": "notion-duplicate-page", "arguments": {"page_id": "x"}, "task": {}}));
+    let r = on_a.call(
+        4,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
+    );
     let second = r["result"]["task"]["taskId"].as_str().unwrap().to_owned();
     let c = on_b.call(5, "tasks/cancel", json!({"taskId": second}));
     assert_eq!(c["result"]["status"], "cancelled", "{c}");
@@ -242,17 +295,22 @@ fn two_sidecars_on_one_redis_share_tasks_waits_and_cancels() {
     assert_eq!(t["result"]["status"], "cancelled", "{t}");
     // Both report the store healthy.
     let h = http(&addr_a, "GET", "/healthz", &[], b"");
-    assert!(h.status == 200 && h.body.contains("redis://"), "{}", h.body);
+    assert!(h.status == 200 && h.body.trim() == "ok", "{}", h.body);
     // Redis gone: /healthz says so, new tasks are refused clearly, plain calls still flow.
     let _ = redis.kill();
     let _ = redis.wait();
-    let r = on_a.call(7, "tools/call", json!({"name": "notion-duplicate-page", "arguments": {"page_id": "y"}, "task": {}}));
+    let r = on_a.call(
+        7,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "y"}, "task": {}}),
+    );
     let msg = r["error"]["message"].as_str().unwrap_or_else(|| panic!("{r}"));
     assert!(msg.contains("task store is unavailable"), "{msg}");
     let r = on_a.call(8, "tools/call", json!({"name": "notion-search", "arguments": {"query": "Road"}}));
     assert!(r["result"].is_object(), "a plain call flows without the store: {r}");
     let h = http(&addr_a, "GET", "/healthz", &[], b"");
     assert_eq!(h.status, 503, "{}", h.body);
+    assert!(h.body.contains("redis://127.0.0.1") && h.body.contains("unavailable"), "{}", h.body);
     for s in [&mut a, &mut b] {
         let _ = s.kill();
         let _ = s.wait();

@@ -155,10 +155,19 @@ async fn caps_are_global_and_per_owner(s: Arc<dyn TaskStore>) {
     let caps = Caps { max_live: 3, max_per_owner: 2 };
     s.insert(record("a", "alice", 60_000), caps).await.unwrap();
     s.insert(record("b", "alice", 60_000), caps).await.unwrap();
-    assert_eq!(s.insert(record("c", "alice", 60_000), caps).await.unwrap_err(), StoreError::OwnerFull { limit: 2 });
+    assert_eq!(
+        s.insert(record("c", "alice", 60_000), caps).await.unwrap_err(),
+        StoreError::OwnerFull { limit: 2 }
+    );
     s.insert(record("d", "bob", 60_000), caps).await.unwrap();
-    assert_eq!(s.insert(record("e", "carol", 60_000), caps).await.unwrap_err(), StoreError::Full { limit: 3 });
-    assert!(s.get("c").await.unwrap().is_none() && s.get("e").await.unwrap().is_none(), "refused = not stored");
+    assert_eq!(
+        s.insert(record("e", "carol", 60_000), caps).await.unwrap_err(),
+        StoreError::Full { limit: 3 }
+    );
+    assert!(
+        s.get("c").await.unwrap().is_none() && s.get("e").await.unwrap().is_none(),
+        "refused = not stored"
+    );
     s.remove("a").await.unwrap();
     s.insert(record("f", "alice", 60_000), caps).await.expect("a freed slot is usable again");
 }
@@ -335,7 +344,8 @@ async fn a_file_store_in_use_or_unwritable_is_a_clear_error() {
         drop(store::open(&StoreUrl::File(ro_file.clone())).await.unwrap());
         std::fs::set_permissions(&ro_file, std::fs::Permissions::from_mode(0o400)).unwrap();
         if unsafe { libc::geteuid() } != 0 {
-            let err = store::open(&StoreUrl::File(ro_file)).await.err().expect("a read-only file").to_string();
+            let err =
+                store::open(&StoreUrl::File(ro_file)).await.err().expect("a read-only file").to_string();
             assert!(err.contains("task file"), "{err}");
         }
     }
@@ -439,7 +449,8 @@ async fn recovery_fails_lost_calls_and_hands_back_notion_tasks() {
     let (lost, notion) = {
         let e = TaskEngine::new(TasksConfig::default(), f.open().await);
         let lost = e.create("me", "slow", Origin::Local, Generation::Legacy, None).await.unwrap();
-        let notion = e.create("me", "notion-create-pages", Origin::Notion, Generation::Legacy, None).await.unwrap();
+        let notion =
+            e.create("me", "notion-create-pages", Origin::Notion, Generation::Legacy, None).await.unwrap();
         e.bind_upstream(&notion.id, "notion-task-7").await.unwrap();
         (lost, notion)
     };

@@ -268,11 +268,13 @@ impl NotionAdapter {
             self.config.backoff_factor,
             Duration::from_millis(self.config.max_backoff_ms),
         );
-        engine.update_working(
-            task_id,
-            Some(format!("Notion task {notion_id}: queued")),
-            Some(self.cadence(&backoff)),
-        ).await;
+        engine
+            .update_working(
+                task_id,
+                Some(format!("Notion task {notion_id}: queued")),
+                Some(self.cadence(&backoff)),
+            )
+            .await;
         let poll_params =
             json!({ "name": self.config.poll_tool, "arguments": { "task_id": notion_id } }).to_string();
         let mut unreadable = 0u32;

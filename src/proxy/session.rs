@@ -59,7 +59,12 @@ impl Shared {
         Self::with_store(config, Arc::new(memory), OwnerKey::new(secret), Vec::new())
     }
 
-    fn with_store(config: &Config, store: Arc<dyn TaskStore>, owners: OwnerKey, orphans: Vec<Orphan>) -> Self {
+    fn with_store(
+        config: &Config,
+        store: Arc<dyn TaskStore>,
+        owners: OwnerKey,
+        orphans: Vec<Orphan>,
+    ) -> Self {
         let engine = TaskEngine::new(config.tasks.clone(), store);
         engine.spawn_sweeper(std::time::Duration::from_secs(1));
         Shared {
@@ -83,7 +88,9 @@ impl Shared {
                 DefaultStore::PerUpstreamFile(identity) => match store::default_file(identity) {
                     Some(path) => StoreUrl::File(path),
                     None => {
-                        tracing::warn!("no data directory (set MCP_ASYNCIFY_DATA_DIR or HOME): tasks stay in memory");
+                        tracing::warn!(
+                            "no data directory (set MCP_ASYNCIFY_DATA_DIR or HOME): tasks stay in memory"
+                        );
                         StoreUrl::Memory
                     }
                 },
@@ -115,11 +122,18 @@ impl Shared {
         }
     }
 
-    /// Hands the recovered tasks to a session, once: it resumes them on its upstream.
-    pub fn resume_orphans(&self, session: &Session) {
-        let orphans = std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|e| e.into_inner()));
-        if !orphans.is_empty() {
-            session.intercept.resume(orphans);
+    /// Hands the recovered tasks of `owner` to a session of that owner, once: it resumes them on its
+    /// upstream (reached with that owner's credential, never another's).
+    pub fn resume_orphans(&self, session: &Session, owner: &str) {
+        let mine: Vec<Orphan> = {
+            let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+            let (mine, others) =
+                std::mem::take(&mut *orphans).into_iter().partition(|o| o.task.owner == owner);
+            *orphans = others;
+            mine
+        };
+        if !mine.is_empty() {
+            session.intercept.resume(mine);
         }
     }
 }
@@ -451,8 +465,10 @@ impl Router {
                         }
                         return;
                     }
-                    if let Some(rewritten) =
-                        self.intercept.on_upstream_response(id, req.rewrite, modern, env.result, env.error).await
+                    if let Some(rewritten) = self
+                        .intercept
+                        .on_upstream_response(id, req.rewrite, modern, env.result, env.error)
+                        .await
                     {
                         if let Some(rewritten) = rewritten {
                             self.client.send(rewritten).await;

@@ -19,11 +19,12 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
 
     // Over stdio the owner is the local user (or the process, as configured); the default store is a
     // file of this upstream's own, so a restarted wrapper serves the tasks of the previous one.
-    let shared = Shared::open(config, DefaultStore::PerUpstreamFile(format!("command:{}", command.join("\u{0}"))))
-        .await?;
+    let shared =
+        Shared::open(config, DefaultStore::PerUpstreamFile(format!("command:{}", command.join("\u{0}"))))
+            .await?;
     let owner = shared.stdio_owner(config);
-    let mut session = Session::new(config, &shared, owner, stdio::client_output(), child_in);
-    shared.resume_orphans(&session);
+    let mut session = Session::new(config, &shared, owner.clone(), stdio::client_output(), child_in);
+    shared.resume_orphans(&session, &owner);
     let router = session.router.clone();
     let mut upstream_pump = tokio::spawn({
         let router = router.clone();
@@ -158,8 +159,8 @@ pub async fn run_http(config: &Config, options: HttpUpstreamOptions) -> anyhow::
     let shared = Shared::open(config, DefaultStore::PerUpstreamFile(identity)).await?;
     let (upstream_in, upstream_out, http) = crate::transport::http_upstream::connect(options);
     let owner = shared.stdio_owner(config);
-    let mut session = Session::new(config, &shared, owner, stdio::client_output(), upstream_in);
-    shared.resume_orphans(&session);
+    let mut session = Session::new(config, &shared, owner.clone(), stdio::client_output(), upstream_in);
+    shared.resume_orphans(&session, &owner);
     let router = session.router.clone();
     let mut upstream_pump = tokio::spawn({
         let router = router.clone();

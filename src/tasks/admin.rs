@@ -62,8 +62,12 @@ pub fn describe(r: &TaskRecord, with_outcome: bool) -> Value {
     }
     if with_outcome {
         match &r.outcome {
-            Some(super::model::Outcome::Result(raw)) => v["result"] = serde_json::from_str(raw.get()).unwrap_or(Value::Null),
-            Some(super::model::Outcome::Error(raw)) => v["error"] = serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+            Some(super::model::Outcome::Result(raw)) => {
+                v["result"] = serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+            }
+            Some(super::model::Outcome::Error(raw)) => {
+                v["error"] = serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+            }
             None => {}
         }
     }
@@ -73,8 +77,13 @@ pub fn describe(r: &TaskRecord, with_outcome: bool) -> Value {
 /// Runs the command on the store `url` (`--store`, required here), printing to stdout; returns the
 /// exit code.
 pub async fn run(args: TasksArgs, url: &str) -> anyhow::Result<i32> {
-    anyhow::ensure!(!url.trim().is_empty(), "give the store to look into: --store file:PATH or --store redis://…");
-    let open = |url: &str| -> anyhow::Result<StoreUrl> { StoreUrl::parse(url).map_err(|e| anyhow::anyhow!("--store: {e}")) };
+    anyhow::ensure!(
+        !url.trim().is_empty(),
+        "give the store to look into: --store file:PATH or --store redis://…"
+    );
+    let open = |url: &str| -> anyhow::Result<StoreUrl> {
+        StoreUrl::parse(url).map_err(|e| anyhow::anyhow!("--store: {e}"))
+    };
     match args.action {
         TasksAction::List { owner, limit } => {
             let s = store::open(&open(url)?).await?;
@@ -116,7 +125,8 @@ pub async fn run(args: TasksArgs, url: &str) -> anyhow::Result<i32> {
                         return false;
                     }
                     r.status = TaskStatus::Cancelled;
-                    r.status_message = Some("The task was cancelled by an operator (mcp-asyncify tasks cancel).".into());
+                    r.status_message =
+                        Some("The task was cancelled by an operator (mcp-asyncify tasks cancel).".into());
                     r.last_updated_at = now.max(r.created_at);
                     r.state_since = r.last_updated_at;
                     r.outcome = None;

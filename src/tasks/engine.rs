@@ -200,7 +200,12 @@ impl TaskEngine {
     }
 
     /// Moves a live task between `working` and `input_required`, with an optional message.
-    pub async fn set_status(&self, id: &str, status: TaskStatus, message: Option<String>) -> Option<TaskRecord> {
+    pub async fn set_status(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        message: Option<String>,
+    ) -> Option<TaskRecord> {
         debug_assert!(!status.is_terminal());
         self.transition(id, status, message, None).await
     }
@@ -374,7 +379,8 @@ impl TaskEngine {
     /// `tasks/cancel`: marks the task cancelled (before answering, as the spec requires) and stops its
     /// work (here, or through the store on the replica that runs it).
     pub async fn cancel(&self, owner: &str, id: &str) -> Result<TaskRecord, CancelError> {
-        let current = self.try_get(owner, id).await.map_err(CancelError::Store)?.ok_or(CancelError::NotFound)?;
+        let current =
+            self.try_get(owner, id).await.map_err(CancelError::Store)?.ok_or(CancelError::NotFound)?;
         if current.status.is_terminal() {
             return Err(CancelError::Terminal(current.status.as_str()));
         }
@@ -623,7 +629,9 @@ impl TaskEngine {
                 })
                 .await?;
             let Some((_, task)) = claimed else { continue };
-            telemetry::metrics().task_active.add(1, &[KeyValue::new("asyncify.task.status", task.status.as_str())]);
+            telemetry::metrics()
+                .task_active
+                .add(1, &[KeyValue::new("asyncify.task.status", task.status.as_str())]);
             if task.upstream_task.is_some() {
                 tracing::info!(
                     task_id = %task.id, tool = %task.tool, upstream_task = task.upstream_task.as_deref().unwrap_or(""),
@@ -638,7 +646,8 @@ impl TaskEngine {
                     task.tool
                 );
                 tracing::warn!(task_id = %task.id, tool = %task.tool, "recovered a task whose upstream call died");
-                let error = serde_json::json!({ "code": crate::jsonrpc::code::UPSTREAM_GONE, "message": message });
+                let error =
+                    serde_json::json!({ "code": crate::jsonrpc::code::UPSTREAM_GONE, "message": message });
                 let raw = serde_json::value::RawValue::from_string(error.to_string()).expect("valid JSON");
                 self.finish(&task.id, TaskStatus::Failed, Some(message), Some(Outcome::Error(raw))).await;
             }
@@ -751,7 +760,11 @@ mod tests {
         let e = engine(10);
         let t = e.create("me", "slow", Origin::Local, Generation::Legacy, Some(0)).await.unwrap();
         assert!(t.ttl_ms >= MIN_TTL_MS, "ttl {} ms", t.ttl_ms);
-        assert_eq!(e.sweep(SystemTime::now() + Duration::from_millis(100)).await, 0, "still there 100 ms later");
+        assert_eq!(
+            e.sweep(SystemTime::now() + Duration::from_millis(100)).await,
+            0,
+            "still there 100 ms later"
+        );
     }
 
     #[tokio::test]

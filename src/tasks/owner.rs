@@ -30,7 +30,8 @@ impl OwnerKey {
     /// `session` for an HTTP session without one, `user` or `process` over stdio): `kind:` and the hex
     /// HMAC (the kind stays readable: the proxy treats session-bound tasks differently).
     pub fn owner(&self, kind: &str, context: &str) -> String {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.secret).expect("HMAC takes any key length");
         mac.update(kind.as_bytes());
         mac.update(b"\0");
         mac.update(context.as_bytes());

@@ -251,7 +251,8 @@ impl Interceptor {
     /// persisted Notion task id on this session's upstream, once the upstream is initialized.
     pub fn resume(self: &Arc<Self>, orphans: Vec<crate::tasks::engine::Orphan>) {
         for orphan in orphans {
-            let (Origin::Notion, Some(notion_id)) = (orphan.task.origin, orphan.task.upstream_task.clone()) else {
+            let (Origin::Notion, Some(notion_id)) = (orphan.task.origin, orphan.task.upstream_task.clone())
+            else {
                 continue;
             };
             let this = self.clone();
@@ -449,33 +450,37 @@ impl Interceptor {
             Ok(request_id) => {
                 let this = Arc::downgrade(self);
                 let task = task_id.to_owned();
-                self.engine.on_stop(
-                    task_id,
-                    Box::new(move || {
-                        let Some(this) = this.upgrade() else { return };
-                        this.call_ended(&task);
-                        // The call will get no answer: its duration ends here, as cancelled.
-                        let sent = match this.pending.take_own(&request_id) {
-                            Some(super::pending::OwnWaiter::Task(_, sent)) if crate::telemetry::metrics_on() => {
-                                Some(sent)
-                            }
-                            _ => None,
-                        };
-                        this.upstream.forget(&request_id);
-                        tokio::spawn(async move {
-                            if let Some(sent) = sent {
-                                let tool = this.engine.get(&this.owner, &task).await.map(|r| r.tool);
-                                crate::telemetry::trace::record_client_operation(
-                                    sent,
-                                    "tools/call",
-                                    tool.as_deref(),
-                                    Some("cancelled"),
-                                );
-                            }
-                            this.cancel_upstream(&request_id, "the task was cancelled").await
-                        });
-                    }),
-                ).await;
+                self.engine
+                    .on_stop(
+                        task_id,
+                        Box::new(move || {
+                            let Some(this) = this.upgrade() else { return };
+                            this.call_ended(&task);
+                            // The call will get no answer: its duration ends here, as cancelled.
+                            let sent = match this.pending.take_own(&request_id) {
+                                Some(super::pending::OwnWaiter::Task(_, sent))
+                                    if crate::telemetry::metrics_on() =>
+                                {
+                                    Some(sent)
+                                }
+                                _ => None,
+                            };
+                            this.upstream.forget(&request_id);
+                            tokio::spawn(async move {
+                                if let Some(sent) = sent {
+                                    let tool = this.engine.get(&this.owner, &task).await.map(|r| r.tool);
+                                    crate::telemetry::trace::record_client_operation(
+                                        sent,
+                                        "tools/call",
+                                        tool.as_deref(),
+                                        Some("cancelled"),
+                                    );
+                                }
+                                this.cancel_upstream(&request_id, "the task was cancelled").await
+                            });
+                        }),
+                    )
+                    .await;
             }
             Err(e) => self.task_call_failed(task_id, e).await,
         }

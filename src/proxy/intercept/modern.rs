@@ -539,7 +539,9 @@ impl Interceptor {
                     self.reply_result(id, &ack).await
                 }
                 Err(CancelError::NotFound) => self.reply_error(id, code::INVALID_PARAMS, &not_found()).await,
-                Err(e @ CancelError::Store(_)) => self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
+                Err(e @ CancelError::Store(_)) => {
+                    self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await
+                }
             },
             _ => {
                 let responses = match params.get("inputResponses") {
@@ -575,7 +577,9 @@ impl Interceptor {
         let message = format!("Waiting for the client to answer {method} (tasks/update).");
         // Called on the routing path, which does not wait for the store: the status follows.
         let (engine, task_id) = (self.engine.clone(), task_id.to_owned());
-        tokio::spawn(async move { engine.set_status(&task_id, TaskStatus::InputRequired, Some(message)).await });
+        tokio::spawn(
+            async move { engine.set_status(&task_id, TaskStatus::InputRequired, Some(message)).await },
+        );
     }
 
     /// `tasks/update`: each answer whose key is still outstanding goes upstream; unknown and already

@@ -197,15 +197,17 @@ impl Interceptor {
     async fn stop_upstream_call_with_task(self: &Arc<Self>, id: &Id, task_id: &str) {
         let this = Arc::downgrade(self);
         let id = id.clone();
-        self.engine.on_stop(
-            task_id,
-            Box::new(move || {
-                let Some(this) = this.upgrade() else { return };
-                // The call no longer counts as in flight (nor asks anything of anyone).
-                this.pending.abandon_client(&id);
-                tokio::spawn(async move { this.cancel_upstream(&id, "the task was cancelled").await });
-            }),
-        ).await;
+        self.engine
+            .on_stop(
+                task_id,
+                Box::new(move || {
+                    let Some(this) = this.upgrade() else { return };
+                    // The call no longer counts as in flight (nor asks anything of anyone).
+                    this.pending.abandon_client(&id);
+                    tokio::spawn(async move { this.cancel_upstream(&id, "the task was cancelled").await });
+                }),
+            )
+            .await;
     }
 
     pub(super) async fn run_handoff_tool(

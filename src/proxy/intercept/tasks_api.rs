@@ -54,7 +54,9 @@ impl Interceptor {
                 Err(CancelError::NotFound) => {
                     self.reply_error(id, code::INVALID_PARAMS, &not_found("cancel")).await
                 }
-                Err(e @ CancelError::Store(_)) => self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
+                Err(e @ CancelError::Store(_)) => {
+                    self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await
+                }
             },
             _ => {
                 if local.is_none() {

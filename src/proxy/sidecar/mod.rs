@@ -575,7 +575,7 @@ impl Sidecar {
         }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => match crate::tasks::store::measured::healthz() {
-                (true, text) => plain(StatusCode::OK, &text),
+                (true, text) => plain(StatusCode::OK, text.trim_end()),
                 (false, text) => plain(StatusCode::SERVICE_UNAVAILABLE, &text),
             },
             (&Method::GET, "/metrics") => match crate::telemetry::render_prometheus() {
@@ -860,8 +860,8 @@ impl Sidecar {
             },
         };
         let (client_w, client_r) = tokio::io::duplex(1 << 20);
-        let session = Session::new(&self.config, &self.shared, owner, client_w, upstream_in);
-        self.shared.resume_orphans(&session);
+        let session = Session::new(&self.config, &self.shared, owner.clone(), client_w, upstream_in);
+        self.shared.resume_orphans(&session, &owner);
         let router = session.router.clone();
         let http = Arc::new(HttpSession {
             id: id.clone(),

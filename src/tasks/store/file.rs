@@ -67,7 +67,9 @@ impl FileStore {
                             .into(),
                     ));
                 }
-                Err(e) => return Err(fail(format!("cannot open the task file: {}", io_hint(&e.to_string())))),
+                Err(e) => {
+                    return Err(fail(format!("cannot open the task file: {}", io_hint(&e.to_string()))));
+                }
             }
         };
         #[cfg(unix)]
@@ -144,10 +146,7 @@ fn io_hint(error: &str) -> String {
 }
 
 fn read_seq(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<u64, redb::Error> {
-    Ok(meta
-        .get("next_seq")?
-        .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
-        .unwrap_or(1))
+    Ok(meta.get("next_seq")?.and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes)).unwrap_or(1))
 }
 
 fn decoded(bytes: &[u8]) -> Result<TaskRecord, redb::Error> {
@@ -180,7 +179,8 @@ impl TaskStore for FileStore {
                     meta.insert("next_seq", (record.seq + 1).to_le_bytes().as_slice())?;
                     counts.insert(record.owner.as_str(), owned + 1)?;
                     tasks.insert(record.id.as_str(), encode(&record).as_slice())?;
-                    tx.open_table(BY_OWNER)?.insert((record.owner.as_str(), record.seq), record.id.as_str())?;
+                    tx.open_table(BY_OWNER)?
+                        .insert((record.owner.as_str(), record.seq), record.id.as_str())?;
                     tx.open_table(BY_SEQ)?.insert(record.seq, record.id.as_str())?;
                     tx.open_table(EXPIRIES)?.insert((ms(record.expires_at()), record.id.as_str()), ())?;
                 }
@@ -258,7 +258,8 @@ impl TaskStore for FileStore {
             match &owner {
                 Some(owner) => {
                     let index = tx.open_table(BY_OWNER)?;
-                    for entry in index.range((owner.as_str(), from)..=(owner.as_str(), u64::MAX))?.take(limit) {
+                    for entry in index.range((owner.as_str(), from)..=(owner.as_str(), u64::MAX))?.take(limit)
+                    {
                         ids.push(entry?.1.value().to_owned());
                     }
                 }

@@ -133,7 +133,13 @@ impl TaskStore for MemoryStore {
 
     async fn expired(&self, now: SystemTime, limit: usize) -> Result<Vec<String>, StoreError> {
         let inner = self.lock();
-        Ok(inner.expiries.iter().take_while(|(at, _)| *at <= now).take(limit).map(|(_, id)| id.clone()).collect())
+        Ok(inner
+            .expiries
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .take(limit)
+            .map(|(_, id)| id.clone())
+            .collect())
     }
 
     async fn next_expiry(&self) -> Result<Option<SystemTime>, StoreError> {

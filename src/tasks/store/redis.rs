@@ -176,8 +176,10 @@ impl RedisStore {
         bodies
             .into_iter()
             .map(|b| {
-                b.map(|b| decode(&b).map_err(|reason| StoreError::Failed { store: self.describe.clone(), reason }))
-                    .transpose()
+                b.map(|b| {
+                    decode(&b).map_err(|reason| StoreError::Failed { store: self.describe.clone(), reason })
+                })
+                .transpose()
             })
             .collect()
     }
@@ -228,7 +230,8 @@ async fn listen(
                     let Some(msg) = msg else { break };
                     let Ok(text) = msg.get_payload::<String>() else { continue };
                     let mut parts = text.splitn(3, '\n');
-                    let (Some(from), Some(kind), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+                    let (Some(from), Some(kind), Some(id)) = (parts.next(), parts.next(), parts.next())
+                    else {
                         continue;
                     };
                     if from == me {
@@ -240,7 +243,9 @@ async fn listen(
                 }
                 tracing::warn!(store = %describe, "lost the task store's event channel; reconnecting");
             }
-            Ok(Err(e)) => tracing::warn!(store = %describe, error = %e, "task store events: cannot subscribe"),
+            Ok(Err(e)) => {
+                tracing::warn!(store = %describe, error = %e, "task store events: cannot subscribe")
+            }
             Err(_) => tracing::warn!(store = %describe, "task store events: no answer"),
         }
         lost = true;
@@ -302,11 +307,12 @@ impl TaskStore for RedisStore {
     ) -> Result<Option<(TaskRecord, TaskRecord)>, StoreError> {
         loop {
             let key = Self::key(id);
-            let Some(body): Option<Vec<u8>> = self.conn.clone().get(&key).await.map_err(|e| self.fail(e))? else {
+            let Some(body): Option<Vec<u8>> = self.conn.clone().get(&key).await.map_err(|e| self.fail(e))?
+            else {
                 return Ok(None);
             };
-            let before =
-                decode(&body).map_err(|reason| StoreError::Failed { store: self.describe.clone(), reason })?;
+            let before = decode(&body)
+                .map_err(|reason| StoreError::Failed { store: self.describe.clone(), reason })?;
             let mut after = before.clone();
             if !change(&mut after) {
                 return Ok(None);
