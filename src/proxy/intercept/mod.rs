@@ -240,7 +240,7 @@ impl Interceptor {
     pub async fn tasks_in_flight(&self) -> usize {
         let started: Vec<String> = self.started.iter().map(|e| e.key().clone()).collect();
         for id in started {
-            if !self.engine.get(&self.owner, &id).await.is_some_and(|r| !r.status.is_terminal()) {
+            if self.engine.get(&self.owner, &id).await.is_none_or(|r| r.status.is_terminal()) {
                 self.started.remove(&id);
             }
         }

@@ -160,35 +160,32 @@ impl TaskStore for FileStore {
     }
 
     async fn insert(&self, record: TaskRecord, caps: Caps) -> Result<TaskRecord, StoreError> {
-        let out = self
-            .run(move |db| {
-                let mut record = record;
-                let tx = db.begin_write()?;
-                {
-                    let mut tasks = tx.open_table(TASKS)?;
-                    if tasks.len()? >= caps.max_live as u64 {
-                        return Ok(Err(StoreError::Full { limit: caps.max_live }));
-                    }
-                    let mut counts = tx.open_table(OWNER_COUNT)?;
-                    let owned = counts.get(record.owner.as_str())?.map_or(0, |v| v.value());
-                    if owned >= caps.max_per_owner as u64 {
-                        return Ok(Err(StoreError::OwnerFull { limit: caps.max_per_owner }));
-                    }
-                    let mut meta = tx.open_table(META)?;
-                    record.seq = read_seq(&meta)?;
-                    meta.insert("next_seq", (record.seq + 1).to_le_bytes().as_slice())?;
-                    counts.insert(record.owner.as_str(), owned + 1)?;
-                    tasks.insert(record.id.as_str(), encode(&record).as_slice())?;
-                    tx.open_table(BY_OWNER)?
-                        .insert((record.owner.as_str(), record.seq), record.id.as_str())?;
-                    tx.open_table(BY_SEQ)?.insert(record.seq, record.id.as_str())?;
-                    tx.open_table(EXPIRIES)?.insert((ms(record.expires_at()), record.id.as_str()), ())?;
+        self.run(move |db| {
+            let mut record = record;
+            let tx = db.begin_write()?;
+            {
+                let mut tasks = tx.open_table(TASKS)?;
+                if tasks.len()? >= caps.max_live as u64 {
+                    return Ok(Err(StoreError::Full { limit: caps.max_live }));
                 }
-                tx.commit()?;
-                Ok(Ok(record))
-            })
-            .await?;
-        out
+                let mut counts = tx.open_table(OWNER_COUNT)?;
+                let owned = counts.get(record.owner.as_str())?.map_or(0, |v| v.value());
+                if owned >= caps.max_per_owner as u64 {
+                    return Ok(Err(StoreError::OwnerFull { limit: caps.max_per_owner }));
+                }
+                let mut meta = tx.open_table(META)?;
+                record.seq = read_seq(&meta)?;
+                meta.insert("next_seq", (record.seq + 1).to_le_bytes().as_slice())?;
+                counts.insert(record.owner.as_str(), owned + 1)?;
+                tasks.insert(record.id.as_str(), encode(&record).as_slice())?;
+                tx.open_table(BY_OWNER)?.insert((record.owner.as_str(), record.seq), record.id.as_str())?;
+                tx.open_table(BY_SEQ)?.insert(record.seq, record.id.as_str())?;
+                tx.open_table(EXPIRIES)?.insert((ms(record.expires_at()), record.id.as_str()), ())?;
+            }
+            tx.commit()?;
+            Ok(Ok(record))
+        })
+        .await?
     }
 
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {

@@ -134,6 +134,11 @@ pub trait TaskStore: Send + Sync + 'static {
     /// How many records exist.
     async fn len(&self) -> Result<usize, StoreError>;
 
+    /// Whether no record exists.
+    async fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len().await? == 0)
+    }
+
     /// Records that are not terminal (for recovery on start).
     async fn unfinished(&self) -> Result<Vec<TaskRecord>, StoreError>;
 
