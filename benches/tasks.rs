@@ -5,16 +5,129 @@
 //! in-flight entry). The client sends one task-augmented `tools/call` at a time and times the
 //! `CreateTaskResult`, then reads the proxy's RSS from /proc.
 //!
-//! `cargo bench --bench tasks` (env `TASKS=n` to change the count).
+//! Then each task store (memory, a redb file, a redis-server started for the run) in process, through
+//! the engine: create + complete throughput and create latency, `tasks/get` p50/p99, RSS (the bench's
+//! own for memory and file, the server's for Redis), and the file's size after the tasks and after
+//! their ttl.
+//!
+//! `cargo bench --bench tasks` (env `TASKS=n` for the proxy part, `STORE_TASKS=n` for the stores part,
+//! `ONLY=proxy|stores` to run one part).
 
 mod common;
 
 use common::rss_kib;
+use mcp_asyncify::config::TasksConfig;
+use mcp_asyncify::tasks::engine::TaskEngine;
+use mcp_asyncify::tasks::model::{Generation, Origin, Outcome, TaskStatus};
+use mcp_asyncify::tasks::store::{self, StoreUrl};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 fn main() {
+    let only = std::env::var("ONLY").unwrap_or_default();
+    if only != "stores" {
+        proxy_bench();
+    }
+    if only != "proxy" {
+        stores_bench();
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e6
+}
+
+fn stores_bench() {
+    let count: usize = std::env::var("STORE_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let dir = std::env::temp_dir().join(format!("asyncify-stores-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is needed by the stores bench");
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let file = dir.join("tasks.redb");
+    println!();
+    println!(
+        "| store | tasks | create+complete/s | create p50 | create p99 | tasks/get p50 | tasks/get p99 | RSS before → after | file after tasks → after ttl |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    for (name, url) in [
+        ("memory", StoreUrl::Memory),
+        ("file (redb)", StoreUrl::File(file.clone())),
+        ("redis (localhost)", StoreUrl::Redis(format!("redis://127.0.0.1:{port}/0"))),
+    ] {
+        let redis_pid = redis.id();
+        rt.block_on(async {
+            let rss_pid = if matches!(url, StoreUrl::Redis(_)) { redis_pid } else { std::process::id() };
+            let rss_before = rss_kib(rss_pid);
+            let s = store::open(&url).await.unwrap();
+            let config = TasksConfig {
+                max_live_tasks: count + 10,
+                max_tasks_per_owner: count + 10,
+                ..TasksConfig::default()
+            };
+            let e = TaskEngine::new(config, s);
+            let result = serde_json::value::RawValue::from_string(
+                r#"{"content":[{"type":"text","text":"a result of about a hundred bytes, as small tool results are"}]}"#.into(),
+            )
+            .unwrap();
+            let mut creates = Vec::with_capacity(count);
+            let mut ids = Vec::with_capacity(count);
+            let started = Instant::now();
+            for _ in 0..count {
+                let t = Instant::now();
+                let r = e.create("owner", "tool", Origin::Local, Generation::Legacy, Some(1000)).await.unwrap();
+                creates.push(t.elapsed());
+                e.finish(&r.id, TaskStatus::Completed, None, Some(Outcome::Result(result.clone()))).await;
+                ids.push(r.id);
+            }
+            let rate = count as f64 / started.elapsed().as_secs_f64();
+            let mut gets = Vec::with_capacity(10_000);
+            for i in 0..10_000usize {
+                let id = &ids[(i * 7919) % ids.len()];
+                let t = Instant::now();
+                assert!(e.get("owner", id).await.is_some());
+                gets.push(t.elapsed());
+            }
+            let rss_after = rss_kib(rss_pid);
+            let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
+            let size_full = size(&file);
+            // Past their ttl: the sweep deletes them all.
+            let later = SystemTime::now() + Duration::from_secs(3600);
+            while e.sweep(later).await > 0 {}
+            let size_swept = size(&file);
+            creates.sort();
+            gets.sort();
+            let file_cell = match url {
+                StoreUrl::File(_) => format!("{size_full:.1} MB → {size_swept:.1} MB"),
+                _ => "–".into(),
+            };
+            println!(
+                "| {name} | {count} | {rate:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.1} MB → {:.1} MB | {file_cell} |",
+                pct(&creates, 0.5),
+                pct(&creates, 0.99),
+                pct(&gets, 0.5),
+                pct(&gets, 0.99),
+                rss_before as f64 / 1024.0,
+                rss_after as f64 / 1024.0,
+            );
+        });
+    }
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn proxy_bench() {
     let count: usize = std::env::var("TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     let dir = std::env::temp_dir().join(format!("asyncify-tasks-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -23,6 +136,7 @@ fn main() {
 
     let mut proxy = Command::new(env!("CARGO_BIN_EXE_mcp-asyncify"))
         .args(["--config", config.to_str().unwrap(), "--log-level", "error", "--shutdown-grace-ms", "100"])
+        .args(["--store", "memory"])
         .args(["--", "sh", "-c", "cat > /dev/null"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -185,8 +185,17 @@ pub struct TasksConfig {
     pub poll_interval_ms: u64,
     /// The most tasks kept at once (live or retained); past it, new tasks are refused with a clear error.
     pub max_live_tasks: usize,
+    /// The most tasks one owner (a credential, a session, the local user) keeps at once; past it, that
+    /// owner's new tasks are refused with a clear error while others' go on.
+    pub max_tasks_per_owner: usize,
     /// Tasks per `tasks/list` page.
     pub list_page_size: usize,
+    /// Where tasks live: `memory`, `file:PATH` or `redis://…` (`rediss://` for TLS). Empty: the default
+    /// of the mode (see the README's "Task stores").
+    pub store: String,
+    /// Over stdio, who owns the tasks: `user` (the local user: a restarted wrapper serves the tasks of
+    /// the previous one) or `process` (each wrapper process sees only its own).
+    pub stdio_owner: StdioOwner,
     /// For plain (non-task) calls with a `progressToken`: start sending progress keep-alives after this
     /// many ms (0: never).
     pub keepalive_after_ms: u64,
@@ -215,7 +224,10 @@ impl Default for TasksConfig {
             max_ttl_ms: 86_400_000,
             poll_interval_ms: 1000,
             max_live_tasks: 10_000,
+            max_tasks_per_owner: 1000,
             list_page_size: 50,
+            store: String::new(),
+            stdio_owner: StdioOwner::User,
             keepalive_after_ms: 5000,
             keepalive_interval_ms: 10_000,
             sync_deadline_ms: 0,
@@ -238,6 +250,16 @@ impl TasksConfig {
     pub fn requires_task(&self, tool: &str) -> bool {
         self.enabled && self.required.iter().any(|p| glob_match(p, tool))
     }
+}
+
+/// Who owns the tasks created over stdio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StdioOwner {
+    /// The local user: every wrapper of that user (and a restarted one) sees the tasks.
+    User,
+    /// The wrapper process: tasks are seen only by the client that created them.
+    Process,
 }
 
 /// Matches `*` (any run, possibly empty) and `?` (exactly one character); everything else literally.
@@ -362,6 +384,12 @@ pub struct Overrides {
     pub task_required: Option<Vec<String>>,
     /// `--no-tasks`.
     pub no_tasks: bool,
+    /// `--store` / `MCP_ASYNCIFY_STORE`.
+    pub store: Option<String>,
+    /// `--max-tasks-per-owner` / `MCP_ASYNCIFY_MAX_TASKS_PER_OWNER`.
+    pub max_tasks_per_owner: Option<usize>,
+    /// `--stdio-owner` / `MCP_ASYNCIFY_STDIO_OWNER`.
+    pub stdio_owner: Option<StdioOwner>,
     /// `--notion-budget` / `MCP_ASYNCIFY_NOTION_BUDGET`.
     pub notion_budget: Option<u32>,
     /// `--metrics-listen` / `MCP_ASYNCIFY_METRICS_LISTEN`.
@@ -499,6 +527,15 @@ impl Config {
         if o.no_tasks {
             self.tasks.enabled = false;
         }
+        if let Some(v) = &o.store {
+            self.tasks.store = v.clone();
+        }
+        if let Some(v) = o.max_tasks_per_owner {
+            self.tasks.max_tasks_per_owner = v;
+        }
+        if let Some(v) = o.stdio_owner {
+            self.tasks.stdio_owner = v;
+        }
         if let Some(v) = o.notion_budget {
             self.notion.budget_per_second = v;
         }
@@ -542,11 +579,12 @@ impl Config {
             Err("not a level".to_string())
         };
         let t = &self.tasks;
-        let ranges: [(&'static str, u64, u64, u64); 9] = [
+        let ranges: [(&'static str, u64, u64, u64); 10] = [
             ("tasks.default_ttl_ms", t.default_ttl_ms, 1000, t.max_ttl_ms),
             ("tasks.max_ttl_ms", t.max_ttl_ms, 1000, 30 * 86_400_000),
             ("tasks.poll_interval_ms", t.poll_interval_ms, 10, 600_000),
             ("tasks.max_live_tasks", t.max_live_tasks as u64, 1, 10_000_000),
+            ("tasks.max_tasks_per_owner", t.max_tasks_per_owner as u64, 1, 10_000_000),
             ("tasks.list_page_size", t.list_page_size as u64, 1, 10_000),
             ("tasks.keepalive_after_ms", t.keepalive_after_ms, 0, 3_600_000),
             ("tasks.keepalive_interval_ms", t.keepalive_interval_ms, 100, 3_600_000),
@@ -562,6 +600,13 @@ impl Config {
                 };
                 return Err(ConfigError::Invalid { key, value: value.to_string(), allowed });
             }
+        }
+        if !t.store.trim().is_empty() {
+            crate::tasks::store::StoreUrl::parse(&t.store).map_err(|allowed| ConfigError::Invalid {
+                key: "tasks.store",
+                value: format!("{:?}", crate::tasks::store::redact(&t.store)),
+                allowed,
+            })?;
         }
         if t.sync_deadline_ms != 0 && t.sync_deadline_ms < 100 {
             return Err(ConfigError::Invalid {

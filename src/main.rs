@@ -119,6 +119,20 @@ struct CommonArgs {
     /// Do not offer tasks at all: a pure passthrough.
     #[arg(long, global = true)]
     no_tasks: bool,
+
+    /// Where tasks live: memory, file:PATH (redb) or redis://HOST:PORT[/DB] (rediss:// for TLS)
+    /// [default: a file per upstream under the data directory for the stdio wrapper, memory for serve].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_STORE", value_name = "URL")]
+    store: Option<String>,
+
+    /// The most tasks one owner (credential, session, local user) keeps at once [default: 1000].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_MAX_TASKS_PER_OWNER", value_name = "N")]
+    max_tasks_per_owner: Option<usize>,
+
+    /// Over stdio, who owns the tasks: the local user (a restarted wrapper sees them) or the process
+    /// [default: user].
+    #[arg(long, global = true, env = "MCP_ASYNCIFY_STDIO_OWNER", value_enum, value_name = "WHO")]
+    stdio_owner: Option<mcp_asyncify::config::StdioOwner>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,6 +146,9 @@ enum Mode {
 
     /// Streamable HTTP sidecar: serve MCP at http://ADDR/mcp in front of a stdio server (one per session).
     Serve(mcp_asyncify::proxy::sidecar::ServeArgs),
+
+    /// Inspect or cancel the tasks of a store (owners shown as hashes only).
+    Tasks(mcp_asyncify::tasks::admin::TasksArgs),
 
     /// A simulator of Notion's hosted MCP server (async tasks, statuses, 3 requests/s limit) on stdio.
     NotionSim(mcp_asyncify::sim::notion::NotionSimArgs),
@@ -168,6 +185,9 @@ fn main() {
         task_after_ms: cli.common.task_after_ms,
         task_required: cli.common.task_required.clone(),
         no_tasks: cli.common.no_tasks,
+        store: cli.common.store.clone(),
+        max_tasks_per_owner: cli.common.max_tasks_per_owner,
+        stdio_owner: cli.common.stdio_owner,
         notion_budget: cli.common.notion_budget,
         metrics_listen: cli.common.metrics_listen.clone(),
         profile: cli.common.profile.clone(),
@@ -175,7 +195,9 @@ fn main() {
         sign_in: cli.common.sign_in,
     };
     let mut overrides = overrides;
-    if matches!(cli.mode, Some(Mode::Demo(_) | Mode::TestServer(_))) && cli.common.log_level.is_none() {
+    if matches!(cli.mode, Some(Mode::Demo(_) | Mode::TestServer(_) | Mode::Tasks(_)))
+        && cli.common.log_level.is_none()
+    {
         // The demo's own output tells the story; logs only for trouble unless asked.
         overrides.log_level = Some("warn".into());
     }
@@ -206,6 +228,10 @@ fn main() {
                 let demo = async { mcp_asyncify::demo::run(args).await.map(|()| 0).map_err(|e| e.context("demo failed")) };
                 with_telemetry(&config, true, demo).await
             }
+            Some(Mode::Tasks(args)) => match mcp_asyncify::tasks::admin::run(args, &config.tasks.store).await {
+                Ok(code) => code,
+                Err(e) => fail(&format!("{e:#}"), 1),
+            },
             Some(Mode::NotionSim(args)) => match mcp_asyncify::sim::notion::run(args).await {
                 Ok(()) => 0,
                 Err(e) => fail(&format!("{e:#}"), 1),

@@ -64,6 +64,7 @@ impl Sidecar {
         let addr = free_addr();
         let log = temp_file("sidecar");
         let mut child = Command::new(BIN)
+            .env("MCP_ASYNCIFY_DATA_DIR", common::fresh_dir("data"))
             .args(["serve", "--listen", &addr, "--log-level", "debug"])
             .args(proxy_args)
             .args(["--", BIN, "test-server"])

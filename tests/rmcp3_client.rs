@@ -120,6 +120,8 @@ fn auto() -> ClientLifecycleMode {
 /// The wrapper in front of `upstream`, spawned by the client (its stderr inherited).
 fn wrapper(upstream: &[&str]) -> TokioChildProcess {
     let mut cmd = Command::new(BIN);
+    // A data directory of its own, never the real user's.
+    cmd.env("MCP_ASYNCIFY_DATA_DIR", common::fresh_dir("data"));
     cmd.args(["--log-level", &log_level(), "--"]).args(upstream);
     let (transport, _) =
         TokioChildProcess::builder(cmd).stderr(Stdio::inherit()).spawn().expect("spawn the proxy");
@@ -136,6 +138,7 @@ impl Sidecar {
     fn start() -> Sidecar {
         let addr = free_addr();
         let child = std::process::Command::new(BIN)
+            .env("MCP_ASYNCIFY_DATA_DIR", common::fresh_dir("data"))
             .args(["serve", "--listen", &addr, "--log-level", &log_level(), "--", BIN, "test-server"])
             .stdin(Stdio::null())
             .spawn()
@@ -390,6 +393,8 @@ async fn rmcp3_client_through_the_wrapper_in_front_of_the_modern_upstream() {
     // The upstream's own tasks and MRTR rounds reach a 2026-07-28 client untouched.
     let upstream = example_bin("modern_upstream");
     let mut cmd = Command::new(BIN);
+    // A data directory of its own, never the real user's.
+    cmd.env("MCP_ASYNCIFY_DATA_DIR", common::fresh_dir("data"));
     cmd.args(["--log-level", &log_level(), "--upstream-protocol", "auto", "--"]).arg(&upstream);
     let (transport, _) =
         TokioChildProcess::builder(cmd).stderr(Stdio::inherit()).spawn().expect("spawn the proxy");

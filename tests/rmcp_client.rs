@@ -55,6 +55,8 @@ impl ClientHandler for Client {
 
 async fn connect(client: Client) -> RunningService<RoleClient, Client> {
     let mut cmd = Command::new(BIN);
+    // A data directory of its own, never the real user's.
+    cmd.env("MCP_ASYNCIFY_DATA_DIR", common::fresh_dir("data"));
     cmd.args(["--log-level", "warn", "--", BIN, "test-server"]);
     let transport = TokioChildProcess::new(cmd).expect("spawn the proxy");
     client.serve(transport).await.expect("initialize through the proxy")

@@ -86,6 +86,8 @@ fn urlencode(s: &str) -> String {
 /// environment, plus `env`.
 fn proxy_cmd(proxy_args: &[&str], upstream: &[&str], env: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(BIN);
+    // A data directory of its own, never the real user's.
+    cmd.env("MCP_ASYNCIFY_DATA_DIR", common::fresh_dir("data"));
     cmd.args(proxy_args).arg("--").args(upstream);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("OTEL_") {

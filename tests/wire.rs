@@ -165,6 +165,7 @@ fn the_upstream_inherits_environment_and_directory_and_its_stderr_is_ours() {
     );
     let mut p = Peer::start_cmd(
         std::process::Command::new(BIN)
+            .env("MCP_ASYNCIFY_DATA_DIR", common::fresh_dir("data"))
             .args(["--log-level", "warn", "--", "sh", "-c", &script])
             .env("ASYNCIFY_TEST_VAR", "inherited value")
             .current_dir(&dir),

@@ -210,7 +210,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
     let mut durations = Vec::new();
     for id in &task_ids {
-        if let Some(r) = shared.engine.get("demo", id) {
+        if let Some(r) = shared.engine.get("demo", id).await {
             *by_status.entry(r.status.as_str()).or_default() += 1;
             if r.status.is_terminal() {
                 durations.push(r.last_updated_at.duration_since(r.created_at).unwrap_or_default());

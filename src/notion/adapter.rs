@@ -110,7 +110,7 @@ impl NotionAdapter {
                 Ok(Outcome::Result(raw)) => raw,
                 other => {
                     count_request(task_id, "start", "error");
-                    return finish_other(engine, task_id, other);
+                    return finish_other(engine, task_id, other).await;
                 }
             };
             let answer = forms::read_accepted(&serde_json::from_str(raw.get()).unwrap_or(Value::Null));
@@ -127,20 +127,20 @@ impl NotionAdapter {
                 }
                 Accepted::Task(notion) => break *notion,
                 // Notion answered synchronously (or refused the call): the task is done at once.
-                Accepted::Final => return finish_result(engine, task_id, raw),
+                Accepted::Final => return finish_result(engine, task_id, raw).await,
             }
         };
         let Some(notion_id) = notion.id.clone() else {
             // An async task with nothing to poll it by: done if it says so, else unusable.
             if notion.status.as_ref().is_some_and(NotionStatus::is_terminal) {
                 let answer = notion.clone();
-                return finish_ended(engine, task_id, "(no id)", &notion, answer);
+                return finish_ended(engine, task_id, "(no id)", &notion, answer).await;
             }
             let shown = forms::shown(&Value::Object(notion.object.clone()).to_string(), SHOWN_CHARS);
             tracing::warn!(task_id, answer = %shown, "Notion accepted the call as an async task but named no task id");
             let message =
                 format!("Notion accepted the call as an async task but named no task id to poll: {shown}");
-            return finish_unreadable(engine, task_id, message);
+            return finish_unreadable(engine, task_id, message).await;
         };
         let unknown: Vec<&String> =
             notion.object.keys().filter(|k| !KNOWN_FIELDS.contains(&k.as_str())).collect();
@@ -150,9 +150,25 @@ impl NotionAdapter {
         if notion.status.as_ref().is_some_and(NotionStatus::is_terminal) {
             // Finished by the time Notion answered (the published object carries its result).
             let answer = notion.clone();
-            return finish_ended(engine, task_id, &notion_id, &notion, answer);
+            return finish_ended(engine, task_id, &notion_id, &notion, answer).await;
         }
+        // Persisted before polling, so that a restarted proxy resumes this Notion task.
+        engine.bind_upstream(task_id, &notion_id).await;
         self.poll_task(engine, upstream, task_id, notion, stop).await;
+    }
+
+    /// Resumes a task whose Notion task was started by a proxy that is gone (crash or restart): polls
+    /// Notion's task by its persisted id until it ends, as [`Self::run_task`] would have.
+    pub async fn resume_task(
+        &self,
+        engine: &TaskEngine,
+        upstream: &Upstream,
+        task_id: &str,
+        notion_id: String,
+        stop: oneshot::Receiver<()>,
+    ) {
+        tracing::info!(task_id, notion_task = %notion_id, "resuming the polls of a Notion task after a restart");
+        self.poll_task(engine, upstream, task_id, AsyncTask::known(&notion_id), stop).await;
     }
 
     /// Polls the Notion task `notion` (as accepted, or [`AsyncTask::known`] by its id alone) until it
@@ -174,7 +190,8 @@ impl NotionAdapter {
                 engine,
                 task_id,
                 "A Notion task without an id cannot be polled.".into(),
-            );
+            )
+            .await;
         };
         let first = notion.poll_after.unwrap_or(Duration::from_millis(self.config.default_backoff_ms));
         let mut backoff = Backoff::new(
@@ -183,11 +200,13 @@ impl NotionAdapter {
             Duration::from_millis(self.config.max_backoff_ms),
         );
         let status = notion.status.as_ref().map_or("queued", NotionStatus::as_str);
-        engine.update_working(
-            task_id,
-            Some(format!("Notion task {notion_id}: {status}")),
-            Some(self.cadence(&backoff)),
-        );
+        engine
+            .update_working(
+                task_id,
+                Some(format!("Notion task {notion_id}: {status}")),
+                Some(self.cadence(&backoff)),
+            )
+            .await;
         let poll_params =
             json!({ "name": self.config.poll_tool, "arguments": { "task_id": notion_id } }).to_string();
         let poll_timeout = Duration::from_millis(self.config.poll_timeout_ms);
@@ -230,13 +249,13 @@ impl NotionAdapter {
                             floor = answer.poll_after.unwrap_or(Duration::ZERO);
                             let status = answer.status.clone().expect("a poll answer has a status");
                             if status.is_terminal() {
-                                return finish_ended(engine, task_id, &notion_id, &notion, *answer);
+                                return finish_ended(engine, task_id, &notion_id, &notion, *answer).await;
                             }
                             let mut message = format!("Notion task {notion_id}: {}", status.as_str());
                             if let Some(a) = answer.attempt {
                                 message.push_str(&format!(" (attempt {a})"));
                             }
-                            engine.update_working(task_id, Some(message), Some(self.cadence(&backoff)));
+                            engine.update_working(task_id, Some(message), Some(self.cadence(&backoff))).await;
                             None
                         }
                         Poll::NotFound(error) => {
@@ -247,7 +266,7 @@ impl NotionAdapter {
                                 forms::error_text(&error)
                             );
                             tracing::warn!(task_id, notion_task = %notion_id, %message, "Notion task not found");
-                            return finish_failed(engine, task_id, &notion_id, &notion, error, message);
+                            return finish_failed(engine, task_id, &notion_id, &notion, error, message).await;
                         }
                         Poll::Error(error) => Some((
                             format!("Notion answered with an error: {}", forms::error_text(&error)),
@@ -273,7 +292,7 @@ impl NotionAdapter {
                 }
                 Err(gone) => {
                     count_request(task_id, "poll", "error");
-                    return finish_other(engine, task_id, Err(gone));
+                    return finish_other(engine, task_id, Err(gone)).await;
                 }
             };
             let Some((why, error)) = failed else { continue };
@@ -286,8 +305,10 @@ impl NotionAdapter {
                 format!("Polling Notion task {notion_id} failed {failures} times in a row; last: {why}");
             tracing::error!(task_id, notion_task = %notion_id, "{message}");
             match error {
-                Some(error) => return finish_failed(engine, task_id, &notion_id, &notion, error, message),
-                None => return finish_unreadable(engine, task_id, message),
+                Some(error) => {
+                    return finish_failed(engine, task_id, &notion_id, &notion, error, message).await;
+                }
+                None => return finish_unreadable(engine, task_id, message).await,
             }
         }
     }
@@ -401,24 +422,30 @@ fn notion_meta(notion_id: &str, accepted: &AsyncTask, last: &AsyncTask) -> Value
 }
 
 /// Ends the task as Notion's task ended (`last` has a terminal status).
-fn finish_ended(engine: &TaskEngine, task_id: &str, notion_id: &str, accepted: &AsyncTask, last: AsyncTask) {
+async fn finish_ended(
+    engine: &TaskEngine,
+    task_id: &str,
+    notion_id: &str,
+    accepted: &AsyncTask,
+    last: AsyncTask,
+) {
     let meta = notion_meta(notion_id, accepted, &last);
     match last.status {
         Some(NotionStatus::Succeeded) => {
             let body = succeeded_result(last.result, meta);
             let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
-            engine.finish(task_id, TaskStatus::Completed, None, Some(Outcome::Result(raw)));
+            engine.finish(task_id, TaskStatus::Completed, None, Some(Outcome::Result(raw))).await;
         }
         _ => {
             let error = last.error.unwrap_or_else(|| json!({ "message": "Notion reported the task failed" }));
             let message = format!("Notion task failed: {}", forms::error_text(&error));
-            finish_error_result(engine, task_id, error, message, meta);
+            finish_error_result(engine, task_id, error, message, meta).await;
         }
     }
 }
 
 /// Fails the task with Notion's error object (a failed task, or one Notion no longer knows).
-fn finish_failed(
+async fn finish_failed(
     engine: &TaskEngine,
     task_id: &str,
     notion_id: &str,
@@ -427,11 +454,11 @@ fn finish_failed(
     message: String,
 ) {
     let meta = json!({ "io.mcp-asyncify/notion": { "task_id": notion_id, "async_task": accepted.object } });
-    finish_error_result(engine, task_id, error, message, meta);
+    finish_error_result(engine, task_id, error, message, meta).await;
 }
 
 /// A tool result with `isError`: `message` as text (what a model reads), Notion's error structured.
-fn finish_error_result(engine: &TaskEngine, task_id: &str, error: Value, message: String, meta: Value) {
+async fn finish_error_result(engine: &TaskEngine, task_id: &str, error: Value, message: String, meta: Value) {
     let body = json!({
         "content": [{ "type": "text", "text": message }],
         "structuredContent": { "error": error },
@@ -439,17 +466,17 @@ fn finish_error_result(engine: &TaskEngine, task_id: &str, error: Value, message
         "_meta": meta,
     });
     let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
-    engine.finish(task_id, TaskStatus::Failed, Some(message), Some(Outcome::Result(raw)));
+    engine.finish(task_id, TaskStatus::Failed, Some(message), Some(Outcome::Result(raw))).await;
 }
 
 /// Fails the task because Notion's answers could not be used; `message` says why and shows them.
-fn finish_unreadable(engine: &TaskEngine, task_id: &str, message: String) {
+async fn finish_unreadable(engine: &TaskEngine, task_id: &str, message: String) {
     let body = json!({ "content": [{ "type": "text", "text": message }], "isError": true });
     let raw = RawValue::from_string(body.to_string()).expect("valid JSON");
-    engine.finish(task_id, TaskStatus::Failed, Some(message), Some(Outcome::Result(raw)));
+    engine.finish(task_id, TaskStatus::Failed, Some(message), Some(Outcome::Result(raw))).await;
 }
 
-fn finish_result(engine: &TaskEngine, task_id: &str, raw: Box<RawValue>) {
+async fn finish_result(engine: &TaskEngine, task_id: &str, raw: Box<RawValue>) {
     let result = serde_json::from_str::<Map<String, Value>>(raw.get()).unwrap_or_default();
     let failed = result.get("isError").and_then(Value::as_bool).unwrap_or(false);
     let (status, message) = match failed {
@@ -463,23 +490,23 @@ fn finish_result(engine: &TaskEngine, task_id: &str, raw: Box<RawValue>) {
         }
         false => (TaskStatus::Completed, None),
     };
-    engine.finish(task_id, status, message, Some(Outcome::Result(raw)));
+    engine.finish(task_id, status, message, Some(Outcome::Result(raw))).await;
 }
 
-fn finish_other(engine: &TaskEngine, task_id: &str, reply: Result<Outcome, UpstreamError>) {
+async fn finish_other(engine: &TaskEngine, task_id: &str, reply: Result<Outcome, UpstreamError>) {
     match reply {
-        Ok(Outcome::Result(raw)) => finish_result(engine, task_id, raw),
+        Ok(Outcome::Result(raw)) => finish_result(engine, task_id, raw).await,
         Ok(Outcome::Error(raw)) => {
             let message = serde_json::from_str::<Map<String, Value>>(raw.get())
                 .ok()
                 .and_then(|m| m.get("message").and_then(Value::as_str).map(str::to_owned));
-            engine.finish(task_id, TaskStatus::Failed, message, Some(Outcome::Error(raw)));
+            engine.finish(task_id, TaskStatus::Failed, message, Some(Outcome::Error(raw))).await;
         }
         Err(e) => {
             let message = format!("The task could not finish: {e}.");
             let error = json!({ "code": crate::jsonrpc::code::UPSTREAM_GONE, "message": message });
             let raw = RawValue::from_string(error.to_string()).expect("valid JSON");
-            engine.finish(task_id, TaskStatus::Failed, Some(message), Some(Outcome::Error(raw)));
+            engine.finish(task_id, TaskStatus::Failed, Some(message), Some(Outcome::Error(raw))).await;
         }
     }
 }

@@ -5,7 +5,7 @@
 //! SIGKILL, and we keep relaying its last answers meanwhile. When the upstream exits on its own, every
 //! request still waiting gets an error naming its exit status, and we exit with the same status.
 
-use super::session::{Session, Shared};
+use super::session::{DefaultStore, Session, Shared};
 use crate::config::Config;
 use crate::transport::http_upstream::HttpUpstreamOptions;
 use crate::transport::stdio::{self, UpstreamProcess};
@@ -17,9 +17,14 @@ pub async fn run(config: &Config, command: &[String]) -> anyhow::Result<i32> {
     let (mut process, child_in, child_out) = UpstreamProcess::spawn(command)?;
     tracing::info!(upstream = %process.description(), pid = process.pid(), "upstream started");
 
-    // In stdio the auth context is the process: one client, one owner.
-    let owner = format!("stdio:{}", uuid::Uuid::new_v4());
-    let mut session = Session::new(config, &Shared::new(config), owner, stdio::client_output(), child_in);
+    // Over stdio the owner is the local user (or the process, as configured); the default store is a
+    // file of this upstream's own, so a restarted wrapper serves the tasks of the previous one.
+    let shared =
+        Shared::open(config, DefaultStore::PerUpstreamFile(format!("command:{}", command.join("\u{0}"))))
+            .await?;
+    let owner = shared.stdio_owner(config);
+    let mut session = Session::new(config, &shared, owner.clone(), stdio::client_output(), child_in);
+    shared.resume_orphans(&session, &owner);
     let router = session.router.clone();
     let mut upstream_pump = tokio::spawn({
         let router = router.clone();
@@ -150,9 +155,12 @@ fn expand_env(value: &str) -> anyhow::Result<String> {
 /// the other. Client EOF or a signal ends the HTTP session (DELETE) after the calls in flight.
 pub async fn run_http(config: &Config, options: HttpUpstreamOptions) -> anyhow::Result<i32> {
     let started = std::time::Instant::now();
+    let identity = format!("url:{}", options.url);
+    let shared = Shared::open(config, DefaultStore::PerUpstreamFile(identity)).await?;
     let (upstream_in, upstream_out, http) = crate::transport::http_upstream::connect(options);
-    let owner = format!("stdio:{}", uuid::Uuid::new_v4());
-    let mut session = Session::new(config, &Shared::new(config), owner, stdio::client_output(), upstream_in);
+    let owner = shared.stdio_owner(config);
+    let mut session = Session::new(config, &shared, owner.clone(), stdio::client_output(), upstream_in);
+    shared.resume_orphans(&session, &owner);
     let router = session.router.clone();
     let mut upstream_pump = tokio::spawn({
         let router = router.clone();

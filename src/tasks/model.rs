@@ -125,8 +125,14 @@ pub struct TaskRecord {
     pub poll_interval_ms: u64,
     /// The final payload, once terminal (none for a cancelled task).
     pub outcome: Option<Outcome>,
-    /// Creation order, for stable `tasks/list` paging.
+    /// Creation order, for stable `tasks/list` paging (numbered by the store).
     pub seq: u64,
+    /// The process whose work runs the task (a random id per process), so that a restarted proxy
+    /// knows which unfinished tasks lost their runner.
+    pub runner: Option<String>,
+    /// The upstream's own id of the work (Notion's async task id), so that polling resumes after a
+    /// restart.
+    pub upstream_task: Option<String>,
 }
 
 impl TaskRecord {
@@ -288,6 +294,8 @@ mod tests {
             poll_interval_ms: 1000,
             outcome: None,
             seq: 1,
+            runner: None,
+            upstream_task: None,
         };
         let w = Value::Object(rec.to_wire());
         assert_eq!(w["createdAt"], "2025-11-25T10:30:00.123Z");
@@ -315,6 +323,8 @@ mod tests {
             poll_interval_ms: 1000,
             outcome: Some(Outcome::Result(raw(r#"{"content":[],"isError":true}"#))),
             seq: 1,
+            runner: None,
+            upstream_task: None,
         };
         let d = Value::Object(rec.to_detailed(None));
         assert_eq!(d["status"], "completed", "isError is completed in 2026-07-28");

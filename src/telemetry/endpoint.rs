@@ -46,7 +46,10 @@ fn answer(req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "metrics could not be encoded\n".into())
             }
         },
-        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/healthz") => match crate::tasks::store::measured::healthz() {
+            (true, text) => (StatusCode::OK, "text/plain", text.into()),
+            (false, text) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", text.into()),
+        },
         (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "try /metrics or /healthz\n".into()),
         _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into()),
     };

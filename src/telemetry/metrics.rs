@@ -14,6 +14,10 @@ const OPERATION_BUCKETS: &[f64] =
 const TASK_BUCKETS: &[f64] =
     &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1200.0, 1800.0];
 
+/// Buckets for task store operations: 10 µs to 2.5 s.
+const STORE_BUCKETS: &[f64] =
+    &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5];
+
 /// Every instrument the proxy records into.
 pub struct Metrics {
     /// `mcp.server.operation.duration`: a client's request to the proxy, until answered.
@@ -43,6 +47,10 @@ pub struct Metrics {
     /// `asyncify.runtime.tasks`: the tokio tasks alive in the process, read when metrics are collected
     /// (a leak of tasks shows as growth; the soak bench watches it). Kept so its callback stays.
     pub runtime_tasks: ObservableGauge<u64>,
+    /// `asyncify.store.operation.duration`: one task store operation.
+    pub store_operation: Histogram<f64>,
+    /// `asyncify.store.errors`: task store operations that failed (unavailable or refused).
+    pub store_errors: Counter<u64>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -138,6 +146,16 @@ impl Metrics {
                         gauge.observe(runtime.metrics().num_alive_tasks() as u64, &[]);
                     }
                 })
+                .build(),
+            store_operation: seconds(
+                "asyncify.store.operation.duration",
+                "Duration of one task store operation (memory, file or redis).",
+                STORE_BUCKETS,
+            ),
+            store_errors: m
+                .u64_counter("asyncify.store.errors")
+                .with_unit("{operation}")
+                .with_description("Task store operations that failed: the store unavailable or refusing.")
                 .build(),
         }
     }

@@ -13,6 +13,26 @@ use std::time::{Duration, Instant};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_mcp-asyncify");
 
+/// Gives a spawned proxy a fresh, empty data directory (its default task store lives there), unless the
+/// test set `MCP_ASYNCIFY_DATA_DIR` itself: tests never share tasks by accident and never touch the real
+/// user's data directory.
+pub fn isolate(cmd: &mut Command) {
+    if cmd.get_envs().any(|(k, _)| k == "MCP_ASYNCIFY_DATA_DIR") {
+        return;
+    }
+    cmd.env("MCP_ASYNCIFY_DATA_DIR", fresh_dir("data"));
+}
+
+/// A new empty directory under the system's temp dir.
+pub fn fresh_dir(what: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("asyncify-{what}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a temp dir");
+    dir
+}
+
 /// How long any single wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -33,9 +53,11 @@ impl Peer {
         Self::start_cmd(Command::new(BIN).args(args))
     }
 
-    /// Starts any command with piped stdio.
+    /// Starts any command with piped stdio (a proxy gets a fresh data directory of its own, unless the
+    /// test chose one).
     pub fn start_cmd(cmd: &mut Command) -> Peer {
         keep_sign_ins_apart(cmd);
+        isolate(cmd);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -320,6 +342,7 @@ impl Served {
         let args: Vec<String> = args.iter().map(|a| a.replace("{addr}", &addr)).collect();
         let mut command = Command::new(BIN);
         command.envs(env.iter().copied());
+        isolate(&mut command);
         keep_sign_ins_apart(command.args(&args));
         let mut child = command.stdin(Stdio::null()).spawn().expect("start the server");
         let deadline = Instant::now() + WAIT;

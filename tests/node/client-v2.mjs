@@ -25,6 +25,9 @@
 // numeric ids can never collide with) and takes the matching response off the transport before the
 // SDK's Protocol sees it.
 
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { Client, ProtocolError, StreamableHTTPClientTransport } from "@modelcontextprotocol/client";
 import { Failure, expect, sleep, withTimeout } from "./scenario.mjs";
 import { StdioClientTransport } from "@modelcontextprotocol/client/stdio";
@@ -201,7 +204,7 @@ async function connect(target) {
   const http = /^https?:\/\//.test(target.command);
   const transport = http
     ? new StreamableHTTPClientTransport(new URL(target.command), { fetch: recordingFetch() })
-    : new StdioClientTransport({ command: target.command, args: target.args, stderr: "inherit" });
+    : new StdioClientTransport({ command: target.command, args: target.args, stderr: "inherit", env: isolatedEnv() });
   await withTimeout(client.connect(transport, { timeout: STEP_TIMEOUT_MS }), STEP_TIMEOUT_MS + 5_000, `connect to ${target.command}`);
   const raw = new RawDispatcher(transport);
   const negotiated = client.getNegotiatedProtocolVersion();
@@ -659,3 +662,11 @@ async function main() {
 }
 
 await main();
+
+// The SDK passes a child only a few safe variables by default: give the proxy the whole environment
+// and a fresh data directory of its own, so a test never writes into the real user's data directory
+// (the stdio wrapper's default task store lives there) nor shares tasks with another test.
+function isolatedEnv() {
+  const dir = mkdtempSync(join(tmpdir(), "asyncify-node-data-"));
+  return { ...process.env, MCP_ASYNCIFY_DATA_DIR: dir };
+}

@@ -11,6 +11,9 @@
 //
 // Scenarios: everything | everything-tasks | fixture-tasks | notion-tasks
 
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { Failure, expect, sleep, withTimeout } from "./scenario.mjs";
 import { StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
@@ -133,7 +136,7 @@ async function connect(command, args, answers) {
           ? { headers: { Authorization: process.env.MCP_AUTHORIZATION } }
           : undefined,
       })
-    : new StdioClientTransport({ command, args, stderr: "inherit" });
+    : new StdioClientTransport({ command, args, stderr: "inherit", env: isolatedEnv() });
   await withTimeout(client.connect(transport, reqOpts()), STEP_TIMEOUT_MS, `connect to ${command}`);
   // A tap on the wire: every notifications/progress as it arrives. The SDK's Protocol runs
   // notification handlers in a later microtask but responses at once, so an `onprogress` callback
@@ -734,3 +737,11 @@ async function main() {
 }
 
 await main();
+
+// The SDK passes a child only a few safe variables by default: give the proxy the whole environment
+// and a fresh data directory of its own, so a test never writes into the real user's data directory
+// (the stdio wrapper's default task store lives there) nor shares tasks with another test.
+function isolatedEnv() {
+  const dir = mkdtempSync(join(tmpdir(), "asyncify-node-data-"));
+  return { ...process.env, MCP_ASYNCIFY_DATA_DIR: dir };
+}

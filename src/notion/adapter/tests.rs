@@ -51,8 +51,10 @@ async fn run(config: NotionConfig, start: Answer, polls: Vec<Answer>) -> Run {
     let (_exit_tx, exit) = tokio::sync::watch::channel(None);
     let upstream = Upstream::new(sink, own.clone(), exit);
     let engine = TaskEngine::new(TasksConfig::default(), Arc::new(MemoryStore::new()));
-    let record =
-        engine.create("test", "notion-duplicate-page", Origin::Notion, Generation::Legacy, None).unwrap();
+    let record = engine
+        .create("test", "notion-duplicate-page", Origin::Notion, Generation::Legacy, None)
+        .await
+        .unwrap();
     let adapter = NotionAdapter::new(config, Arc::new(PollScheduler::new(1000)));
 
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -98,7 +100,7 @@ async fn run(config: NotionConfig, start: Answer, polls: Vec<Answer>) -> Run {
     .expect("the task ends: never polls forever");
     drop(upstream);
     drop(adapter);
-    let record = engine.get("test", &record.id).unwrap();
+    let record = engine.get("test", &record.id).await.unwrap();
     fake.abort();
     let polls = seen.lock().unwrap().clone();
     Run { record, polls }

@@ -136,6 +136,8 @@ struct Peers {
     client_speaks_tasks: AtomicBool,
     /// Becomes true once the upstream's tools are known (listed by the proxy itself, or it gave up).
     tools_known: tokio::sync::watch::Sender<bool>,
+    /// Set once the upstream answered `initialize` (recovered tasks resume their polls then).
+    upstream_ready: tokio::sync::watch::Sender<bool>,
     /// Whether the proxy is listing the upstream's tools (it started after the handshake).
     discovering: AtomicBool,
     /// Set once the proxy initialized the upstream itself (for a 2026-07-28 client, which has no
@@ -219,10 +221,13 @@ impl Interceptor {
     }
 
     /// How many of the tasks this session started still run (their work needs this upstream).
-    pub fn tasks_in_flight(&self) -> usize {
-        self.tasks
-            .started
-            .retain(|id, _| self.engine.get(&self.owner, id).is_some_and(|r| !r.status.is_terminal()));
+    pub async fn tasks_in_flight(&self) -> usize {
+        let started: Vec<String> = self.tasks.started.iter().map(|e| e.key().clone()).collect();
+        for id in started {
+            if self.engine.get(&self.owner, &id).await.is_none_or(|r| r.status.is_terminal()) {
+                self.tasks.started.remove(&id);
+            }
+        }
         self.tasks.started.len()
     }
 
@@ -230,8 +235,30 @@ impl Interceptor {
     /// transition (and every few seconds, in case a transition was missed).
     pub async fn until_tasks_done(&self) {
         let mut events = self.engine.subscribe();
-        while self.tasks_in_flight() > 0 {
+        while self.tasks_in_flight().await > 0 {
             let _ = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        }
+    }
+
+    /// Resumes tasks recovered from the store (their process died): each Notion task polls its
+    /// persisted Notion task id on this session's upstream, once the upstream is initialized.
+    pub fn resume(self: &Arc<Self>, orphans: Vec<crate::tasks::engine::Orphan>) {
+        for orphan in orphans {
+            let (Origin::Notion, Some(notion_id)) = (orphan.task.origin, orphan.task.upstream_task.clone())
+            else {
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let task_id = orphan.task.id;
+                let stop = this.engine.stop_signal(&task_id).await;
+                let mut ready = this.peers.upstream_ready.subscribe();
+                if ready.wait_for(|r| *r).await.is_err() {
+                    return;
+                }
+                this.tasks.started.insert(task_id.clone(), ());
+                this.notion.resume_task(&this.engine, &this.upstream, &task_id, notion_id, stop).await;
+            });
         }
     }
 
@@ -388,7 +415,7 @@ impl Interceptor {
             }
         };
         let origin = if notion { Origin::Notion } else { Origin::Local };
-        let record = match self.engine.create(&self.owner, &tool, origin, Generation::Legacy, ttl) {
+        let record = match self.engine.create(&self.owner, &tool, origin, Generation::Legacy, ttl).await {
             Ok(created) => created,
             Err(e) => return self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
         };
@@ -403,7 +430,7 @@ impl Interceptor {
         // The answer goes out before the work starts, so no status notification can overtake it.
         self.reply_result(id, &Value::Object(result)).await;
         if notion {
-            let stop = self.engine.stop_signal(&record.id);
+            let stop = self.engine.stop_signal(&record.id).await;
             let this = self.clone();
             tokio::spawn(async move {
                 this.notion.run_task(&this.engine, &this.upstream, &record.id, call, stop).await;
@@ -466,39 +493,46 @@ impl Interceptor {
             Ok(request_id) => {
                 let this = Arc::downgrade(self);
                 let task = task_id.to_owned();
-                self.engine.on_stop(
-                    task_id,
-                    Box::new(move || {
-                        let Some(this) = this.upgrade() else { return };
-                        this.call_ended(&task);
-                        // The call will get no answer: its duration ends here, as cancelled.
-                        if let Some(crate::upstream::own::OwnWaiter::Task(_, sent)) =
-                            this.pending.own.take(&request_id)
-                            && crate::telemetry::metrics_on()
-                        {
-                            let tool = this.engine.get(&this.owner, &task).map(|r| r.tool);
-                            crate::telemetry::trace::record_client_operation(
-                                sent,
-                                "tools/call",
-                                tool.as_deref(),
-                                Some("cancelled"),
-                            );
-                        }
-                        this.upstream.forget(&request_id);
-                        tokio::spawn(async move {
-                            this.cancel_upstream(&request_id, "the task was cancelled").await
-                        });
-                    }),
-                );
+                self.engine
+                    .on_stop(
+                        task_id,
+                        Box::new(move || {
+                            let Some(this) = this.upgrade() else { return };
+                            this.call_ended(&task);
+                            // The call will get no answer: its duration ends here, as cancelled.
+                            let sent = match this.pending.own.take(&request_id) {
+                                Some(crate::upstream::own::OwnWaiter::Task(_, sent))
+                                    if crate::telemetry::metrics_on() =>
+                                {
+                                    Some(sent)
+                                }
+                                _ => None,
+                            };
+                            this.upstream.forget(&request_id);
+                            tokio::spawn(async move {
+                                if let Some(sent) = sent {
+                                    let tool = this.engine.get(&this.owner, &task).await.map(|r| r.tool);
+                                    crate::telemetry::trace::record_client_operation(
+                                        sent,
+                                        "tools/call",
+                                        tool.as_deref(),
+                                        Some("cancelled"),
+                                    );
+                                }
+                                this.cancel_upstream(&request_id, "the task was cancelled").await
+                            });
+                        }),
+                    )
+                    .await;
             }
-            Err(e) => self.task_call_failed(task_id, e),
+            Err(e) => self.task_call_failed(task_id, e).await,
         }
     }
 
     /// The upstream answered a task's call.
-    pub fn task_call_answered(&self, task_id: &str, reply: Outcome, sent: Instant) {
+    pub async fn task_call_answered(&self, task_id: &str, reply: Outcome, sent: Instant) {
         if crate::telemetry::metrics_on() {
-            let tool = self.engine.get(&self.owner, task_id).map(|r| r.tool);
+            let tool = self.engine.get(&self.owner, task_id).await.map(|r| r.tool);
             let error = match &reply {
                 Outcome::Error(e) => Some(crate::telemetry::trace::error_code(e)),
                 Outcome::Result(_) => None,
@@ -511,12 +545,12 @@ impl Interceptor {
             );
         }
         self.call_ended(task_id);
-        self.finish_with_reply(task_id, Ok(reply));
+        self.finish_with_reply(task_id, Ok(reply)).await;
     }
 
-    fn task_call_failed(&self, task_id: &str, error: UpstreamError) {
+    async fn task_call_failed(&self, task_id: &str, error: UpstreamError) {
         self.call_ended(task_id);
-        self.finish_with_reply(task_id, Err(error));
+        self.finish_with_reply(task_id, Err(error)).await;
     }
 
     /// A task's call is no longer in flight (answered, failed, or cancelled).
@@ -553,7 +587,7 @@ impl Interceptor {
 
     /// Ends a task with the upstream's answer: results as `completed` (or `failed` when `isError`),
     /// JSON-RPC errors and a vanished upstream as `failed`.
-    fn finish_with_reply(&self, task_id: &str, reply: Result<Outcome, UpstreamError>) {
+    async fn finish_with_reply(&self, task_id: &str, reply: Result<Outcome, UpstreamError>) {
         let (status, message, outcome) = match reply {
             Ok(Outcome::Result(raw)) if lookup(raw.get(), &["isError"]) == Some(Value::Bool(true)) => (
                 TaskStatus::Failed,
@@ -572,11 +606,11 @@ impl Interceptor {
                 (TaskStatus::Failed, Some(message), Outcome::Error(raw))
             }
         };
-        self.engine.finish(task_id, status, message, Some(outcome));
+        self.engine.finish(task_id, status, message, Some(outcome)).await;
     }
 
     /// What becomes of the upstream's response to a client request.
-    pub fn on_upstream_response(
+    pub async fn on_upstream_response(
         &self,
         id: &Id,
         rewrite: Rewrite,
@@ -610,18 +644,18 @@ impl Interceptor {
                     (None, Some(e)) => Outcome::Error(e.to_owned()),
                     (None, None) => return ResponseFate::Withheld,
                 };
-                self.finish_with_reply(&task_id, Ok(reply));
+                self.finish_with_reply(&task_id, Ok(reply)).await;
                 ResponseFate::Withheld
             }
         }
     }
 
     /// The client answered an upstream request: a task waiting on it resumes.
-    pub fn on_client_response(&self, id: &Id) {
+    pub async fn on_client_response(&self, id: &Id) {
         if let Some((_, task_id)) = self.tasks.input_requests.remove(id)
             && !self.tasks.input_requests.iter().any(|e| *e.value() == task_id)
         {
-            self.engine.set_status(&task_id, TaskStatus::Working, None);
+            self.engine.set_status(&task_id, TaskStatus::Working, None).await;
         }
     }
 
@@ -663,7 +697,7 @@ impl Interceptor {
     /// has recorded its end, so waiters get their answers before the session closes.
     pub async fn settle(&self, orphaned: Vec<String>, why: &str) {
         for task_id in orphaned {
-            self.task_call_failed(&task_id, UpstreamError::Gone(why.to_string()));
+            self.task_call_failed(&task_id, UpstreamError::Gone(why.to_string())).await;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         loop {

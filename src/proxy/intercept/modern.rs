@@ -475,7 +475,7 @@ impl Interceptor {
         call: Map<String, Value>,
         origin: Origin,
     ) {
-        let record = match self.engine.create(&self.owner, tool, origin, Generation::Modern, None) {
+        let record = match self.engine.create(&self.owner, tool, origin, Generation::Modern, None).await {
             Ok(created) => created,
             Err(e) => {
                 let line = jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &e.to_string(), None);
@@ -486,7 +486,7 @@ impl Interceptor {
         self.tasks.started.insert(record.id.clone(), ());
         self.tasks.modern_tasks.insert(record.id.clone(), InputRequests::new());
         if origin == Origin::Notion {
-            let stop = self.engine.stop_signal(&record.id);
+            let stop = self.engine.stop_signal(&record.id).await;
             let this = self.clone();
             let task_id = record.id.clone();
             tokio::spawn(async move {
@@ -508,12 +508,12 @@ impl Interceptor {
             if let Some(line) = line {
                 // Finished inside the window: the client never learns of the task.
                 self.tasks.modern_tasks.remove(&record.id);
-                self.engine.discard(&record.id);
+                self.engine.discard(&record.id).await;
                 self.client.send(line).await;
                 return;
             }
         }
-        let current = self.engine.get(&self.owner, &record.id).unwrap_or(record);
+        let current = self.engine.get(&self.owner, &record.id).await.unwrap_or(record);
         self.client
             .send(jsonrpc::result_response(id, &Value::Object(current.to_created()).to_string()))
             .await;
@@ -534,7 +534,7 @@ impl Interceptor {
                 .await;
         };
         let not_found = || format!("Task not found: {task_id:?} is unknown or expired");
-        let Some(record) = self.engine.get(&self.owner, task_id) else {
+        let Some(record) = self.engine.get(&self.owner, task_id).await else {
             if self.upstream_runs_tasks() {
                 return Decision::Forward(Rewrite::None); // the upstream's own task
             }
@@ -552,13 +552,16 @@ impl Interceptor {
                 let detailed = record.to_detailed(self.input_requests_of(task_id));
                 self.reply_result(id, &Value::Object(detailed)).await
             }
-            "tasks/cancel" => match self.engine.cancel(&self.owner, task_id) {
+            "tasks/cancel" => match self.engine.cancel(&self.owner, task_id).await {
                 // Cancelling an ended task is acknowledged all the same (it is idempotent in 2026-07-28).
                 Ok(_) | Err(CancelError::Terminal(_)) => {
                     self.refuse_held_requests(task_id, "the task was cancelled").await;
                     self.reply_result(id, &ack).await
                 }
                 Err(CancelError::NotFound) => self.reply_error(id, code::INVALID_PARAMS, &not_found()).await,
+                Err(e @ CancelError::Store(_)) => {
+                    self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await
+                }
             },
             _ => {
                 let responses = match params.get("inputResponses") {
@@ -592,7 +595,11 @@ impl Interceptor {
         }
         tracing::info!(task_id, key, method, "a 2026-07-28 task waits for input");
         let message = format!("Waiting for the client to answer {method} (tasks/update).");
-        self.engine.set_status(task_id, TaskStatus::InputRequired, Some(message));
+        // Called on the routing path, which does not wait for the store: the status follows.
+        let (engine, task_id) = (self.engine.clone(), task_id.to_owned());
+        tokio::spawn(
+            async move { engine.set_status(&task_id, TaskStatus::InputRequired, Some(message)).await },
+        );
     }
 
     /// `tasks/update`: each answer whose key is still outstanding goes upstream; unknown and already
@@ -610,7 +617,7 @@ impl Interceptor {
         }
         let outstanding = self.tasks.modern_tasks.get(task_id).is_some_and(|held| !held.is_empty());
         if !answered.is_empty() && !outstanding {
-            self.engine.set_status(task_id, TaskStatus::Working, None);
+            self.engine.set_status(task_id, TaskStatus::Working, None).await;
         }
     }
 

@@ -75,7 +75,7 @@ impl Interceptor {
         };
         self.tasks.input_requests.insert(id.clone(), task_id.clone());
         let message = format!("Waiting for the client to answer {method}.");
-        self.engine.set_status(&task_id, TaskStatus::InputRequired, Some(message));
+        self.engine.set_status(&task_id, TaskStatus::InputRequired, Some(message)).await;
         ServerRequestRoute::Send(jsonrpc::request(id, method, Some(&tagged)))
     }
 

@@ -53,12 +53,12 @@ impl Interceptor {
                 return self.reply_error(id, code::INVALID_PARAMS, msg).await;
             };
             // Only the caller's own tasks can be listened to; others are left out of the grant.
-            let mine: Vec<String> = ids
-                .iter()
-                .filter_map(Value::as_str)
-                .filter(|t| self.engine.get(&self.owner, t).is_some())
-                .map(str::to_owned)
-                .collect();
+            let mut mine: Vec<String> = Vec::new();
+            for t in ids.iter().filter_map(Value::as_str) {
+                if self.engine.get(&self.owner, t).await.is_some() {
+                    mine.push(t.to_owned());
+                }
+            }
             if mine.is_empty() && self.upstream_runs_tasks() {
                 return Decision::Forward(super::Rewrite::None); // the upstream's own tasks
             }

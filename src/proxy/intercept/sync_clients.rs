@@ -145,7 +145,7 @@ impl Interceptor {
             HandOff::Text { modern: false } => Generation::Legacy,
             _ => Generation::Modern,
         };
-        let record = match self.engine.create(&self.owner, tool, Origin::Local, generation, None) {
+        let record = match self.engine.create(&self.owner, tool, Origin::Local, generation, None).await {
             Ok(created) => created,
             Err(e) => {
                 tracing::warn!(%id, tool, error = %e, "cannot hand off a call past the sync deadline; it stays synchronous");
@@ -157,15 +157,18 @@ impl Interceptor {
         }
         // The task is the call, which began before the deadline: its age counts from there.
         let began = std::time::SystemTime::now().checked_sub(started.elapsed());
-        let record = began.and_then(|b| self.engine.backdate(&record.id, b)).unwrap_or(record);
+        let record = match began {
+            Some(b) => self.engine.backdate(&record.id, b).await.unwrap_or(record),
+            None => record,
+        };
         self.tasks.started.insert(record.id.clone(), ());
         if !self.pending.set_rewrite(id, Rewrite::HandedOff { task_id: record.id.clone() }) {
             // The answer came in the meantime: no task needed.
             self.tasks.modern_tasks.remove(&record.id);
-            self.engine.discard(&record.id);
+            self.engine.discard(&record.id).await;
             return None;
         }
-        self.stop_upstream_call_with_task(id, &record.id);
+        self.stop_upstream_call_with_task(id, &record.id).await;
         if style == HandOff::Task {
             tracing::info!(%id, tool, task_id = %record.id, waited_ms = started.elapsed().as_millis() as u64, "a 2026-07-28 call became a task");
             self.client
@@ -197,18 +200,20 @@ impl Interceptor {
     }
 
     /// Cancelling a handed-off task cancels its call upstream, which knows it by the client's id.
-    fn stop_upstream_call_with_task(self: &Arc<Self>, id: &Id, task_id: &str) {
+    async fn stop_upstream_call_with_task(self: &Arc<Self>, id: &Id, task_id: &str) {
         let this = Arc::downgrade(self);
         let id = id.clone();
-        self.engine.on_stop(
-            task_id,
-            Box::new(move || {
-                let Some(this) = this.upgrade() else { return };
-                // The call no longer counts as in flight (nor asks anything of anyone).
-                this.pending.abandon_client(&id);
-                tokio::spawn(async move { this.cancel_upstream(&id, "the task was cancelled").await });
-            }),
-        );
+        self.engine
+            .on_stop(
+                task_id,
+                Box::new(move || {
+                    let Some(this) = this.upgrade() else { return };
+                    // The call no longer counts as in flight (nor asks anything of anyone).
+                    this.pending.abandon_client(&id);
+                    tokio::spawn(async move { this.cancel_upstream(&id, "the task was cancelled").await });
+                }),
+            )
+            .await;
     }
 
     pub(super) async fn run_handoff_tool(
@@ -229,7 +234,7 @@ impl Interceptor {
             self.client.send(era_result(id, &tool_text(&text, true).to_string(), modern)).await;
             return;
         };
-        let Some(record) = self.engine.get(&self.owner, &task_id) else {
+        let Some(record) = self.engine.get(&self.owner, &task_id).await else {
             let text = format!(
                 "No task with id {task_id:?}: the id is wrong, or the task expired and its result is gone."
             );
@@ -250,7 +255,7 @@ impl Interceptor {
             match waited {
                 Ok(Some(done)) => done,
                 Ok(None) => record,
-                Err(_) => self.engine.get(&self.owner, &task_id).unwrap_or(record),
+                Err(_) => self.engine.get(&self.owner, &task_id).await.unwrap_or(record),
             }
         } else {
             record

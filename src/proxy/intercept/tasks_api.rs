@@ -34,7 +34,7 @@ impl Interceptor {
                     .await;
             }
         };
-        let local = self.engine.get(&self.owner, &task_id);
+        let local = self.engine.get(&self.owner, &task_id).await;
         if local.is_none() && (self.tasks.native_tasks.contains_key(&task_id) || self.facts().tools_call) {
             if method == "tasks/cancel" && !self.facts().cancel {
                 // The proxy declares `cancel` for its own tasks; the upstream did not for its own.
@@ -52,13 +52,16 @@ impl Interceptor {
                 Some(record) => self.reply_result(id, &Value::Object(record.to_wire())).await,
                 None => self.reply_error(id, code::INVALID_PARAMS, &not_found("retrieve")).await,
             },
-            "tasks/cancel" => match self.engine.cancel(&self.owner, &task_id) {
+            "tasks/cancel" => match self.engine.cancel(&self.owner, &task_id).await {
                 Ok(record) => self.reply_result(id, &Value::Object(record.to_wire())).await,
                 Err(e @ CancelError::Terminal(_)) => {
                     self.reply_error(id, code::INVALID_PARAMS, &e.to_string()).await
                 }
                 Err(CancelError::NotFound) => {
                     self.reply_error(id, code::INVALID_PARAMS, &not_found("cancel")).await
+                }
+                Err(e @ CancelError::Store(_)) => {
+                    self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await
                 }
             },
             _ => {
@@ -130,7 +133,7 @@ impl Interceptor {
             });
             return Decision::Handled;
         }
-        match self.engine.list(&self.owner, cursor.as_deref()) {
+        match self.engine.list(&self.owner, cursor.as_deref()).await {
             Ok((tasks, None)) if !upstream_lists && !self.tasks.native_tasks.is_empty() => {
                 // The upstream cannot list its tasks: the last page shows the ones this session saw
                 // it create, as its `tasks/get` tells them now (those it no longer knows are gone).

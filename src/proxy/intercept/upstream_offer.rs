@@ -22,6 +22,8 @@ impl Interceptor {
         facts.cancel = lookup_value(&caps, &["tasks", "cancel"]).is_some();
         facts.has_tools = caps.contains_key("tools");
         facts.initialized = Some(result.clone());
+        drop(facts);
+        self.peers.upstream_ready.send_replace(true);
     }
 
     pub(super) fn rewrite_initialize(&self, id: &Id, result: &RawValue) -> Option<Vec<u8>> {

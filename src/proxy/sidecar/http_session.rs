@@ -94,10 +94,14 @@ impl HttpSession {
         self.waiting.clear();
         self.standalone.lock().unwrap_or_else(|e| e.into_inner()).take();
         let intercept = self.session.lock().await.as_ref().map(|s| s.intercept.clone());
-        let Some(intercept) = intercept.filter(|i| i.tasks_in_flight() > 0) else {
+        let running = match &intercept {
+            Some(i) => i.tasks_in_flight().await,
+            None => 0,
+        };
+        let Some(intercept) = intercept.filter(|_| running > 0) else {
             return self.close(grace).await;
         };
-        tracing::info!(session = %short(&self.id), running = intercept.tasks_in_flight(), "session ended; its upstream stays until its tasks finish");
+        tracing::info!(session = %short(&self.id), running, "session ended; its upstream stays until its tasks finish");
         tokio::spawn(async move {
             intercept.until_tasks_done().await;
             tracing::info!(session = %short(&self.id), "the tasks of an ended session finished; closing its upstream");

@@ -44,7 +44,6 @@ mod stateless;
 use super::session::{Router, Session, Shared};
 use crate::config::Config;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
-use crate::tasks::engine::owner_hash;
 use crate::transport::http_upstream::{self, HttpUpstream, HttpUpstreamOptions};
 use crate::transport::lines::{Line, LineReader};
 use crate::transport::stdio::{self, UpstreamProcess};
@@ -243,14 +242,15 @@ impl Sidecar {
 
 impl Sidecar {
     /// The sidecar's state, serving at `bound`.
-    fn new(config: &Config, args: ServeArgs, bound: SocketAddr) -> Arc<Sidecar> {
+    async fn new(config: &Config, args: ServeArgs, bound: SocketAddr) -> anyhow::Result<Arc<Sidecar>> {
         let mut allowed_hosts: Vec<String> =
             ["localhost", "127.0.0.1", "[::1]"].iter().map(|h| h.to_string()).collect();
         allowed_hosts.push(bound.ip().to_string());
         allowed_hosts.extend(args.allow_hosts.iter().map(|h| h.to_ascii_lowercase()));
-        Arc::new(Sidecar {
+        let shared = Shared::open(config, super::session::DefaultStore::Memory).await?;
+        Ok(Arc::new(Sidecar {
             config: config.clone(),
-            shared: Shared::new(config),
+            shared,
             sessions: DashMap::new(),
             stateless: DashMap::new(),
             opening: tokio::sync::Mutex::new(()),
@@ -258,7 +258,7 @@ impl Sidecar {
             concurrency: Arc::new(tokio::sync::Semaphore::new(args.max_concurrent_requests)),
             allowed_hosts,
             args,
-        })
+        }))
     }
 }
 
@@ -278,7 +278,7 @@ pub async fn run(config: &Config, args: ServeArgs) -> anyhow::Result<i32> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", args.listen))?;
     let bound = listener.local_addr()?;
-    let sidecar = Sidecar::new(config, args, bound);
+    let sidecar = Sidecar::new(config, args, bound).await?;
     let upstream = match &sidecar.args.upstream {
         Some(o) => format!("{o:?}"),
         None => sidecar.args.command.join(" "),
@@ -356,7 +356,7 @@ mod tests {
     use super::*;
     use tower::ServiceExt;
 
-    fn sidecar(max_message_bytes: usize, max_concurrent_requests: usize) -> Arc<Sidecar> {
+    async fn sidecar(max_message_bytes: usize, max_concurrent_requests: usize) -> Arc<Sidecar> {
         let mut config = Config::default();
         config.proxy.max_message_bytes = max_message_bytes;
         let args = ServeArgs {
@@ -370,7 +370,7 @@ mod tests {
             upstream: None,
             pass_client_authorization: false,
         };
-        Sidecar::new(&config, args, "127.0.0.1:8931".parse().unwrap())
+        Sidecar::new(&config, args, "127.0.0.1:8931".parse().unwrap()).await.unwrap()
     }
 
     fn post(body: &'static str) -> Request<Full<Bytes>> {
@@ -388,7 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_transport_rules_answer_without_a_socket() {
-        let s = sidecar(1024, 8);
+        let s = sidecar(1024, 8).await;
         let r = s
             .service()
             .oneshot(
@@ -414,14 +414,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_the_limit_is_refused_by_the_layer() {
-        let s = sidecar(16, 8);
+        let s = sidecar(16, 8).await;
         let r = s.service().oneshot(post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)).await.unwrap();
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 
     #[tokio::test]
     async fn past_the_concurrency_limit_requests_are_shed_with_503_not_queued() {
-        let s = sidecar(1024, 1);
+        let s = sidecar(1024, 1).await;
         let _busy = s.concurrency.clone().acquire_owned().await.unwrap();
         let started = Instant::now();
         let r = s.service().oneshot(post("{}")).await.unwrap();

@@ -55,7 +55,10 @@ impl Sidecar {
             return r;
         }
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok"),
+            (&Method::GET, "/healthz") => match crate::tasks::store::measured::healthz() {
+                (true, text) => plain(StatusCode::OK, text.trim_end()),
+                (false, text) => plain(StatusCode::SERVICE_UNAVAILABLE, &text),
+            },
             (&Method::GET, "/metrics") => match crate::telemetry::render_prometheus() {
                 Some(text) => full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
                 None => plain(StatusCode::NOT_FOUND, "metrics are off (start with --metrics-listen)"),
@@ -72,8 +75,12 @@ impl Sidecar {
         }
     }
 
-    pub(super) fn credential(headers: &HeaderMap) -> Option<String> {
-        headers.get(header::AUTHORIZATION).map(|v| owner_hash(&String::from_utf8_lossy(v.as_bytes())))
+    /// The owner bound to the request's credential: an HMAC-SHA256 of its Authorization header, keyed
+    /// by the store's secret (never the credential itself).
+    pub(super) fn credential(&self, headers: &HeaderMap) -> Option<String> {
+        headers
+            .get(header::AUTHORIZATION)
+            .map(|v| self.shared.owners.owner("credential", &String::from_utf8_lossy(v.as_bytes())))
     }
 
     /// The session a request names, checked against its credential.
@@ -89,7 +96,7 @@ impl Sidecar {
         let Some(s) = self.sessions.get(id).map(|s| s.value().clone()) else {
             return Err(rpc_error(StatusCode::NOT_FOUND, None, -32001, "Session not found"));
         };
-        if s.credential != Self::credential(headers) {
+        if s.credential != self.credential(headers) {
             // Not the credential that made the session: as if it did not exist.
             return Err(rpc_error(StatusCode::NOT_FOUND, None, -32001, "Session not found"));
         }

@@ -43,11 +43,11 @@ impl Sidecar {
         self: Arc<Self>,
         headers: &HeaderMap,
     ) -> Result<Arc<HttpSession>, Response<HttpBody>> {
-        let credential = Self::credential(headers);
+        let credential = self.credential(headers);
         let session_key = uuid::Uuid::new_v4().simple().to_string();
         let owner = match &credential {
-            Some(c) => format!("credential:{c}"),
-            None => format!("session:{session_key}"),
+            Some(c) => c.clone(),
+            None => self.shared.owners.owner("session", &session_key),
         };
         let session = self.clone().spawn_session(headers, session_key, credential, owner).await?;
         self.sessions.insert(session.id.clone(), session.clone());
@@ -98,7 +98,8 @@ impl Sidecar {
             },
         };
         let (client_w, client_r) = tokio::io::duplex(1 << 20);
-        let session = Session::new(&self.config, &self.shared, owner, client_w, upstream_in);
+        let session = Session::new(&self.config, &self.shared, owner.clone(), client_w, upstream_in);
+        self.shared.resume_orphans(&session, &owner);
         let router = session.router.clone();
         let http = Arc::new(HttpSession {
             id: id.clone(),

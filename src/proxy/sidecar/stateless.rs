@@ -67,7 +67,7 @@ impl Sidecar {
         self: Arc<Self>,
         headers: &HeaderMap,
     ) -> Result<Arc<HttpSession>, Response<HttpBody>> {
-        let credential = Self::credential(headers);
+        let credential = self.credential(headers);
         let key = credential.clone().unwrap_or_default();
         if let Some(s) = self.stateless.get(&key) {
             return Ok(s.value().clone());
@@ -77,7 +77,7 @@ impl Sidecar {
             return Ok(s.value().clone());
         }
         let owner = match &credential {
-            Some(c) => format!("credential:{c}"),
+            Some(c) => c.clone(),
             // Without a credential, task ids (unguessable) are what binds a task to its client.
             None => "stateless".to_owned(),
         };

@@ -4,29 +4,46 @@
 //! is held for microseconds and an async lock would only add overhead (the same reasoning as
 //! mini-redis's `Db`).
 
-use super::{StoreError, TaskStore};
+use super::{Caps, Edit, StoreError, TaskStore};
 use crate::tasks::model::TaskRecord;
+use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-/// Tasks in memory, indexed by id, by owner (in creation order) and by expiry.
-#[derive(Default)]
+/// Tasks in memory, indexed by id, by owner (in creation order), by number and by expiry.
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    secret: [u8; 32],
 }
 
 #[derive(Default)]
 struct Inner {
     tasks: HashMap<String, TaskRecord>,
     by_owner: HashMap<String, BTreeMap<u64, String>>,
+    by_seq: BTreeMap<u64, String>,
     expiries: BTreeSet<(SystemTime, String)>,
+    next_seq: u64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store, with a secret of its own (owners bound in it mean nothing after the process).
     pub fn new() -> Self {
-        Self::default()
+        let mut secret = [0u8; 32];
+        secret[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        secret[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        MemoryStore { inner: Mutex::new(Inner { next_seq: 1, ..Inner::default() }), secret }
+    }
+
+    /// The store's secret (see [`TaskStore::secret`]), without awaiting.
+    pub fn secret_now(&self) -> [u8; 32] {
+        self.secret
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -35,130 +52,113 @@ impl MemoryStore {
     }
 }
 
+#[async_trait]
 impl TaskStore for MemoryStore {
-    fn insert(&self, record: TaskRecord, max_live: usize) -> Result<(), StoreError> {
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+
+    async fn insert(&self, mut record: TaskRecord, caps: Caps) -> Result<TaskRecord, StoreError> {
         let mut inner = self.lock();
-        if inner.tasks.len() >= max_live {
-            return Err(StoreError::Full { limit: max_live });
+        if inner.tasks.len() >= caps.max_live {
+            return Err(StoreError::Full { limit: caps.max_live });
         }
+        if inner.by_owner.get(&record.owner).map_or(0, |ids| ids.len()) >= caps.max_per_owner {
+            return Err(StoreError::OwnerFull { limit: caps.max_per_owner });
+        }
+        record.seq = inner.next_seq;
+        inner.next_seq += 1;
         inner.by_owner.entry(record.owner.clone()).or_default().insert(record.seq, record.id.clone());
+        inner.by_seq.insert(record.seq, record.id.clone());
         inner.expiries.insert((record.expires_at(), record.id.clone()));
-        inner.tasks.insert(record.id.clone(), record);
-        Ok(())
+        inner.tasks.insert(record.id.clone(), record.clone());
+        Ok(record)
     }
 
-    fn get(&self, id: &str) -> Option<TaskRecord> {
-        self.lock().tasks.get(id).cloned()
+    async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        Ok(self.lock().tasks.get(id).cloned())
     }
 
-    fn update(&self, id: &str, change: &mut dyn FnMut(&mut TaskRecord) -> bool) -> Option<TaskRecord> {
+    async fn update(
+        &self,
+        id: &str,
+        change: &Edit<'_>,
+    ) -> Result<Option<(TaskRecord, TaskRecord)>, StoreError> {
         let mut inner = self.lock();
-        let record = inner.tasks.get_mut(id)?;
+        let Some(record) = inner.tasks.get_mut(id) else { return Ok(None) };
         let mut next = record.clone();
         if !change(&mut next) {
-            return None;
+            return Ok(None);
         }
         debug_assert_eq!(next.expires_at(), record.expires_at(), "ttl never changes after creation");
-        *record = next.clone();
-        Some(next)
+        let before = std::mem::replace(record, next.clone());
+        Ok(Some((before, next)))
     }
 
-    fn list(&self, owner: &str, after_seq: Option<u64>, limit: usize) -> Vec<TaskRecord> {
+    async fn list(
+        &self,
+        owner: Option<&str>,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
         let inner = self.lock();
-        let Some(ids) = inner.by_owner.get(owner) else { return Vec::new() };
+        let ids = match owner {
+            Some(owner) => match inner.by_owner.get(owner) {
+                Some(ids) => ids,
+                None => return Ok(Vec::new()),
+            },
+            None => &inner.by_seq,
+        };
         let start = after_seq.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        ids.range((start, std::ops::Bound::Unbounded))
+        Ok(ids
+            .range((start, std::ops::Bound::Unbounded))
             .take(limit)
             .filter_map(|(_, id)| inner.tasks.get(id).cloned())
-            .collect()
+            .collect())
     }
 
-    fn remove(&self, id: &str) -> Option<TaskRecord> {
+    async fn remove(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
         let mut inner = self.lock();
-        let record = inner.tasks.remove(id)?;
+        let Some(record) = inner.tasks.remove(id) else { return Ok(None) };
         if let Some(ids) = inner.by_owner.get_mut(&record.owner) {
             ids.remove(&record.seq);
             if ids.is_empty() {
                 inner.by_owner.remove(&record.owner);
             }
         }
+        inner.by_seq.remove(&record.seq);
         inner.expiries.remove(&(record.expires_at(), record.id.clone()));
-        Some(record)
+        Ok(Some(record))
     }
 
-    fn expired(&self, now: SystemTime) -> Vec<String> {
+    async fn expired(&self, now: SystemTime, limit: usize) -> Result<Vec<String>, StoreError> {
         let inner = self.lock();
-        inner.expiries.iter().take_while(|(at, _)| *at <= now).map(|(_, id)| id.clone()).collect()
+        Ok(inner
+            .expiries
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .take(limit)
+            .map(|(_, id)| id.clone())
+            .collect())
     }
 
-    fn next_expiry(&self) -> Option<SystemTime> {
-        self.lock().expiries.first().map(|(at, _)| *at)
+    async fn next_expiry(&self) -> Result<Option<SystemTime>, StoreError> {
+        Ok(self.lock().expiries.first().map(|(at, _)| *at))
     }
 
-    fn len(&self) -> usize {
-        self.lock().tasks.len()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::tasks::model::{Origin, TaskStatus};
-    use std::time::Duration;
-
-    fn record(id: &str, owner: &str, seq: u64, ttl_ms: u64) -> TaskRecord {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        TaskRecord {
-            id: id.into(),
-            owner: owner.into(),
-            tool: "t".into(),
-            origin: Origin::Local,
-            generation: crate::tasks::model::Generation::Legacy,
-            status: TaskStatus::Working,
-            status_message: None,
-            created_at: now,
-            last_updated_at: now,
-            state_since: now,
-            ttl_ms,
-            poll_interval_ms: 1000,
-            outcome: None,
-            seq,
-        }
+    async fn len(&self) -> Result<usize, StoreError> {
+        Ok(self.lock().tasks.len())
     }
 
-    #[test]
-    fn lists_per_owner_in_creation_order_with_stable_paging() {
-        let s = MemoryStore::new();
-        for i in 0..5 {
-            s.insert(record(&format!("a{i}"), "alice", i, 1000), 100).unwrap();
-        }
-        s.insert(record("b0", "bob", 10, 1000), 100).unwrap();
-        let page1 = s.list("alice", None, 2);
-        assert_eq!(page1.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a0", "a1"]);
-        s.remove("a2");
-        let page2 = s.list("alice", Some(page1[1].seq), 2);
-        assert_eq!(page2.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a3", "a4"]);
-        assert_eq!(s.list("bob", None, 10).len(), 1);
-        assert!(s.list("carol", None, 10).is_empty());
+    async fn unfinished(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        Ok(self.lock().tasks.values().filter(|r| !r.status.is_terminal()).cloned().collect())
     }
 
-    #[test]
-    fn the_cap_is_enforced() {
-        let s = MemoryStore::new();
-        s.insert(record("a", "o", 1, 10), 1).unwrap();
-        assert_eq!(s.insert(record("b", "o", 2, 10), 1), Err(StoreError::Full { limit: 1 }));
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
-    #[test]
-    fn expiry_is_indexed() {
-        let s = MemoryStore::new();
-        s.insert(record("short", "o", 1, 10), 10).unwrap();
-        s.insert(record("long", "o", 2, 10_000), 10).unwrap();
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        assert_eq!(s.next_expiry(), Some(t0 + Duration::from_millis(10)));
-        assert_eq!(s.expired(t0 + Duration::from_secs(1)), vec!["short".to_string()]);
-        s.remove("short");
-        assert_eq!(s.len(), 1);
-        assert!(s.expired(t0 + Duration::from_secs(1)).is_empty());
+    async fn secret(&self) -> Result<[u8; 32], StoreError> {
+        Ok(self.secret)
     }
 }

@@ -1,0 +1,319 @@
+//! Durable tasks through the built binary: a wrapper killed with `kill -9` in the middle of a Notion
+//! task (the simulator runs over HTTP so it outlives the proxy), a sidecar restarted on the same port,
+//! two sidecars on one Redis, and the admin command.
+
+mod common;
+
+use common::{BIN, Peer, Served, fresh_dir, http};
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TASK_CLIENT: &str = r#"{"tasks":{"list":{},"cancel":{}}}"#;
+
+fn notion_sim(work_ms: &str) -> Served {
+    Served::start(&[
+        "notion-sim",
+        "--log-level",
+        "error",
+        "--http",
+        "{addr}",
+        "--work-ms",
+        work_ms,
+        "--suggested-backoff-ms",
+        "200",
+        "--rate-limit",
+        "0",
+    ])
+}
+
+/// A stdio wrapper in front of the simulator, with its data directory (the default file store).
+fn wrapper(sim: &Served, data: &std::path::Path) -> Peer {
+    let mut p = Peer::start_cmd(
+        Command::new(BIN)
+            .args(["--log-level", "warn", "--upstream-url", &sim.url])
+            .env("MCP_ASYNCIFY_DATA_DIR", data),
+    );
+    p.initialize(serde_json::from_str(TASK_CLIENT).unwrap());
+    p
+}
+
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_wrapper_killed_mid_notion_task_loses_nothing() {
+    let sim = notion_sim("2500");
+    let data = fresh_dir("e2e-data");
+    let mut p = wrapper(&sim, &data);
+    let r = p.ok(
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
+    );
+    let task = r["task"]["taskId"].as_str().unwrap().to_owned();
+    // Once Notion's task id is bound (the status names it), kill the wrapper without a chance to react.
+    let mut n = 2;
+    wait_until("the Notion task to start", || {
+        n += 1;
+        let t = p.ok(n, "tasks/get", json!({"taskId": task}));
+        t["statusMessage"].as_str().is_some_and(|m| m.starts_with("Notion task"))
+    });
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+
+    // A new wrapper on the same store, a new client: the task is there, resumes, and completes.
+    let mut q = wrapper(&sim, &data);
+    let listed = q.ok(1, "tasks/list", json!({}));
+    assert!(listed["tasks"].as_array().unwrap().iter().any(|t| t["taskId"] == task.as_str()), "{listed}");
+    let r = q.ok(2, "tasks/result", json!({"taskId": task}));
+    let page = r
+        .get("structuredContent")
+        .cloned()
+        .unwrap_or_else(|| serde_json::from_str(common::text_of(&r)).unwrap());
+    assert_eq!(page["page"]["duplicated_from"], "roadmap", "{r}");
+    let t = q.ok(3, "tasks/get", json!({"taskId": task}));
+    assert_eq!(t["status"], "completed");
+    q.close_stdin();
+    assert!(q.wait_exit(Duration::from_secs(15)).success(), "{}", q.stderr());
+}
+
+#[test]
+fn a_call_that_died_with_the_wrapper_fails_saying_so() {
+    let data = fresh_dir("e2e-local");
+    let start = |data: &std::path::Path| {
+        let mut p = Peer::start_cmd(
+            Command::new(BIN)
+                .args(["--log-level", "warn", "--", BIN, "test-server"])
+                .env("MCP_ASYNCIFY_DATA_DIR", data),
+        );
+        p.initialize(serde_json::from_str(TASK_CLIENT).unwrap());
+        p
+    };
+    let mut p = start(&data);
+    let r = p.ok(1, "tools/call", json!({"name": "slow", "arguments": {"ms": 60_000}, "task": {}}));
+    let task = r["task"]["taskId"].as_str().unwrap().to_owned();
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    let mut q = start(&data);
+    let t = q.ok(1, "tasks/get", json!({"taskId": task}));
+    assert_eq!(t["status"], "failed", "{t}");
+    let msg = t["statusMessage"].as_str().unwrap();
+    assert!(msg.contains("stopped (crash or restart)") && msg.contains("'slow'"), "{msg}");
+    let r = q.call(2, "tasks/result", json!({"taskId": task}));
+    assert!(r["error"]["message"].as_str().unwrap().contains("died with it"), "{r}");
+    q.close_stdin();
+    assert!(q.wait_exit(Duration::from_secs(15)).success(), "{}", q.stderr());
+    // The same store with --stdio-owner process: the user's tasks are not this process's.
+    let mut other = Peer::start_cmd(
+        Command::new(BIN)
+            .args(["--log-level", "warn", "--stdio-owner", "process", "--", BIN, "test-server"])
+            .env("MCP_ASYNCIFY_DATA_DIR", &data),
+    );
+    other.initialize(serde_json::from_str(TASK_CLIENT).unwrap());
+    let r = other.call(1, "tasks/get", json!({"taskId": task}));
+    assert!(r["error"].is_object(), "{r}");
+    other.close_stdin();
+    assert!(other.wait_exit(Duration::from_secs(15)).success(), "{}", other.stderr());
+    // The admin command shows it, with the owner as a hash only.
+    let file = std::fs::read_dir(data.join("tasks")).unwrap().next().unwrap().unwrap().path();
+    let out = Command::new(BIN)
+        .args(["tasks", "list", "--store", &format!("file:{}", file.display())])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(line["taskId"], task.as_str());
+    assert_eq!(line["owner"].as_str().unwrap().len(), 16);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&std::env::var("USER").unwrap_or("root".into())));
+}
+
+/// A sidecar with `args`, on `addr` (or a fresh one).
+fn sidecar(addr: Option<&str>, upstream: &str, store: &str) -> (Child, String) {
+    let addr = addr.map(str::to_owned).unwrap_or_else(common::free_addr);
+    let mut cmd = Command::new(BIN);
+    common::isolate(&mut cmd);
+    let child = cmd
+        .args([
+            "--log-level",
+            "warn",
+            "--profile",
+            "notion",
+            "serve",
+            "--listen",
+            &addr,
+            "--upstream-url",
+            upstream,
+        ])
+        .args(["--store", store])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "the sidecar did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, addr)
+}
+
+/// A 2025-11-25 session over HTTP with a bearer credential.
+struct HttpClient {
+    addr: String,
+    auth: String,
+    session: String,
+}
+
+impl HttpClient {
+    fn open(addr: &str, token: &str) -> HttpClient {
+        let auth = format!("Authorization: Bearer {token}");
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": serde_json::from_str::<Value>(TASK_CLIENT).unwrap(),
+            "clientInfo": {"name": "t", "version": "1"}}});
+        let r = http(addr, "POST", "/mcp", &HttpClient::headers(&auth, None), init.to_string().as_bytes());
+        assert_eq!(r.status, 200, "{}", r.body);
+        let session = r.header("mcp-session-id").expect("a session").to_owned();
+        let c = HttpClient { addr: addr.into(), auth, session };
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        http(
+            &c.addr,
+            "POST",
+            "/mcp",
+            &HttpClient::headers(&c.auth, Some(&c.session)),
+            note.to_string().as_bytes(),
+        );
+        c
+    }
+
+    fn headers<'a>(auth: &'a str, session: Option<&'a str>) -> Vec<&'a str> {
+        let mut h =
+            vec!["Content-Type: application/json", "Accept: application/json, text/event-stream", auth];
+        if let Some(s) = session {
+            h.push(s);
+        }
+        h
+    }
+
+    fn call(&self, id: u64, method: &str, params: Value) -> Value {
+        let session = format!("Mcp-Session-Id: {}", self.session);
+        let msg = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let r = http(
+            &self.addr,
+            "POST",
+            "/mcp",
+            &HttpClient::headers(&self.auth, Some(&session)),
+            msg.to_string().as_bytes(),
+        );
+        r.messages()
+            .into_iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("no answer to {method}: {} {}", r.status, r.body))
+    }
+}
+
+#[test]
+fn a_sidecar_restarted_on_its_port_serves_the_same_credentials_tasks() {
+    let sim = notion_sim("2500");
+    let dir = fresh_dir("e2e-sidecar");
+    let store = format!("file:{}", dir.join("tasks.redb").display());
+    let (mut first, addr) = sidecar(None, &sim.url, &store);
+    let c = HttpClient::open(&addr, "token-1");
+    let r = c.call(
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
+    );
+    let task = r["result"]["task"]["taskId"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned();
+    let mut n = 2;
+    wait_until("the Notion task to start", || {
+        n += 1;
+        let t = c.call(n, "tasks/get", json!({"taskId": task}));
+        t["result"]["statusMessage"].as_str().is_some_and(|m| m.starts_with("Notion task"))
+    });
+    let _ = first.kill();
+    let _ = first.wait();
+    let (mut second, _) = sidecar(Some(&addr), &sim.url, &store);
+    let c = HttpClient::open(&addr, "token-1");
+    let r = c.call(1, "tasks/result", json!({"taskId": task}));
+    assert!(
+        r["result"]["structuredContent"]["page"]["duplicated_from"] == "roadmap"
+            || r.to_string().contains("roadmap"),
+        "{r}"
+    );
+    let stranger = HttpClient::open(&addr, "token-2");
+    let r = stranger.call(1, "tasks/get", json!({"taskId": task}));
+    assert!(r["error"].is_object(), "another credential sees nothing: {r}");
+    let _ = second.kill();
+    let _ = second.wait();
+}
+
+#[test]
+fn two_sidecars_on_one_redis_share_tasks_waits_and_cancels() {
+    let redis_dir = fresh_dir("e2e-redis");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&redis_dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is needed (apt-get install redis-server)");
+    wait_until("redis", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let store = format!("redis://127.0.0.1:{port}/0");
+    let sim = notion_sim("1500");
+    let (mut a, addr_a) = sidecar(None, &sim.url, &store);
+    let (mut b, addr_b) = sidecar(None, &sim.url, &store);
+    let on_a = HttpClient::open(&addr_a, "shared-token");
+    let on_b = HttpClient::open(&addr_b, "shared-token");
+    // Created on A, read at once and waited for on B.
+    let r = on_a.call(
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
+    );
+    let task = r["result"]["task"]["taskId"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned();
+    let t = on_b.call(2, "tasks/get", json!({"taskId": task}));
+    assert_eq!(t["result"]["status"], "working", "{t}");
+    let r = on_b.call(3, "tasks/result", json!({"taskId": task}));
+    assert!(r.to_string().contains("roadmap"), "{r}");
+    // Cancelled on B, seen cancelled on A.
+    let r = on_a.call(
+        4,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
+    );
+    let second = r["result"]["task"]["taskId"].as_str().unwrap().to_owned();
+    let c = on_b.call(5, "tasks/cancel", json!({"taskId": second}));
+    assert_eq!(c["result"]["status"], "cancelled", "{c}");
+    let t = on_a.call(6, "tasks/get", json!({"taskId": second}));
+    assert_eq!(t["result"]["status"], "cancelled", "{t}");
+    // Both report the store healthy.
+    let h = http(&addr_a, "GET", "/healthz", &[], b"");
+    assert!(h.status == 200 && h.body.trim() == "ok", "{}", h.body);
+    // Redis gone: /healthz says so, new tasks are refused clearly, plain calls still flow.
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let r = on_a.call(
+        7,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "y"}, "task": {}}),
+    );
+    let msg = r["error"]["message"].as_str().unwrap_or_else(|| panic!("{r}"));
+    assert!(msg.contains("task store is unavailable"), "{msg}");
+    let r = on_a.call(8, "tools/call", json!({"name": "notion-search", "arguments": {"query": "Road"}}));
+    assert!(r["result"].is_object(), "a plain call flows without the store: {r}");
+    let h = http(&addr_a, "GET", "/healthz", &[], b"");
+    assert_eq!(h.status, 503, "{}", h.body);
+    assert!(h.body.contains("redis://127.0.0.1") && h.body.contains("unavailable"), "{}", h.body);
+    for s in [&mut a, &mut b] {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    let _ = std::fs::remove_dir_all(&redis_dir);
+}
