@@ -279,7 +279,13 @@ fn upstream_options(
     interactive_by_default: bool,
 ) -> anyhow::Result<mcp_asyncify::transport::http_upstream::HttpUpstreamOptions> {
     let mut options = mcp_asyncify::proxy::wrapper::http_options(url, headers)?;
-    mcp_asyncify::auth::attach(&config.upstream_auth, &mut options, interactive_by_default)?;
+    let has_authorization = options.headers.iter().any(|(name, _)| name == http::header::AUTHORIZATION);
+    options.oauth = mcp_asyncify::auth::for_upstream(
+        &config.upstream_auth,
+        &options.url.to_string(),
+        has_authorization,
+        interactive_by_default,
+    )?;
     Ok(options)
 }
 

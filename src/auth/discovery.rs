@@ -114,15 +114,7 @@ fn split_url(url: &str) -> Result<(String, String), AuthError> {
     Ok((format!("{scheme}://{authority}"), path))
 }
 
-/// Whether `url` may carry OAuth traffic: https, or http to this machine.
-pub fn secure_enough(url: &str) -> bool {
-    let Ok(uri) = url.parse::<http::Uri>() else { return false };
-    match (uri.scheme_str(), uri.host()) {
-        (Some("https"), Some(_)) => true,
-        (Some("http"), Some(host)) => matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "::1"),
-        _ => false,
-    }
-}
+pub use crate::config::secure_enough;
 
 /// Fetches and checks one metadata document; `Ok(None)` when it is not there (404 and the like),
 /// so the next candidate is tried.

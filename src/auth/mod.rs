@@ -88,24 +88,24 @@ pub enum AuthError {
     },
 }
 
-/// Turns the OAuth sign-in on for `options` when `config.mode` is `oauth` and no `Authorization`
-/// header is configured (a header is for headless use and wins). `interactive_by_default` is what
-/// `sign_in = "auto"` means here (the stdio wrapper: yes; the sidecar: no).
-pub fn attach(
+/// The OAuth sign-in for the upstream `url`, when `config.mode` is `oauth` and no `Authorization`
+/// header is configured (a header is for headless use and wins): what `HttpUpstreamOptions::oauth`
+/// takes. `interactive_by_default` is what `sign_in = "auto"` means here (the stdio wrapper: yes; the
+/// sidecar: no).
+pub fn for_upstream(
     config: &UpstreamAuthConfig,
-    options: &mut crate::transport::http_upstream::HttpUpstreamOptions,
+    url: &str,
+    has_authorization_header: bool,
     interactive_by_default: bool,
-) -> Result<(), AuthError> {
+) -> Result<Option<Arc<UpstreamAuth>>, AuthError> {
     if config.mode != UpstreamAuthMode::Oauth {
-        return Ok(());
+        return Ok(None);
     }
-    if options.headers.iter().any(|(name, _)| name == ::http::header::AUTHORIZATION) {
+    if has_authorization_header {
         tracing::info!("an Authorization header is configured: OAuth sign-in is off");
-        return Ok(());
+        return Ok(None);
     }
-    let url = options.url.to_string();
-    options.oauth = Some(UpstreamAuth::new(OAuthOptions::from_config(config, &url, interactive_by_default)?));
-    Ok(())
+    Ok(Some(UpstreamAuth::new(OAuthOptions::from_config(config, url, interactive_by_default)?)))
 }
 
 /// How the proxy behaves toward one OAuth-protected upstream.

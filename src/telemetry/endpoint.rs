@@ -46,7 +46,7 @@ fn answer(req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "metrics could not be encoded\n".into())
             }
         },
-        (&Method::GET, "/healthz") => match crate::tasks::store::measured::healthz() {
+        (&Method::GET, "/healthz") => match crate::telemetry::health::healthz() {
             (true, text) => (StatusCode::OK, "text/plain", text.into()),
             (false, text) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", text.into()),
         },

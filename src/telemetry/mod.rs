@@ -13,6 +13,7 @@
 //! in-memory aggregates, and a dead collector costs a warning.
 
 mod endpoint;
+pub mod health;
 pub mod metrics;
 pub mod trace;
 

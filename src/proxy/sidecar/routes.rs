@@ -55,7 +55,7 @@ impl Sidecar {
             return r;
         }
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/healthz") => match crate::tasks::store::measured::healthz() {
+            (&Method::GET, "/healthz") => match crate::telemetry::health::healthz() {
                 (true, text) => plain(StatusCode::OK, text.trim_end()),
                 (false, text) => plain(StatusCode::SERVICE_UNAVAILABLE, &text),
             },

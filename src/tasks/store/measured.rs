@@ -1,57 +1,16 @@
 //! Every store operation timed and its faults counted, as a wrapper around whichever store is open
 //! (metrics as middleware, not calls sprinkled through three stores), and the store's health as the
-//! last operations saw it, for `/healthz`.
+//! last operations saw it, reported to `/healthz` ([`crate::telemetry::health`]).
 
 use super::{Caps, Change, Edit, StoreError, TaskRecord, TaskStore};
 use crate::telemetry;
 use async_trait::async_trait;
 use opentelemetry::KeyValue;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio::sync::broadcast;
 
-/// The health of the process's task store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreHealth {
-    /// Which store.
-    pub store: String,
-    /// The last fault, while it lasts (`None`: healthy).
-    pub fault: Option<String>,
-}
-
-static HEALTH: Mutex<Option<StoreHealth>> = Mutex::new(None);
-
-/// The health of the task store this process opened (`None` before one is opened). Both `/healthz`
-/// endpoints (the metrics listener and the sidecar) report it.
-pub fn health() -> Option<StoreHealth> {
-    HEALTH.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-/// The `/healthz` answer: whether it is healthy, and the text.
-pub fn healthz() -> (bool, String) {
-    match health() {
-        None => (true, "ok\n".into()),
-        // Healthy is a plain "ok" (what probes and the existing checks expect).
-        Some(StoreHealth { fault: None, .. }) => (true, "ok\n".into()),
-        Some(StoreHealth { store, fault: Some(f) }) => (
-            false,
-            format!("unhealthy\nstore {store}: {f}\n(plain calls still flow; new tasks are refused)\n"),
-        ),
-    }
-}
-
-fn set_health(store: &str, fault: Option<String>) {
-    let mut h = HEALTH.lock().unwrap_or_else(|e| e.into_inner());
-    let changed = h.as_ref().is_none_or(|h| h.fault != fault);
-    if changed {
-        match &fault {
-            Some(f) => tracing::error!(store, fault = %f, "task store unhealthy"),
-            None if h.is_some() => tracing::info!(store, "task store healthy"),
-            None => {}
-        }
-    }
-    *h = Some(StoreHealth { store: store.to_owned(), fault });
-}
+use crate::telemetry::health::set_health;
 
 /// A store, measured.
 pub struct Measured {

@@ -168,64 +168,7 @@ pub trait TaskStore: Send + Sync + 'static {
     }
 }
 
-/// Which store to open, parsed from `--store`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreUrl {
-    /// `memory`.
-    Memory,
-    /// `file:PATH` (a redb file).
-    File(std::path::PathBuf),
-    /// `redis://…` or `rediss://…`.
-    Redis(String),
-}
-
-impl StoreUrl {
-    /// Parses `memory`, `file:PATH` or `redis[s]://HOST[:PORT][/DB]`.
-    pub fn parse(text: &str) -> Result<StoreUrl, String> {
-        let text = text.trim();
-        if text == "memory" {
-            Ok(StoreUrl::Memory)
-        } else if let Some(path) = text.strip_prefix("file:") {
-            let path = path.strip_prefix("//").unwrap_or(path);
-            if path.is_empty() {
-                return Err("store \"file:\" needs a path, e.g. file:/var/lib/mcp-asyncify/tasks.redb".into());
-            }
-            Ok(StoreUrl::File(path.into()))
-        } else if text.starts_with("redis://") || text.starts_with("rediss://") {
-            ::redis::Client::open(text)
-                .map_err(|e| format!("store {:?} is not a valid Redis URL: {e}", redact(text)))?;
-            Ok(StoreUrl::Redis(text.into()))
-        } else {
-            Err(format!(
-                "unknown store {:?}: use memory, file:PATH or redis://HOST:PORT[/DB] (rediss:// for TLS)",
-                redact(text)
-            ))
-        }
-    }
-
-    /// The URL without any password, for logs.
-    pub fn describe(&self) -> String {
-        match self {
-            StoreUrl::Memory => "memory".into(),
-            StoreUrl::File(p) => format!("file:{}", p.display()),
-            StoreUrl::Redis(u) => redact(u),
-        }
-    }
-}
-
-/// A URL with its password (if any) replaced by `***`.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => format!("{}***{}", &url[..scheme + 3], &url[at..]),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
+pub use crate::config::{StoreUrl, redact};
 
 /// The directory where the proxy keeps its data: `$MCP_ASYNCIFY_DATA_DIR`, else
 /// `$XDG_DATA_HOME/mcp-asyncify`, else `~/.local/share/mcp-asyncify`.
