@@ -231,12 +231,25 @@ impl Interceptor {
         self.tasks.started.len()
     }
 
-    /// Returns once none of the tasks this session started still runs: re-checked on every task
-    /// transition (and every few seconds, in case a transition was missed).
+    /// Returns once none of the tasks this session started still runs: re-checked when one of them
+    /// ends (and every few seconds, in case an event was missed).
     pub async fn until_tasks_done(&self) {
         let mut events = self.engine.subscribe();
         while self.tasks_in_flight().await > 0 {
-            let _ = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+            // Only an end of one of this session's tasks is worth a look at the store (every
+            // session's events come here).
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+                    Ok(Ok(event))
+                        if !event.task.status.is_terminal()
+                            || !self.tasks.started.contains_key(&event.task.id) => {}
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        break;
+                    }
+                    _ => break,
+                }
+            }
         }
     }
 
