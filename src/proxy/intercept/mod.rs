@@ -17,6 +17,12 @@
 //! * Requests of 2026-07-28 clients (per-request `_meta`, no session) are served by [`modern`]: the
 //!   proxy answers `server/discover`, initializes the upstream itself, and speaks the Tasks extension
 //!   (server-directed tasks, `DetailedTask`, `tasks/update`) from the same engine.
+//!
+//! One file per job: `tools_call` decides a client's `tools/call`; `task_calls` runs the upstream calls
+//! of the proxy's own tasks; `tasks_api` answers `tasks/*`; `sync_clients` keeps clients that do not
+//! speak tasks alive (keep-alives, the hand-off); `questions` routes the upstream's requests;
+//! `upstream_offer` rewrites what the upstream offers; `modern`, `mrtr` and `subscriptions` serve
+//! 2026-07-28 clients.
 
 use super::era::Era;
 use super::pending::Pending;
@@ -41,8 +47,12 @@ mod mrtr;
 mod questions;
 mod subscriptions;
 mod sync_clients;
+mod task_calls;
 mod tasks_api;
+mod tools_call;
 mod upstream_offer;
+
+use tools_call::without_allow_async;
 
 pub use mrtr::ClientAnswer;
 pub use subscriptions::SUBSCRIPTION_ID;
@@ -347,281 +357,6 @@ impl Interceptor {
         Decision::Handled
     }
 
-    async fn on_tools_call(self: &Arc<Self>, id: &Id, params: Option<&RawValue>) -> Decision {
-        if let Some(decision) = self.plain_call_fast(id, params) {
-            return decision;
-        }
-        let Some(mut call) = params.and_then(|p| serde_json::from_str::<Map<String, Value>>(p.get()).ok())
-        else {
-            return Decision::Forward(Rewrite::PlainCall); // let the upstream judge malformed calls
-        };
-        let Some(tool) = call.get("name").and_then(Value::as_str).map(str::to_owned) else {
-            return Decision::Forward(Rewrite::PlainCall);
-        };
-        let own_async = call.get("arguments").and_then(|a| a.get("allow_async")).is_some();
-        if (own_async || tool == self.notion.poll_tool()) && !call.contains_key("task") {
-            // The client drives Notion's protocol itself: hands off, but it spends the same budget.
-            // (With `params.task` it asked for one of our tasks: that goes on below, and `params.task`
-            // never reaches an upstream that has no tasks.)
-            self.notion.note_client_call();
-            return Decision::Forward(Rewrite::None);
-        }
-        let sync_deadline = self.engine.config().sync_deadline_ms;
-        if sync_deadline > 0
-            && (tool == STATUS_TOOL || tool == RESULT_TOOL)
-            && !self.facts().native_tools.contains(&tool)
-        {
-            let this = self.clone();
-            let id = id.clone();
-            self.tasks
-                .answering
-                .spawn(async move { this.run_handoff_tool(&id, &tool, call.get("arguments"), false).await });
-            return Decision::Handled;
-        }
-        let Some(task) = call.remove("task") else {
-            if self.engine.config().requires_task(&tool) && !self.facts().native_tools.contains(&tool) {
-                let msg = format!(
-                    "Tool '{tool}' requires task-augmented execution (taskSupport is required); call it with params.task"
-                );
-                return self.reply_error(id, code::METHOD_NOT_FOUND, &msg).await;
-            }
-            self.notion.note_client_call();
-            if self.engine.config().taskifies(&tool) {
-                let token = call.get("_meta").and_then(|m| m.get("progressToken")).map(Value::to_string);
-                self.watch_plain_call(id.clone(), tool, token, sync_clients::HandOff::Text { modern: false });
-            }
-            return Decision::Forward(Rewrite::PlainCall);
-        };
-        self.peers.client_speaks_tasks.store(true, Ordering::Relaxed);
-        self.tools_known().await;
-        if self.facts().native_tools.contains(&tool) {
-            return Decision::Forward(Rewrite::NativeTaskCall);
-        }
-        // A client's own `allow_async` beside `params.task`: the adapter drives Notion's protocol when
-        // it runs, else the call runs as a plain task without it (so its result is the page, not an
-        // async task the client would have to poll itself).
-        let notion = self.notion.handles(&tool) || (own_async && self.notion.is_active());
-        if own_async && !notion {
-            without_allow_async(&mut call);
-        }
-        if !notion && !self.engine.config().taskifies(&tool) {
-            let msg = format!(
-                "Tool '{tool}' does not support task-augmented execution (taskSupport is forbidden); call it without params.task"
-            );
-            return self.reply_error(id, code::METHOD_NOT_FOUND, &msg).await;
-        }
-        let ttl = match &task {
-            Value::Object(t) => match t.get("ttl") {
-                None | Some(Value::Null) => None,
-                Some(v) => match v.as_u64() {
-                    Some(ms) => Some(ms),
-                    None => {
-                        let msg =
-                            format!("params.task.ttl must be a non-negative integer (milliseconds), got {v}");
-                        return self.reply_error(id, code::INVALID_PARAMS, &msg).await;
-                    }
-                },
-            },
-            other => {
-                let msg = format!("params.task must be an object such as {{\"ttl\": 60000}}, got {other}");
-                return self.reply_error(id, code::INVALID_PARAMS, &msg).await;
-            }
-        };
-        let origin = if notion { Origin::Notion } else { Origin::Local };
-        let record = match self.engine.create(&self.owner, &tool, origin, Generation::Legacy, ttl).await {
-            Ok(created) => created,
-            Err(e) => return self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
-        };
-        self.tasks.started.insert(record.id.clone(), ());
-        let mut result = Map::new();
-        result.insert("task".into(), Value::Object(record.to_wire()));
-        result.insert(
-            "_meta".into(),
-            json!({ "io.modelcontextprotocol/model-immediate-response":
-                format!("Started `{tool}` as task {}; its result will be available when it finishes.", record.id) }),
-        );
-        // The answer goes out before the work starts, so no status notification can overtake it.
-        self.reply_result(id, &Value::Object(result)).await;
-        if notion {
-            let stop = self.engine.stop_signal(&record.id).await;
-            let this = self.clone();
-            tokio::spawn(async move {
-                this.notion.run_task(&this.engine, &this.upstream, &record.id, call, stop).await;
-            });
-        } else {
-            self.start_local_task(&record.id, &Value::Object(call).to_string()).await;
-        }
-        Decision::Handled
-    }
-
-    /// The common `tools/call`, decided from the top level of its params read in place (the arguments
-    /// are skipped, never built): a plain call of an ordinary tool is forwarded as it came. `None`: the
-    /// call needs [`Self::on_tools_call`]'s full reading (a task, a hand-off tool, Notion, a required
-    /// task tool, or params this reading does not take, such as duplicate keys); the decision is the
-    /// same either way.
-    fn plain_call_fast(self: &Arc<Self>, id: &Id, params: Option<&RawValue>) -> Option<Decision> {
-        let params = params?;
-        if !params.get().starts_with('{') {
-            return None;
-        }
-        let head: CallHead<'_> = serde_json::from_str(params.get()).ok()?;
-        let tool = head.name?;
-        if head.task.is_some() || has_allow_async(head.arguments) || tool == self.notion.poll_tool() {
-            return None;
-        }
-        let config = self.engine.config();
-        if (config.sync_deadline_ms > 0 && (tool == STATUS_TOOL || tool == RESULT_TOOL))
-            || config.requires_task(&tool)
-        {
-            return None;
-        }
-        self.notion.note_client_call();
-        if config.taskifies(&tool) {
-            let token = match head.meta {
-                Some(meta) => {
-                    serde_json::from_str::<Value>(meta.get()).ok()?.get("progressToken").map(Value::to_string)
-                }
-                None => None,
-            };
-            self.watch_plain_call(
-                id.clone(),
-                tool.into_owned(),
-                token,
-                sync_clients::HandOff::Text { modern: false },
-            );
-        }
-        Some(Decision::Forward(Rewrite::PlainCall))
-    }
-
-    /// Sends a task's call upstream. No future waits for it: the router hands the answer to
-    /// [`Self::task_call_answered`], and cancelling the task cancels the call upstream.
-    async fn start_local_task(self: &Arc<Self>, task_id: &str, params: &str) {
-        let token = lookup(params, &["_meta", "progressToken"]).map(|t| t.to_string());
-        if let Some(token) = &token {
-            self.tasks.task_tokens.insert(token.clone(), task_id.to_owned());
-        }
-        self.tasks.running.insert(task_id.to_owned(), token);
-        let params = &self.for_upstream(params);
-        match self.upstream.send_for_task("tools/call", params, task_id).await {
-            Ok(request_id) => {
-                let this = Arc::downgrade(self);
-                let task = task_id.to_owned();
-                self.engine
-                    .on_stop(
-                        task_id,
-                        Box::new(move || {
-                            let Some(this) = this.upgrade() else { return };
-                            this.call_ended(&task);
-                            // The call will get no answer: its duration ends here, as cancelled.
-                            let sent = match this.pending.own.take(&request_id) {
-                                Some(crate::upstream::own::OwnWaiter::Task(_, sent))
-                                    if crate::telemetry::metrics_on() =>
-                                {
-                                    Some(sent)
-                                }
-                                _ => None,
-                            };
-                            this.upstream.forget(&request_id);
-                            tokio::spawn(async move {
-                                if let Some(sent) = sent {
-                                    let tool = this.engine.get(&this.owner, &task).await.map(|r| r.tool);
-                                    crate::telemetry::trace::record_client_operation(
-                                        sent,
-                                        "tools/call",
-                                        tool.as_deref(),
-                                        Some("cancelled"),
-                                    );
-                                }
-                                this.cancel_upstream(&request_id, "the task was cancelled").await
-                            });
-                        }),
-                    )
-                    .await;
-            }
-            Err(e) => self.task_call_failed(task_id, e).await,
-        }
-    }
-
-    /// The upstream answered a task's call.
-    pub async fn task_call_answered(&self, task_id: &str, reply: Outcome, sent: Instant) {
-        if crate::telemetry::metrics_on() {
-            let tool = self.engine.get(&self.owner, task_id).await.map(|r| r.tool);
-            let error = match &reply {
-                Outcome::Error(e) => Some(crate::telemetry::trace::error_code(e)),
-                Outcome::Result(_) => None,
-            };
-            crate::telemetry::trace::record_client_operation(
-                sent,
-                "tools/call",
-                tool.as_deref(),
-                error.as_deref(),
-            );
-        }
-        self.call_ended(task_id);
-        self.finish_with_reply(task_id, Ok(reply)).await;
-    }
-
-    async fn task_call_failed(&self, task_id: &str, error: UpstreamError) {
-        self.call_ended(task_id);
-        self.finish_with_reply(task_id, Err(error)).await;
-    }
-
-    /// A task's call is no longer in flight (answered, failed, or cancelled).
-    fn call_ended(&self, task_id: &str) {
-        if let Some((_, token)) = self.tasks.running.remove(task_id) {
-            if let Some(token) = token {
-                self.tasks.task_tokens.remove(&token);
-            }
-            self.tasks.calls_ended.notify_waiters();
-        }
-    }
-
-    /// Progress the upstream reports for a task's call: tagged with the task (2025-11-25 says every
-    /// message related to a task carries `related-task`). `None`: not a task's; forward it as it is.
-    pub fn tag_task_progress(&self, params: Option<&RawValue>) -> Option<Vec<u8>> {
-        if self.tasks.task_tokens.is_empty() {
-            return None;
-        }
-        let params = params?;
-        let token = lookup(params.get(), &["progressToken"])?.to_string();
-        let task_id = self.tasks.task_tokens.get(&token)?.clone();
-        let tagged = with_related_task(params.get(), &task_id).ok()?;
-        Some(jsonrpc::notification("notifications/progress", Some(&tagged)))
-    }
-
-    async fn cancel_upstream(&self, request_id: &Id, reason: &str) {
-        let params = format!(
-            "{{\"requestId\":{},\"reason\":{}}}",
-            request_id.as_json(),
-            serde_json::to_string(reason).expect("a string serialises")
-        );
-        self.upstream.notify("notifications/cancelled", Some(&params)).await;
-    }
-
-    /// Ends a task with the upstream's answer: results as `completed` (or `failed` when `isError`),
-    /// JSON-RPC errors and a vanished upstream as `failed`.
-    async fn finish_with_reply(&self, task_id: &str, reply: Result<Outcome, UpstreamError>) {
-        let (status, message, outcome) = match reply {
-            Ok(Outcome::Result(raw)) if lookup(raw.get(), &["isError"]) == Some(Value::Bool(true)) => (
-                TaskStatus::Failed,
-                Some("The tool returned an error result (isError: true).".into()),
-                Outcome::Result(raw),
-            ),
-            Ok(Outcome::Result(raw)) => (TaskStatus::Completed, None, Outcome::Result(raw)),
-            Ok(Outcome::Error(raw)) => {
-                let message = lookup(raw.get(), &["message"]).and_then(|m| m.as_str().map(str::to_owned));
-                (TaskStatus::Failed, message, Outcome::Error(raw))
-            }
-            Err(e) => {
-                let message = format!("The task could not finish: {e}.");
-                let error = json!({ "code": code::UPSTREAM_GONE, "message": message });
-                let raw = RawValue::from_string(error.to_string()).expect("valid JSON");
-                (TaskStatus::Failed, Some(message), Outcome::Error(raw))
-            }
-        };
-        self.engine.finish(task_id, status, message, Some(outcome)).await;
-    }
-
     /// What becomes of the upstream's response to a client request.
     pub async fn on_upstream_response(
         &self,
@@ -726,46 +461,6 @@ impl Interceptor {
     }
 }
 
-/// The top level of a `tools/call`'s params, borrowed from the message: what routes the call. A key
-/// present with `null` counts as present, as it does in a parsed object.
-#[derive(serde::Deserialize)]
-struct CallHead<'a> {
-    #[serde(borrow, default)]
-    name: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    arguments: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    task: Option<&'a RawValue>,
-    #[serde(rename = "_meta", borrow, default, deserialize_with = "present")]
-    meta: Option<&'a RawValue>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&'de RawValue as serde::Deserialize>::deserialize(d).map(Some)
-}
-
-/// Whether a call's raw `arguments` have the top-level key `allow_async` (Notion's own async
-/// protocol), as `Value::get` has it: `false` for arguments that are not an object. The key can only
-/// be there if its text is, or an escape that could spell it, so most calls are answered without
-/// parsing.
-fn has_allow_async(arguments: Option<&RawValue>) -> bool {
-    static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new("allow_async"));
-    let Some(raw) = arguments.map(RawValue::get) else { return false };
-    if !raw.starts_with('{') || !jsonrpc::may_contain_key(raw.as_bytes(), &KEY) {
-        return false;
-    }
-    serde_json::from_str::<std::collections::HashMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny>>(raw)
-        .is_ok_and(|keys| keys.contains_key("allow_async"))
-}
-
-/// Removes a client's `allow_async` from a call's arguments.
-fn without_allow_async(call: &mut Map<String, Value>) {
-    if let Some(Value::Object(args)) = call.get_mut("arguments") {
-        args.remove("allow_async");
-    }
-}
-
 /// Reads a nested value out of raw JSON text (`None` if absent or the text is not an object).
 fn lookup(raw: &str, path: &[&str]) -> Option<Value> {
     let v: Map<String, Value> = serde_json::from_str(raw).ok()?;
@@ -779,39 +474,4 @@ fn lookup_value<'a>(map: &'a Map<String, Value>, path: &[&str]) -> Option<&'a Va
         v = v.get(*key)?;
     }
     Some(v)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn allow_async_is_read_as_a_parsed_object_has_it() {
-        for args in [
-            r#"{}"#,
-            r#""allow_async""#,
-            r#"[{"allow_async":1}]"#,
-            r#"{"allow_async":null}"#,
-            r#"{"\u0061llow_async":true}"#,
-            r#"{"text":"allow_async"}"#,
-            r#"{"text":"\u0041","nested":{"allow_async":1}}"#,
-            r#"{"a":1,"allow_async":false,"allow_async":true}"#,
-        ] {
-            let raw = RawValue::from_string(args.to_owned()).unwrap();
-            let parsed: Value = serde_json::from_str(args).unwrap();
-            assert_eq!(has_allow_async(Some(&raw)), parsed.get("allow_async").is_some(), "{args}");
-        }
-        assert!(!has_allow_async(None));
-    }
-
-    #[test]
-    fn the_call_head_counts_a_null_as_present_and_refuses_duplicates() {
-        let head: CallHead<'_> =
-            serde_json::from_str(r#"{"name":"echo","task":null,"arguments":{"x":1}}"#).unwrap();
-        assert_eq!(head.name.as_deref(), Some("echo"));
-        assert!(head.task.is_some(), "task: null is a task field, refused later as not an object");
-        assert!(head.meta.is_none());
-        // Duplicate keys: left to the full reading (the last one wins there).
-        assert!(serde_json::from_str::<CallHead<'_>>(r#"{"name":"a","name":"b"}"#).is_err());
-    }
 }
