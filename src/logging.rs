@@ -16,3 +16,18 @@ pub fn init(config: &LogConfig) {
         eprintln!("mcp-asyncify: logging was already set up: {e}");
     }
 }
+
+/// An error and its sources, one line (for logs and the messages clients read).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s
+}

@@ -95,11 +95,10 @@ impl AuthHttp {
         let (parts, body) = request.into_parts();
         let request = Request::from_parts(parts, Full::new(Bytes::from(body)));
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| HttpError::Unreachable { url: url.clone(), why: describe(&e) })?;
+            let response = self.client.request(request).await.map_err(|e| HttpError::Unreachable {
+                url: url.clone(),
+                why: crate::logging::error_chain(&e),
+            })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_BODY)
                 .collect()
@@ -171,19 +170,4 @@ impl AuthHttp {
             Box::pin(async move { this.send(request).await })
         }
     }
-}
-
-/// An error and its sources, one line.
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s
 }

@@ -314,21 +314,6 @@ fn http_status(status: StatusCode) -> String {
     }
 }
 
-/// An error and its sources, one line.
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s
-}
-
 /// What one POST came to.
 enum Posted {
     /// Relayed; the awaited answer, if it came.
@@ -589,7 +574,7 @@ impl Inner {
         .await
         {
             Err(_) => return Err(Failure::Timeout(self.request_timeout)),
-            Ok(Err(e)) => return Err(Failure::Io(describe(&*e))),
+            Ok(Err(e)) => return Err(Failure::Io(crate::logging::error_chain(&*e))),
             Ok(Ok(body)) => body.to_bytes(),
         };
         if !body.iter().all(u8::is_ascii_whitespace) && !content_type.starts_with(JSON) {
@@ -708,7 +693,7 @@ impl Inner {
                     ));
                 }
                 Ok(None) => return StreamEnd::Ended,
-                Ok(Some(Err(e))) => return StreamEnd::Broke(describe(&e)),
+                Ok(Some(Err(e))) => return StreamEnd::Broke(crate::logging::error_chain(&e)),
                 Ok(Some(Ok(frame))) => frame,
             };
             let Ok(data) = frame.into_data() else { continue };
@@ -1035,13 +1020,14 @@ impl Inner {
                     Ok(response) => return Ok(response),
                     Err(e) if e.is_connect() => match waits.next() {
                         Some(wait) => {
-                            let (error, retry_in_ms) = (describe(&e), wait.as_millis() as u64);
+                            let (error, retry_in_ms) =
+                                (crate::logging::error_chain(&e), wait.as_millis() as u64);
                             tracing::debug!(error, retry_in_ms, "connecting to the upstream failed");
                             tokio::time::sleep(*wait).await;
                         }
-                        None => return Err(Failure::Unreachable(describe(&e))),
+                        None => return Err(Failure::Unreachable(crate::logging::error_chain(&e))),
                     },
-                    Err(e) => return Err(Failure::Io(describe(&e))),
+                    Err(e) => return Err(Failure::Io(crate::logging::error_chain(&e))),
                 }
             }
         };
