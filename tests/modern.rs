@@ -583,7 +583,9 @@ type HeaderTweak<'a> = (&'a str, Option<&'a str>);
 
 /// The sidecar in front of the fixture, with an HTTP client for stateless requests.
 struct Stateless {
-    served: Served,
+    addr: String,
+    /// Kept for its drop, which stops the sidecar (None: the test runs the sidecar itself).
+    _served: Option<Served>,
 }
 
 impl Stateless {
@@ -591,7 +593,8 @@ impl Stateless {
         let mut args = vec!["serve", "--listen", "{addr}", "--log-level", "warn"];
         args.extend_from_slice(extra);
         args.extend(["--", BIN, "test-server"]);
-        Stateless { served: Served::start(&args) }
+        let served = Served::start(&args);
+        Stateless { addr: served.addr.clone(), _served: Some(served) }
     }
 
     /// A stateless POST with the standard headers; `tweak` changes them (None removes one).
@@ -621,7 +624,7 @@ impl Stateless {
         }
         let lines: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-        common::http(&self.served.addr, "POST", "/mcp", &lines, msg.to_string().as_bytes())
+        common::http(&self.addr, "POST", "/mcp", &lines, msg.to_string().as_bytes())
     }
 
     /// A modern request's answer (from JSON or the SSE stream), with its HTTP status.
@@ -732,7 +735,7 @@ fn stateless_http_headers_must_match_the_body() {
     // 2026-07-28 has no GET stream and no session to delete.
     for method in ["GET", "DELETE"] {
         let r = common::http(
-            &s.served.addr,
+            &s.addr,
             method,
             "/mcp",
             &[&format!("MCP-Protocol-Version: {VERSION}"), "Accept: text/event-stream"],
@@ -778,11 +781,11 @@ fn a_stateless_subscription_streams_on_its_own_post() {
     );
     let task_id = assert_created(&created);
     let body = json!({"jsonrpc": "2.0", "id": 7, "method": "subscriptions/listen", "params": modern(json!({"notifications": {"taskIds": [task_id]}}), true)}).to_string();
-    let mut conn = std::net::TcpStream::connect(&s.served.addr).unwrap();
+    let mut conn = std::net::TcpStream::connect(&s.addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let head = format!(
         "POST /mcp HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nMCP-Protocol-Version: {VERSION}\r\nMcp-Method: subscriptions/listen\r\nContent-Length: {}\r\n\r\n",
-        s.served.addr,
+        s.addr,
         body.len()
     );
     conn.write_all(head.as_bytes()).unwrap();
@@ -828,4 +831,106 @@ fn stateless_tasks_are_bound_to_the_credential() {
     assert_eq!(t["inputRequests"].as_object().unwrap().len(), 1);
     let anonymous = s.call(None, json!(6), "tasks/get", json!({"taskId": task_id}), true).1;
     assert_eq!(anonymous["error"]["code"], -32602);
+}
+
+/// The sidecar run by the test with its log on a pipe: `--session-idle-secs 1` and info lines, so
+/// the test can act at the instant the idle reaper starts closing connections.
+struct LoggedSidecar {
+    child: std::process::Child,
+}
+
+impl Drop for LoggedSidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_stateless_request_arriving_as_the_reaper_closes_its_connection_is_served() {
+    use std::io::BufRead;
+    use std::sync::{Arc, Barrier, mpsc};
+    // Many credentials, each with its own stateless upstream connection: the reaper closes them one
+    // after another, so requests sent the moment it starts meet connections it has judged idle.
+    const CREDENTIALS: usize = 40;
+    const ROUNDS: usize = 2;
+    let addr = common::free_addr();
+    let mut command = std::process::Command::new(BIN);
+    command.args(["serve", "--listen", &addr, "--log-level", "info", "--session-idle-secs", "1"]);
+    command.args(["--", BIN, "test-server"]);
+    common::isolate(&mut command);
+    common::keep_sign_ins_apart(&mut command);
+    let child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the sidecar");
+    let mut sidecar = LoggedSidecar { child };
+    let stderr = sidecar.child.stderr.take().expect("piped stderr");
+    let (reaping_tx, reaping) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("closing an idle session") && reaping_tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "the sidecar did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = Arc::new(Stateless { addr, _served: None });
+    let echo = |s: &Stateless, k: usize, id: String| {
+        let auth = format!("Bearer credential-{k}");
+        let text = format!("{id} of credential {k}");
+        let (status, r) = s.call(
+            Some(&auth),
+            json!(id),
+            "tools/call",
+            json!({"name": "echo", "arguments": {"text": text}}),
+            true,
+        );
+        (status == 200 && r["result"]["content"][0]["text"] == json!(text))
+            .then_some(())
+            .ok_or(format!("{status} {r}"))
+    };
+    for round in 0..ROUNDS {
+        // Every credential gets its connection at once, so they all turn idle together.
+        let opened: Vec<_> = (0..CREDENTIALS)
+            .map(|k| {
+                let s = s.clone();
+                std::thread::spawn(move || echo(&s, k, format!("open-{round}")))
+            })
+            .collect();
+        for (k, t) in opened.into_iter().enumerate() {
+            t.join().unwrap().unwrap_or_else(|e| panic!("opening credential {k}'s connection: {e}"));
+        }
+        while reaping.try_recv().is_ok() {}
+        // Ready to fire, then the reaper's first close (within two of its 1 s rounds).
+        let go = Arc::new(Barrier::new(CREDENTIALS + 1));
+        let probes: Vec<_> = (0..CREDENTIALS)
+            .map(|k| {
+                let (s, go) = (s.clone(), go.clone());
+                std::thread::spawn(move || {
+                    go.wait();
+                    echo(&s, k, format!("probe-{round}"))
+                })
+            })
+            .collect();
+        reaping.recv_timeout(Duration::from_secs(10)).expect("the reaper closes idle connections");
+        go.wait();
+        let failed: Vec<String> = probes
+            .into_iter()
+            .enumerate()
+            .filter_map(|(k, t)| t.join().unwrap().err().map(|e| format!("credential {k}: {e}")))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "round {round}: {} of {CREDENTIALS} requests sent as the reaper closed idle connections failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+    }
 }

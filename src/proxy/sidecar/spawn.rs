@@ -4,34 +4,36 @@
 use super::*;
 
 impl Sidecar {
+    /// Closes sessions idle for `--session-idle-secs`. Each one is taken out of its map with its
+    /// idleness checked again under the map's lock, the lock a stateless request holds while it
+    /// marks its connection in use: a connection that has just admitted a request is never retired
+    /// under it (the request would be answered "the session ended"), and one the reaper took out is
+    /// never handed to a request (a fresh one is opened).
     pub(super) fn spawn_reaper(self: Arc<Self>) {
         let idle = Duration::from_secs(self.args.session_idle_secs.max(1));
         tokio::spawn(async move {
+            let is_idle = |s: &HttpSession| {
+                // A stream whose client vanished is closed (its keep-alive write failed).
+                let open = s
+                    .standalone
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .is_some_and(|o| !o.is_closed());
+                !open
+                    && s.waiting.iter().all(|w| w.out.is_closed())
+                    && s.last_active.lock().unwrap_or_else(|e| e.into_inner()).elapsed() > idle
+            };
             loop {
                 tokio::time::sleep(idle.min(Duration::from_secs(10))).await;
-                let stale: Vec<Arc<HttpSession>> = self
-                    .sessions
-                    .iter()
-                    .chain(self.stateless.iter())
-                    .filter(|s| {
-                        let s = s.value();
-                        // A stream whose client vanished is closed (its keep-alive write failed).
-                        let open = s
-                            .standalone
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .as_ref()
-                            .is_some_and(|o| !o.is_closed());
-                        !open
-                            && s.waiting.iter().all(|w| w.out.is_closed())
-                            && s.last_active.lock().unwrap_or_else(|e| e.into_inner()).elapsed() > idle
-                    })
-                    .map(|s| s.value().clone())
-                    .collect();
-                for s in stale {
+                let mut stale = Vec::new();
+                for map in [&self.sessions, &self.stateless] {
+                    let keys: Vec<String> =
+                        map.iter().filter(|e| is_idle(e.value())).map(|e| e.key().clone()).collect();
+                    stale.extend(keys.iter().filter_map(|k| map.remove_if(k, |_, s| is_idle(s))));
+                }
+                for (_, s) in stale {
                     tracing::info!(session = %short(&s.id), "closing an idle session");
-                    self.sessions.remove(&s.id);
-                    self.stateless.retain(|_, v| !Arc::ptr_eq(v, &s));
                     s.retire(self.config.shutdown_grace()).await;
                 }
             }

@@ -69,12 +69,12 @@ impl Sidecar {
     ) -> Result<Arc<HttpSession>, Response<HttpBody>> {
         let credential = self.credential(headers);
         let key = credential.clone().unwrap_or_default();
-        if let Some(s) = self.stateless.get(&key) {
-            return Ok(s.value().clone());
+        if let Some(s) = self.in_use(&key) {
+            return Ok(s);
         }
         let _opening = self.opening.lock().await;
-        if let Some(s) = self.stateless.get(&key) {
-            return Ok(s.value().clone());
+        if let Some(s) = self.in_use(&key) {
+            return Ok(s);
         }
         let owner = match &credential {
             Some(c) => c.clone(),
@@ -86,6 +86,15 @@ impl Sidecar {
         self.stateless.insert(key, session.clone());
         tracing::info!(session = %short(&session.id), "opened an upstream connection for stateless requests");
         Ok(session)
+    }
+
+    /// The stateless connection kept for `key`, marked in use while the map's lock is held: the idle
+    /// reaper checks idleness again under that lock before it takes a connection out, so it never
+    /// retires one that has just admitted a request.
+    fn in_use(&self, key: &str) -> Option<Arc<HttpSession>> {
+        let entry = self.stateless.get(key)?;
+        entry.touch();
+        Some(entry.value().clone())
     }
 }
 
