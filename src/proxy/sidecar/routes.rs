@@ -93,15 +93,15 @@ impl Sidecar {
                 "Bad Request: Mcp-Session-Id header is required (initialize first)",
             ));
         };
-        let Some(s) = self.sessions.get(id).map(|s| s.value().clone()) else {
-            return Err(rpc_error(StatusCode::NOT_FOUND, None, -32001, "Session not found"));
-        };
-        if s.credential != self.credential(headers) {
-            // Not the credential that made the session: as if it did not exist.
-            return Err(rpc_error(StatusCode::NOT_FOUND, None, -32001, "Session not found"));
-        }
-        s.touch();
-        Ok(s)
+        let credential = self.credential(headers);
+        // Touched while the map's entry is held: the reaper re-checks idleness under the same lock
+        // (`remove_if`), so it never retires a session a request has just taken.
+        let s = self.sessions.get(id).filter(|s| s.credential == credential).map(|s| {
+            s.touch();
+            s.value().clone()
+        });
+        // Not there, or not the credential that made the session: as if it did not exist.
+        s.ok_or_else(|| rpc_error(StatusCode::NOT_FOUND, None, -32001, "Session not found"))
     }
 
     pub(super) async fn post<B: RequestBody>(self: Arc<Self>, req: Request<B>) -> Response<HttpBody> {
