@@ -396,7 +396,7 @@ impl Interceptor {
         if self.upstream_runs_tasks() {
             // A 2026-07-28 upstream with tasks of its own decides itself; its tasks pass untouched.
             self.notion.note_client_call();
-            return forward(Rewrite::None);
+            return forward(Rewrite::NativeTaskCall { tool });
         }
         self.tools_known().await;
         let native = self.facts().native_tools.contains(&tool);
@@ -406,7 +406,7 @@ impl Interceptor {
             self.notion.note_client_call();
             call.insert("task".into(), json!({}));
             let line = jsonrpc::request(id, "tools/call", Some(&Value::Object(call).to_string()));
-            return Decision::ForwardAs(line, Rewrite::NativeTaskForModern);
+            return Decision::ForwardAs(line, Rewrite::NativeTaskForModern { tool });
         }
         if !native && config.requires_task(&tool) && !modern.tasks {
             self.client.send(era::missing_tasks_extension(id, &format!("tool '{tool}'"))).await;
@@ -534,11 +534,26 @@ impl Interceptor {
                 .await;
         };
         let not_found = || format!("Task not found: {task_id:?} is unknown or expired");
-        let Some(record) = self.engine.get(&self.owner, task_id).await else {
-            if self.upstream_runs_tasks() {
-                return Decision::Forward(Rewrite::None); // the upstream's own task
+        let record = self.engine.get(&self.owner, task_id).await;
+        let Some(record) = record.filter(|r| r.origin != Origin::Native) else {
+            // The upstream's own task (seen by this session, or recorded by an earlier process), or an
+            // id we do not know, which a 2026-07-28 upstream with tasks may.
+            let native = self.tasks.native_tasks.contains_key(task_id)
+                || self.engine.native(&self.owner, task_id).await.is_some();
+            if native && let Err(why) = self.ensure_initialized().await {
+                let msg = format!("The upstream server could not be initialized: {why}");
+                return self.reply_error(id, code::INTERNAL_ERROR, &msg).await;
             }
-            if self.tasks.native_tasks.contains_key(task_id) {
+            if self.upstream_runs_tasks()
+                && (native || !self.engine.owned_by_another(&self.owner, task_id).await)
+            {
+                let rewrite = match method {
+                    "tasks/get" => Rewrite::NativeTask { task_id: task_id.to_owned() },
+                    _ => Rewrite::None,
+                };
+                return Decision::Forward(rewrite); // the upstream's own task
+            }
+            if native {
                 let this = self.clone();
                 let (id, method, task_id) = (id.clone(), method.to_owned(), task_id.to_owned());
                 tokio::spawn(async move { this.on_native_task(&id, &method, &task_id).await });
@@ -710,7 +725,14 @@ impl Interceptor {
                     }
                     jsonrpc::result_response(id, &Value::Object(detailed).to_string())
                 }
-                Ok(Outcome::Error(e)) => jsonrpc::error_object_response(id, e.get()),
+                Ok(Outcome::Error(e)) => {
+                    if jsonrpc::error_code_of(e.get()) == Some(code::INVALID_PARAMS) {
+                        // The upstream no longer knows it (expired, or the upstream restarted).
+                        self.tasks.native_tasks.remove(task_id);
+                        self.engine.forget_native(task_id).await;
+                    }
+                    jsonrpc::error_object_response(id, e.get())
+                }
                 Err(e) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &e.to_string(), None),
             },
         };

@@ -12,7 +12,8 @@
 //!
 //! By job: this file holds the engine, creation, reads and paging; [`transitions`] moves a task through
 //! the status machine (and cancels it); [`waits`] wakes the waiters of `tasks/result` and follows the
-//! store's events; [`recovery`] expires tasks and takes over those of processes that died.
+//! store's events; [`recovery`] expires tasks and takes over those of processes that died; [`native`]
+//! remembers the tasks an upstream runs itself.
 
 use super::model::{Generation, Origin, TaskRecord, TaskStatus};
 use super::owner::owner_tag;
@@ -23,8 +24,9 @@ use dashmap::DashMap;
 use opentelemetry::KeyValue;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::{Notify, broadcast, oneshot};
+use tokio::sync::{Notify, broadcast, oneshot, watch};
 
+mod native;
 mod recovery;
 mod transitions;
 mod waits;
@@ -89,6 +91,12 @@ pub struct TaskEngine {
     /// How to stop the work of a running task (called once, on cancel or expiry).
     cancels: DashMap<String, StopHook>,
     events: broadcast::Sender<StatusEvent>,
+    /// Whether the store is shared with other processes (then orphans are looked for periodically).
+    shared: bool,
+    /// Resumable tasks (Notion's) taken over while running, waiting for a session of their owner.
+    orphans: std::sync::Mutex<Vec<Orphan>>,
+    /// Counts the takeovers that left tasks in `orphans`, for sessions to look.
+    orphans_found: watch::Sender<u64>,
 }
 
 impl TaskEngine {
@@ -96,6 +104,7 @@ impl TaskEngine {
     /// others make.
     pub fn new(config: TasksConfig, store: Arc<dyn TaskStore>) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
+        let changes = store.changes();
         let engine = Arc::new(TaskEngine {
             config,
             store,
@@ -103,8 +112,11 @@ impl TaskEngine {
             watchers: DashMap::new(),
             cancels: DashMap::new(),
             events,
+            shared: changes.is_some(),
+            orphans: std::sync::Mutex::new(Vec::new()),
+            orphans_found: watch::Sender::new(0),
         });
-        if let Some(changes) = engine.store.changes() {
+        if let Some(changes) = changes {
             engine.follow(changes);
         }
         engine

@@ -109,3 +109,39 @@ async fn list_pages_with_opaque_cursors() {
     assert!(c3.is_none());
     assert!(e.list("me", Some("garbage")).await.is_err());
 }
+
+#[tokio::test]
+async fn an_upstreams_own_task_is_recorded_routed_by_owner_and_forgotten() {
+    let e = engine(10);
+    let task = serde_json::json!({
+        "taskId": "up-1", "status": "working", "ttl": 60000, "pollInterval": 250,
+        "createdAt": "2026-01-02T03:04:05.678Z",
+    });
+    let serde_json::Value::Object(task) = task else { unreachable!() };
+    let r = e.adopt_native("me", "brew", &task, Generation::Legacy).await.unwrap().expect("recorded");
+    assert_eq!((r.id.as_str(), r.origin, r.runner.as_deref()), ("up-1", Origin::Native, None));
+    assert_eq!((r.ttl_ms, r.poll_interval_ms), (60000, 250));
+    assert_eq!(crate::tasks::model::rfc3339(r.created_at), "2026-01-02T03:04:05.678Z");
+    assert!(e.native("me", "up-1").await.is_some());
+    assert!(e.native("someone else", "up-1").await.is_none());
+    assert!(e.owned_by_another("someone else", "up-1").await);
+    assert!(!e.owned_by_another("me", "up-1").await);
+    // Nothing of it ran here: recovery leaves it alone.
+    assert!(e.recover().await.unwrap().is_empty());
+    assert_eq!(e.get("me", "up-1").await.unwrap().status, TaskStatus::Working);
+    // A task without a ttl (unlimited upstream) is kept for the longest ttl the proxy gives.
+    let serde_json::Value::Object(flat) = serde_json::json!({"taskId": "up-2", "ttlMs": null}) else {
+        unreachable!()
+    };
+    let r = e.adopt_native("me", "brew", &flat, Generation::Modern).await.unwrap().unwrap();
+    assert_eq!(r.ttl_ms, TasksConfig::default().max_ttl_ms);
+    // An id of the proxy's own is never taken over by an upstream's.
+    let own = e.create("me", "slow", Origin::Local, Generation::Legacy, None).await.unwrap();
+    let serde_json::Value::Object(clash) = serde_json::json!({"taskId": own.id}) else { unreachable!() };
+    assert!(e.adopt_native("me", "brew", &clash, Generation::Legacy).await.unwrap().is_none());
+    assert_eq!(e.get("me", &own.id).await.unwrap().origin, Origin::Local);
+    e.forget_native("up-1").await;
+    e.forget_native(&own.id).await;
+    assert!(e.get("me", "up-1").await.is_none(), "the upstream said it is gone");
+    assert!(e.get("me", &own.id).await.is_some(), "only records of upstream tasks are forgotten");
+}
