@@ -84,6 +84,45 @@ fn a_wrapper_killed_mid_notion_task_loses_nothing() {
 }
 
 #[test]
+fn a_notion_task_resumes_for_a_2026_07_28_client_that_only_polls() {
+    let sim = notion_sim("2500");
+    let data = fresh_dir("e2e-data-modern");
+    let mut p = wrapper(&sim, &data);
+    let r = p.ok(
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
+    );
+    let task = r["task"]["taskId"].as_str().unwrap().to_owned();
+    let mut n = 2;
+    wait_until("the Notion task to start", || {
+        n += 1;
+        let t = p.ok(n, "tasks/get", json!({"taskId": task}));
+        t["statusMessage"].as_str().is_some_and(|m| m.starts_with("Notion task"))
+    });
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+
+    // The new wrapper's only client speaks 2026-07-28 and only asks tasks/get: no handshake ever
+    // reaches the upstream, yet the task resumes and completes.
+    let mut q = Peer::start_cmd(
+        Command::new(BIN)
+            .args(["--log-level", "warn", "--upstream-url", &sim.url])
+            .env("MCP_ASYNCIFY_DATA_DIR", &data),
+    );
+    let mut n = 0;
+    let mut last = Value::Null;
+    wait_until("the recovered task to complete", || {
+        n += 1;
+        last = q.ok(n, "tasks/get", modern(json!({"taskId": task})));
+        last["status"] != "working"
+    });
+    assert_eq!(last["status"], "completed", "{last}");
+    q.close_stdin();
+    assert!(q.wait_exit(Duration::from_secs(15)).success(), "{}", q.stderr());
+}
+
+#[test]
 fn a_call_that_died_with_the_wrapper_fails_saying_so() {
     let data = fresh_dir("e2e-local");
     let start = |data: &std::path::Path| {
@@ -401,6 +440,13 @@ fn an_upstreams_own_task_is_found_again_by_a_restarted_wrapper() {
     other.close_stdin();
     assert!(other.wait_exit(Duration::from_secs(15)).success(), "{}", other.stderr());
 
+    // The store only routes to it: an operator cannot cancel it there.
+    let file = std::fs::read_dir(data.join("tasks")).unwrap().next().unwrap().unwrap().path();
+    let store = format!("file:{}", file.display());
+    let out = Command::new(BIN).args(["tasks", "cancel", &task, "--store", &store]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run by the upstream server itself"));
+
     // The upstream restarts and forgets its tasks: the record goes when the upstream says so.
     drop(upstream);
     let _upstream = NativeUpstream::start(&addr);
@@ -409,11 +455,7 @@ fn an_upstreams_own_task_is_found_again_by_a_restarted_wrapper() {
     assert_eq!(gone["error"]["code"], -32602, "{gone}");
     r.close_stdin();
     assert!(r.wait_exit(Duration::from_secs(15)).success(), "{}", r.stderr());
-    let file = std::fs::read_dir(data.join("tasks")).unwrap().next().unwrap().unwrap().path();
-    let out = Command::new(BIN)
-        .args(["tasks", "list", "--store", &format!("file:{}", file.display())])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["tasks", "list", "--store", &store]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&task), "the record is gone");
 }

@@ -561,6 +561,14 @@ impl Interceptor {
             }
             return self.reply_error(id, code::INVALID_PARAMS, &not_found()).await;
         };
+        // A Notion task taken over from a stopped proxy resumes once the upstream is initialized; a
+        // 2026-07-28 client has no handshake, so its look at the task initializes it.
+        if record.origin == Origin::Notion
+            && !record.status.is_terminal()
+            && let Err(why) = self.ensure_initialized().await
+        {
+            tracing::warn!(task_id, why, "cannot initialize the upstream to resume a Notion task");
+        }
         let ack = json!({ "resultType": "complete" });
         match method {
             "tasks/get" => {
