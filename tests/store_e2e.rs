@@ -84,6 +84,45 @@ fn a_wrapper_killed_mid_notion_task_loses_nothing() {
 }
 
 #[test]
+fn a_notion_task_resumes_for_a_2026_07_28_client_that_only_polls() {
+    let sim = notion_sim("2500");
+    let data = fresh_dir("e2e-data-modern");
+    let mut p = wrapper(&sim, &data);
+    let r = p.ok(
+        1,
+        "tools/call",
+        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
+    );
+    let task = r["task"]["taskId"].as_str().unwrap().to_owned();
+    let mut n = 2;
+    wait_until("the Notion task to start", || {
+        n += 1;
+        let t = p.ok(n, "tasks/get", json!({"taskId": task}));
+        t["statusMessage"].as_str().is_some_and(|m| m.starts_with("Notion task"))
+    });
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+
+    // The new wrapper's only client speaks 2026-07-28 and only asks tasks/get: no handshake ever
+    // reaches the upstream, yet the task resumes and completes.
+    let mut q = Peer::start_cmd(
+        Command::new(BIN)
+            .args(["--log-level", "warn", "--upstream-url", &sim.url])
+            .env("MCP_ASYNCIFY_DATA_DIR", &data),
+    );
+    let mut n = 0;
+    let mut last = Value::Null;
+    wait_until("the recovered task to complete", || {
+        n += 1;
+        last = q.ok(n, "tasks/get", modern(json!({"taskId": task})));
+        last["status"] != "working"
+    });
+    assert_eq!(last["status"], "completed", "{last}");
+    q.close_stdin();
+    assert!(q.wait_exit(Duration::from_secs(15)).success(), "{}", q.stderr());
+}
+
+#[test]
 fn a_call_that_died_with_the_wrapper_fails_saying_so() {
     let data = fresh_dir("e2e-local");
     let start = |data: &std::path::Path| {
@@ -316,4 +355,158 @@ fn two_sidecars_on_one_redis_share_tasks_waits_and_cancels() {
         let _ = s.wait();
     }
     let _ = std::fs::remove_dir_all(&redis_dir);
+}
+
+/// `tests/node/native-tasks-server.mjs --http PORT` on `addr` (a 2025-11-25 upstream that runs its
+/// tool as a task of its own, declaring neither `tasks.list` nor `tasks.cancel`; over HTTP its tasks
+/// outlive the proxy in front of it). Killed on drop.
+struct NativeUpstream(Child);
+
+impl NativeUpstream {
+    fn start(addr: &str) -> NativeUpstream {
+        common::ensure_node_packages(&["sdk"], "the native-task upstream runs on the TypeScript SDK");
+        let port = addr.rsplit(':').next().unwrap();
+        let child = Command::new("node")
+            .arg(common::node_dir().join("native-tasks-server.mjs"))
+            .args(["--http", port])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start node");
+        wait_until("the native-task upstream to listen", || std::net::TcpStream::connect(addr).is_ok());
+        NativeUpstream(child)
+    }
+}
+
+impl Drop for NativeUpstream {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A stdio wrapper in front of an HTTP upstream, on the default file store of `data`.
+fn wrapper_of(url: &str, data: &std::path::Path, extra: &[&str]) -> Peer {
+    let mut p = Peer::start_cmd(
+        Command::new(BIN)
+            .args(["--log-level", "warn", "--upstream-url", url])
+            .args(extra)
+            .env("MCP_ASYNCIFY_DATA_DIR", data),
+    );
+    p.initialize(serde_json::from_str(TASK_CLIENT).unwrap());
+    p
+}
+
+#[test]
+fn an_upstreams_own_task_is_found_again_by_a_restarted_wrapper() {
+    let addr = common::free_addr();
+    let url = format!("http://{addr}/mcp");
+    let upstream = NativeUpstream::start(&addr);
+    let data = fresh_dir("e2e-native");
+    let mut p = wrapper_of(&url, &data, &[]);
+    p.ok(1, "tools/list", json!({}));
+    let created =
+        p.ok(2, "tools/call", json!({"name": "brew", "arguments": {"ms": 2000, "text": "tea"}, "task": {}}));
+    let task = created["task"]["taskId"].as_str().expect("the upstream's CreateTaskResult").to_owned();
+    // Killed at once, as soon as the client has its task.
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+
+    // A new wrapper on the same store and a new client: the upstream's task by the same id.
+    let mut q = wrapper_of(&url, &data, &[]);
+    let listed = q.ok(1, "tasks/list", json!({}));
+    let tasks = listed["tasks"].as_array().unwrap();
+    assert!(
+        tasks.iter().any(|t| t["taskId"] == task.as_str() && t["status"] == "working"),
+        "the upstream's task, as the upstream tells it now: {listed}"
+    );
+    let t = q.ok(2, "tasks/get", json!({"taskId": task}));
+    assert_eq!(t["taskId"], task.as_str(), "{t}");
+    // Still the upstream's: not cancelled behind its back (it declares no tasks.cancel).
+    let cancel = q.call(3, "tasks/cancel", json!({"taskId": task}));
+    assert_eq!(cancel["error"]["code"], -32602, "{cancel}");
+    let done = q.ok(4, "tasks/result", json!({"taskId": task}));
+    assert_eq!(done["content"][0]["text"], "tea", "{done}");
+
+    q.close_stdin();
+    assert!(q.wait_exit(Duration::from_secs(15)).success(), "{}", q.stderr());
+
+    // Another owner on the same store (a wrapper with --stdio-owner process) does not reach it,
+    // although the upstream would answer anyone.
+    let mut other = wrapper_of(&url, &data, &["--stdio-owner", "process"]);
+    for (n, method) in [(1, "tasks/get"), (2, "tasks/result")] {
+        let r = other.call(n, method, json!({"taskId": task}));
+        assert_eq!(r["error"]["code"], -32602, "{method} of another owner's task: {r}");
+    }
+    other.close_stdin();
+    assert!(other.wait_exit(Duration::from_secs(15)).success(), "{}", other.stderr());
+
+    // The store only routes to it: an operator cannot cancel it there.
+    let file = std::fs::read_dir(data.join("tasks")).unwrap().next().unwrap().unwrap().path();
+    let store = format!("file:{}", file.display());
+    let out = Command::new(BIN).args(["tasks", "cancel", &task, "--store", &store]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run by the upstream server itself"));
+
+    // The upstream restarts and forgets its tasks: the record goes when the upstream says so.
+    drop(upstream);
+    let _upstream = NativeUpstream::start(&addr);
+    let mut r = wrapper_of(&url, &data, &[]);
+    let gone = r.call(1, "tasks/get", json!({"taskId": task}));
+    assert_eq!(gone["error"]["code"], -32602, "{gone}");
+    r.close_stdin();
+    assert!(r.wait_exit(Duration::from_secs(15)).success(), "{}", r.stderr());
+    let out = Command::new(BIN).args(["tasks", "list", "--store", &store]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&task), "the record is gone");
+}
+
+/// `params` of a 2026-07-28 request that declares the Tasks extension.
+fn modern(mut params: Value) -> Value {
+    params["_meta"] = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "e2e", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {"extensions": {"io.modelcontextprotocol/tasks": {}}},
+    });
+    params
+}
+
+#[test]
+fn an_upstreams_own_task_is_found_again_by_a_restarted_wrapper_for_a_2026_07_28_client() {
+    let addr = common::free_addr();
+    let url = format!("http://{addr}/mcp");
+    let _upstream = NativeUpstream::start(&addr);
+    let data = fresh_dir("e2e-native-modern");
+    // A 2026-07-28 client has no handshake: the proxy initializes the upstream itself.
+    let start = || {
+        Peer::start_cmd(
+            Command::new(BIN)
+                .args(["--log-level", "warn", "--upstream-url", &url])
+                .env("MCP_ASYNCIFY_DATA_DIR", &data),
+        )
+    };
+    let mut p = start();
+    let created =
+        p.ok(1, "tools/call", modern(json!({"name": "brew", "arguments": {"ms": 1500, "text": "tea"}})));
+    assert_eq!(created["resultType"], "task", "the upstream's task, offered as the extension's: {created}");
+    let task = created["taskId"].as_str().unwrap().to_owned();
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+
+    // A new wrapper, whose first request is the tasks/get: the id is the upstream's task's.
+    let mut q = start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = (2..)
+        .map(|n| {
+            let t = q.ok(n, "tasks/get", modern(json!({"taskId": task})));
+            assert_eq!(t["taskId"], task.as_str(), "{t}");
+            assert!(Instant::now() < deadline, "never ended: {t}");
+            std::thread::sleep(Duration::from_millis(100));
+            t
+        })
+        .find(|t| t["status"] != "working")
+        .unwrap();
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["result"]["content"][0]["text"], "tea", "the result inline: {done}");
+    q.close_stdin();
+    assert!(q.wait_exit(Duration::from_secs(15)).success(), "{}", q.stderr());
 }

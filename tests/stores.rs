@@ -468,6 +468,51 @@ async fn recovery_fails_lost_calls_and_hands_back_notion_tasks() {
     assert!(e.recover().await.unwrap().is_empty(), "taken over once");
 }
 
+#[tokio::test]
+async fn a_live_replica_takes_over_the_tasks_of_one_that_died() {
+    let redis = Redis::start();
+    let url = StoreUrl::Redis(redis.url());
+    let replica = || async {
+        let e = TaskEngine::new(TasksConfig::default(), store::open(&url).await.unwrap());
+        e.spawn_sweeper(Duration::from_secs(1));
+        e.recover().await.unwrap();
+        e
+    };
+    let (a, b, c) = (replica().await, replica().await, replica().await);
+    let lost = a.create("me", "slow", Origin::Local, Generation::Legacy, None).await.unwrap();
+    let notion =
+        a.create("me", "notion-create-pages", Origin::Notion, Generation::Legacy, None).await.unwrap();
+    a.bind_upstream(&notion.id, "notion-task-9").await.unwrap();
+    let mine = b.create("me", "slow", Origin::Local, Generation::Legacy, None).await.unwrap();
+    let (mut found_b, mut found_c) = (b.orphans_found(), c.orphans_found());
+    // A dies (its heartbeat stops); B and C live on.
+    let died = std::time::Instant::now();
+    drop(a);
+    let failed = tokio::time::timeout(Duration::from_secs(30), b.wait_terminal("me", &lost.id))
+        .await
+        .expect("the lost call failed within the bound")
+        .unwrap();
+    let took = died.elapsed();
+    assert_eq!(failed.status, TaskStatus::Failed);
+    assert!(failed.status_message.unwrap().contains("stopped (crash or restart)"));
+    // The Notion task goes to exactly one of the live replicas, to resume.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! { _ = found_b.changed() => {}, _ = found_c.changed() => {} }
+    })
+    .await
+    .expect("a replica took the Notion task");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (ob, oc) = (b.take_orphans("me"), c.take_orphans("me"));
+    let taken: Vec<_> = ob.iter().chain(&oc).map(|o| o.task.id.clone()).collect();
+    assert_eq!(taken, vec![notion.id.clone()], "taken over once, by one replica");
+    let resumed = b.store().get(&notion.id).await.unwrap().unwrap();
+    assert_eq!(resumed.status, TaskStatus::Working);
+    assert!(resumed.runner.as_deref() == Some(b.runner()) || resumed.runner.as_deref() == Some(c.runner()));
+    // A live replica's own task is never taken.
+    assert_eq!(b.get("me", &mine.id).await.unwrap().runner.as_deref(), Some(b.runner()));
+    eprintln!("a dead replica's tasks were taken over {took:?} after it stopped");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 

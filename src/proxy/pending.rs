@@ -22,11 +22,23 @@ pub enum Rewrite {
         /// Whether this is the first page (our own tools are added there).
         first_page: bool,
     },
-    /// A task-augmented call the upstream runs as its own task: observe the task id.
-    NativeTaskCall,
+    /// A call the upstream may run as its own task: its task (if it made one) is recorded.
+    NativeTaskCall {
+        /// The tool called.
+        tool: String,
+    },
     /// A 2026-07-28 call the 2025-11-25 upstream runs as its own task (sent with `params.task`): its
-    /// `CreateTaskResult` is rendered flat, as the Tasks extension's.
-    NativeTaskForModern,
+    /// `CreateTaskResult` is recorded and rendered flat, as the Tasks extension's.
+    NativeTaskForModern {
+        /// The tool called.
+        tool: String,
+    },
+    /// `tasks/get` or `tasks/result` of a task the upstream runs itself: when the upstream no longer
+    /// knows it, its record goes.
+    NativeTask {
+        /// The task.
+        task_id: String,
+    },
     /// A plain `tools/call`, watched for keep-alives and the sync deadline.
     PlainCall,
     /// A plain call answered at the sync deadline: its response completes this task instead.

@@ -127,13 +127,15 @@ impl Shared {
     /// Hands the recovered tasks of `owner` to a session of that owner, once: it resumes them on its
     /// upstream (reached with that owner's credential, never another's).
     pub fn resume_orphans(&self, session: &Session, owner: &str) {
-        let mine: Vec<Orphan> = {
+        let mut mine: Vec<Orphan> = {
             let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
             let (mine, others) =
                 std::mem::take(&mut *orphans).into_iter().partition(|o| o.task.owner == owner);
             *orphans = others;
             mine
         };
+        // And those taken over since, from replicas that stopped (on a shared store).
+        mine.extend(self.engine.take_orphans(owner));
         if !mine.is_empty() {
             session.intercept.resume(mine);
         }

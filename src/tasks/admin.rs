@@ -118,6 +118,14 @@ pub async fn run(args: TasksArgs, url: &str) -> anyhow::Result<i32> {
         }
         TasksAction::Cancel { task_id } => {
             let s = store::open(&open(url)?).await?;
+            if s.get(&task_id).await?.is_some_and(|r| r.origin == crate::tasks::model::Origin::Native) {
+                eprintln!(
+                    "mcp-asyncify: task {task_id} is run by the upstream server itself (the store only \
+                     records it to route its requests): cancel it with tasks/cancel through the proxy, \
+                     or on the upstream"
+                );
+                return Ok(1);
+            }
             let now = std::time::SystemTime::now();
             let changed = s
                 .update(&task_id, &|r| {

@@ -62,6 +62,9 @@ pub enum Origin {
     Local,
     /// A Notion async task polled by the proxy.
     Notion,
+    /// A task the upstream runs itself (MCP Tasks of its own): the proxy keeps only its id, owner and
+    /// ttl, to route its `tasks/*` to the upstream again after a restart and to list it.
+    Native,
 }
 
 impl Origin {
@@ -70,6 +73,7 @@ impl Origin {
         match self {
             Origin::Local => "local",
             Origin::Notion => "notion",
+            Origin::Native => "native",
         }
     }
 }

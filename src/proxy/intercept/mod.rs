@@ -374,13 +374,27 @@ impl Interceptor {
             Rewrite::ToolsList { first_page } => {
                 rewritten(result.and_then(|r| self.rewrite_tools_list(id, r, first_page, modern)))
             }
-            Rewrite::NativeTaskCall => {
-                if let Some(Value::String(t)) = result.and_then(|r| lookup(r.get(), &["task", "taskId"])) {
-                    self.tasks.native_tasks.insert(t, ());
+            Rewrite::NativeTaskCall { tool } => {
+                let generation = if modern { Generation::Modern } else { Generation::Legacy };
+                if let Some(r) = result {
+                    self.record_native(&tool, r, generation).await;
                 }
                 ResponseFate::AsIs
             }
-            Rewrite::NativeTaskForModern => rewritten(result.and_then(|r| self.native_created(id, r))),
+            Rewrite::NativeTaskForModern { tool } => {
+                if let Some(r) = result {
+                    self.record_native(&tool, r, Generation::Modern).await;
+                }
+                rewritten(result.and_then(|r| self.native_created(id, r)))
+            }
+            Rewrite::NativeTask { task_id } => {
+                if error.is_some_and(|e| jsonrpc::error_code_of(e.get()) == Some(code::INVALID_PARAMS)) {
+                    // The upstream no longer knows it (expired, or the upstream restarted).
+                    self.tasks.native_tasks.remove(&task_id);
+                    self.engine.forget_native(&task_id).await;
+                }
+                ResponseFate::AsIs
+            }
             // The answer goes to the client's retry, now or when it comes.
             Rewrite::Parked { state } => match self.parked_answered(&state, result, error) {
                 Some(line) => ResponseFate::Rewritten(line),
@@ -407,13 +421,23 @@ impl Interceptor {
         }
     }
 
-    /// Sends `notifications/tasks/status` to this session's client on every transition of its tasks.
+    /// Sends `notifications/tasks/status` to this session's client on every transition of its tasks,
+    /// and resumes the owner's Notion tasks the engine takes over from a replica that stopped.
     pub fn spawn_status_notifier(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let mut events = self.engine.subscribe();
+        let mut orphans = self.engine.orphans_found();
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
-                let event = match events.recv().await {
+                let received = tokio::select! {
+                    e = events.recv() => e,
+                    found = orphans.changed() => {
+                        let (Ok(()), Some(this)) = (found, this.upgrade()) else { return };
+                        this.resume(this.engine.take_orphans(&this.owner));
+                        continue;
+                    }
+                };
+                let event = match received {
                     Ok(e) => e,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::debug!(

@@ -365,7 +365,7 @@ impl Interceptor {
         if self.upstream_runs_tasks() {
             // A 2026-07-28 upstream with tasks of its own decides itself; its tasks pass untouched.
             self.notion.note_client_call();
-            return forward(Rewrite::None);
+            return forward(Rewrite::NativeTaskCall { tool });
         }
         self.tools_known().await;
         let native = self.facts().native_tools.contains(&tool);
@@ -375,7 +375,7 @@ impl Interceptor {
             self.notion.note_client_call();
             call.insert("task".into(), json!({}));
             let line = jsonrpc::request(id, "tools/call", Some(&Value::Object(call).to_string()));
-            return Decision::ForwardAs(line, Rewrite::NativeTaskForModern);
+            return Decision::ForwardAs(line, Rewrite::NativeTaskForModern { tool });
         }
         if !native && config.requires_task(&tool) && !modern.tasks {
             self.client.send(era::missing_tasks_extension(id, &format!("tool '{tool}'"))).await;

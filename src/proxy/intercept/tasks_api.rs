@@ -3,9 +3,10 @@
 use super::{Decision, Interceptor, Rewrite, lookup};
 use crate::jsonrpc::{self, Id, code};
 use crate::tasks::engine::CancelError;
-use crate::tasks::model::{Outcome, RELATED_TASK, TaskRecord, with_related_task};
+use crate::tasks::model::{Generation, Origin, Outcome, RELATED_TASK, TaskRecord, with_related_task};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +36,16 @@ impl Interceptor {
             }
         };
         let local = self.engine.get(&self.owner, &task_id).await;
-        if local.is_none() && (self.tasks.native_tasks.contains_key(&task_id) || self.facts().tools_call) {
+        // The upstream's own task: seen by this session, recorded (by this process or an earlier one),
+        // or an id we do not know, which an upstream with tasks may (unless it is another owner's).
+        let native = match &local {
+            Some(record) => record.origin == Origin::Native,
+            None => {
+                self.tasks.native_tasks.contains_key(&task_id)
+                    || (self.facts().tools_call && !self.engine.owned_by_another(&self.owner, &task_id).await)
+            }
+        };
+        if native {
             if method == "tasks/cancel" && !self.facts().cancel {
                 // The proxy declares `cancel` for its own tasks; the upstream did not for its own.
                 let msg = format!(
@@ -43,7 +53,11 @@ impl Interceptor {
                 );
                 return self.reply_error(id, code::INVALID_PARAMS, &msg).await;
             }
-            return Decision::Forward(Rewrite::None);
+            let rewrite = match method {
+                "tasks/cancel" => Rewrite::None,
+                _ => Rewrite::NativeTask { task_id },
+            };
+            return Decision::Forward(rewrite);
         }
         let not_found =
             |verb: &str| format!("Failed to {verb} task: Task not found (unknown id, or it expired)");
@@ -133,41 +147,70 @@ impl Interceptor {
             });
             return Decision::Handled;
         }
-        match self.engine.list(&self.owner, cursor.as_deref()).await {
-            Ok((tasks, None)) if !upstream_lists && !self.tasks.native_tasks.is_empty() => {
-                // The upstream cannot list its tasks: the last page shows the ones this session saw
-                // it create, as its `tasks/get` tells them now (those it no longer knows are gone).
-                let mut tasks: Vec<Value> = tasks.into_iter().map(|t| Value::Object(t.to_wire())).collect();
-                let this = self.clone();
-                let id = id.clone();
-                tokio::spawn(async move {
-                    tasks.extend(this.native_tasks_now().await);
-                    let line = jsonrpc::result_response(&id, &json!({ "tasks": tasks }).to_string());
-                    this.client.send(line).await;
-                });
-                Decision::Handled
+        let (tasks, next) = match self.engine.list(&self.owner, cursor.as_deref()).await {
+            Ok(page) => page,
+            Err(e) => return self.reply_error(id, code::INVALID_PARAMS, &e.to_string()).await,
+        };
+        let natives: Vec<String> =
+            tasks.iter().filter(|t| t.origin == Origin::Native).map(|t| t.id.clone()).collect();
+        // The upstream's own tasks among ours: an upstream that lists its tasks shows them on its pages
+        // (they are left out of ours); else each is shown as its `tasks/get` tells it now (those it no
+        // longer knows are gone).
+        let page = move |mut views: HashMap<String, Value>| {
+            let tasks: Vec<Value> = tasks
+                .into_iter()
+                .filter_map(|t| match t.origin {
+                    Origin::Native => views.remove(&t.id),
+                    _ => Some(Value::Object(t.to_wire())),
+                })
+                .collect();
+            let mut result = json!({ "tasks": tasks });
+            match (next, upstream_lists) {
+                (Some(next), _) => result["nextCursor"] = Value::String(next),
+                (None, true) => result["nextCursor"] = Value::String("upstream:".into()),
+                (None, false) => {}
             }
-            Ok((tasks, next)) => {
-                let tasks: Vec<Value> = tasks.into_iter().map(|t| Value::Object(t.to_wire())).collect();
-                let mut result = json!({ "tasks": tasks });
-                match (next, upstream_lists) {
-                    (Some(next), _) => result["nextCursor"] = Value::String(next),
-                    (None, true) => result["nextCursor"] = Value::String("upstream:".into()),
-                    (None, false) => {}
-                }
-                self.reply_result(id, &result).await
-            }
-            Err(e) => self.reply_error(id, code::INVALID_PARAMS, &e.to_string()).await,
+            result
+        };
+        if natives.is_empty() || upstream_lists {
+            return self.reply_result(id, &page(HashMap::new())).await;
+        }
+        let this = self.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let result = page(this.native_tasks_now(natives).await);
+            this.client.send(jsonrpc::result_response(&id, &result.to_string())).await;
+        });
+        Decision::Handled
+    }
+
+    /// Records the upstream's task if `result` is a `CreateTaskResult` (2025-11-25 `{task}`, or
+    /// 2026-07-28's flat `resultType: "task"`): durable before the client sees it, so a restarted
+    /// proxy still routes its `tasks/*` to the upstream and lists it.
+    pub(super) async fn record_native(&self, tool: &str, result: &RawValue, generation: Generation) {
+        let Ok(created) = serde_json::from_str::<Map<String, Value>>(result.get()) else { return };
+        let task = match created.get("task") {
+            Some(Value::Object(task)) => task,
+            _ if created.get("resultType").and_then(Value::as_str) == Some("task") => &created,
+            _ => return,
+        };
+        let Some(task_id) = task.get("taskId").and_then(Value::as_str) else { return };
+        self.tasks.native_tasks.insert(task_id.to_owned(), ());
+        if let Err(e) = self.engine.adopt_native(&self.owner, tool, task, generation).await {
+            tracing::warn!(
+                task_id, error = %e,
+                "cannot record the upstream's task in the store: this session still routes it, a restarted proxy will not"
+            );
         }
     }
 }
 
 impl Interceptor {
-    /// The upstream's own tasks this session saw created, each as the upstream's `tasks/get` gives
-    /// it now; a task the upstream no longer knows is forgotten.
-    async fn native_tasks_now(self: &Arc<Self>) -> Vec<Value> {
+    /// The upstream's own tasks `ids`, each as the upstream's `tasks/get` gives it now, by id; a task
+    /// the upstream no longer knows is forgotten (and left out).
+    async fn native_tasks_now(self: &Arc<Self>, ids: Vec<String>) -> HashMap<String, Value> {
         let mut asks = tokio::task::JoinSet::new();
-        for task_id in self.tasks.native_tasks.iter().map(|t| t.key().clone()) {
+        for task_id in ids {
             let this = self.clone();
             asks.spawn(async move {
                 let params = json!({ "taskId": task_id }).to_string();
@@ -176,12 +219,14 @@ impl Interceptor {
                 (task_id, got)
             });
         }
-        let mut found = Vec::new();
+        let mut found = HashMap::new();
         while let Some(Ok((task_id, got))) = asks.join_next().await {
             let task_id = task_id.as_str();
             match got {
                 Ok(Outcome::Result(raw)) => match serde_json::from_str::<Value>(raw.get()) {
-                    Ok(task) if task.get("taskId").is_some() => found.push(task),
+                    Ok(task) if task.get("taskId").is_some() => {
+                        found.insert(task_id.to_owned(), task);
+                    }
                     _ => tracing::warn!(
                         task_id,
                         "the upstream's tasks/get gave no task; left out of tasks/list"
@@ -189,6 +234,7 @@ impl Interceptor {
                 },
                 Ok(Outcome::Error(e)) if jsonrpc::error_code_of(e.get()) == Some(code::INVALID_PARAMS) => {
                     self.tasks.native_tasks.remove(task_id);
+                    self.engine.forget_native(task_id).await;
                 }
                 Ok(Outcome::Error(e)) => {
                     tracing::warn!(task_id, error = %e.get(), "the upstream's tasks/get failed; left out of tasks/list")
@@ -198,7 +244,6 @@ impl Interceptor {
                 }
             }
         }
-        found.sort_by(|a, b| a["createdAt"].as_str().cmp(&b["createdAt"].as_str()));
         found
     }
 }

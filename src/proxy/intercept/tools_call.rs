@@ -53,7 +53,7 @@ impl Interceptor {
         self.peers.client_speaks_tasks.store(true, Ordering::Relaxed);
         self.tools_known().await;
         if self.facts().native_tools.contains(&tool) {
-            return Decision::Forward(Rewrite::NativeTaskCall);
+            return Decision::Forward(Rewrite::NativeTaskCall { tool });
         }
         // A client's own `allow_async` beside `params.task`: the adapter drives Notion's protocol when
         // it runs, else the call runs as a plain task without it (so its result is the page, not an

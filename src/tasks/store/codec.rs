@@ -95,6 +95,7 @@ pub fn decode(bytes: &[u8]) -> Result<TaskRecord, String> {
     };
     let origin = match s.origin.as_ref() {
         "notion" => Origin::Notion,
+        "native" => Origin::Native,
         _ => Origin::Local,
     };
     let generation = match s.generation.as_ref() {

@@ -6,7 +6,7 @@
 use crate::jsonrpc::{self, Id, code};
 use crate::proxy::intercept::{Decision, Interceptor, Rewrite};
 use crate::tasks::engine::CancelError;
-use crate::tasks::model::{Outcome, TaskStatus};
+use crate::tasks::model::{Origin, Outcome, TaskStatus};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -66,11 +66,26 @@ impl Interceptor {
                 .await;
         };
         let not_found = || format!("Task not found: {task_id:?} is unknown or expired");
-        let Some(record) = self.engine.get(&self.owner, task_id).await else {
-            if self.upstream_runs_tasks() {
-                return Decision::Forward(Rewrite::None); // the upstream's own task
+        let record = self.engine.get(&self.owner, task_id).await;
+        let Some(record) = record.filter(|r| r.origin != Origin::Native) else {
+            // The upstream's own task (seen by this session, or recorded by an earlier process), or an
+            // id we do not know, which a 2026-07-28 upstream with tasks may.
+            let native = self.tasks.native_tasks.contains_key(task_id)
+                || self.engine.native(&self.owner, task_id).await.is_some();
+            if native && let Err(why) = self.ensure_initialized().await {
+                let msg = format!("The upstream server could not be initialized: {why}");
+                return self.reply_error(id, code::INTERNAL_ERROR, &msg).await;
             }
-            if self.tasks.native_tasks.contains_key(task_id) {
+            if self.upstream_runs_tasks()
+                && (native || !self.engine.owned_by_another(&self.owner, task_id).await)
+            {
+                let rewrite = match method {
+                    "tasks/get" => Rewrite::NativeTask { task_id: task_id.to_owned() },
+                    _ => Rewrite::None,
+                };
+                return Decision::Forward(rewrite); // the upstream's own task
+            }
+            if native {
                 let this = self.clone();
                 let (id, method, task_id) = (id.clone(), method.to_owned(), task_id.to_owned());
                 tokio::spawn(async move { this.on_native_task(&id, &method, &task_id).await });
@@ -78,6 +93,14 @@ impl Interceptor {
             }
             return self.reply_error(id, code::INVALID_PARAMS, &not_found()).await;
         };
+        // A Notion task taken over from a stopped proxy resumes once the upstream is initialized; a
+        // 2026-07-28 client has no handshake, so its look at the task initializes it.
+        if record.origin == Origin::Notion
+            && !record.status.is_terminal()
+            && let Err(why) = self.ensure_initialized().await
+        {
+            tracing::warn!(task_id, why, "cannot initialize the upstream to resume a Notion task");
+        }
         let ack = json!({ "resultType": "complete" });
         match method {
             "tasks/get" => {
@@ -248,7 +271,14 @@ impl Interceptor {
                     }
                     jsonrpc::result_response(id, &Value::Object(detailed).to_string())
                 }
-                Ok(Outcome::Error(e)) => jsonrpc::error_object_response(id, e.get()),
+                Ok(Outcome::Error(e)) => {
+                    if jsonrpc::error_code_of(e.get()) == Some(code::INVALID_PARAMS) {
+                        // The upstream no longer knows it (expired, or the upstream restarted).
+                        self.tasks.native_tasks.remove(task_id);
+                        self.engine.forget_native(task_id).await;
+                    }
+                    jsonrpc::error_object_response(id, e.get())
+                }
                 Err(e) => jsonrpc::error_response(Some(id), code::INTERNAL_ERROR, &e.to_string(), None),
             },
         };
