@@ -48,40 +48,80 @@ pub mod code {
 
 /// A JSON-RPC request id, kept as the exact JSON text the peer sent (`0`, `-7`, `"abc"`,
 /// `18446744073709551616`…), so that it can be echoed back with its value and type unchanged.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Id(Box<str>);
+/// Short ids (most are) are held inline: reading, copying and tracking one allocates nothing.
+#[derive(Clone)]
+pub struct Id(IdText);
+
+/// How many bytes of id text are held inline.
+const INLINE_ID: usize = 22;
+
+#[derive(Clone)]
+enum IdText {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Box<str>),
+}
 
 impl Id {
+    fn new(text: &str) -> Self {
+        if text.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            Id(IdText::Inline { len: text.len() as u8, bytes })
+        } else {
+            Id(IdText::Heap(text.into()))
+        }
+    }
+
     /// Wraps raw JSON text (already validated as a JSON string or number).
     pub fn from_raw(raw: &RawValue) -> Self {
-        Id(raw.get().trim().into())
+        Id::new(raw.get().trim())
     }
 
     /// An id from a string, encoded as a JSON string.
     pub fn string(s: &str) -> Self {
-        Id(serde_json::to_string(s).expect("a string always serialises").into())
+        Id::new(&serde_json::to_string(s).expect("a string always serialises"))
     }
 
     /// The id as JSON text, ready to splice into a message.
     pub fn as_json(&self) -> &str {
-        &self.0
+        match &self.0 {
+            // SAFETY: the bytes were copied whole from a `&str` in `new`: valid UTF-8.
+            IdText::Inline { len, bytes } => unsafe {
+                std::str::from_utf8_unchecked(&bytes[..*len as usize])
+            },
+            IdText::Heap(text) => text,
+        }
     }
 
     /// Whether the id is a JSON string (as opposed to a number).
     pub fn is_string(&self) -> bool {
-        self.0.starts_with('"')
+        self.as_json().starts_with('"')
+    }
+}
+
+impl PartialEq for Id {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_json() == other.as_json()
+    }
+}
+
+impl Eq for Id {}
+
+impl std::hash::Hash for Id {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_json().hash(state)
     }
 }
 
 impl fmt::Debug for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_json())
     }
 }
 
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_json())
     }
 }
 
@@ -522,7 +562,9 @@ mod tests {
 
     #[test]
     fn ids_of_every_json_type_keep_their_text() {
-        for raw in ["0", "-1", "18446744073709551616", "1.5e3", "\"abc\"", "\"\""] {
+        let long = format!("\"{}\"", "é".repeat(INLINE_ID));
+        let edge = format!("\"{}\"", "x".repeat(INLINE_ID - 2));
+        for raw in ["0", "-1", "18446744073709551616", "1.5e3", "\"abc\"", "\"\"", &long, &edge] {
             let line = format!(r#"{{"jsonrpc":"2.0","id":{raw},"method":"ping"}}"#);
             let env = Envelope::parse(line.as_bytes()).unwrap();
             assert_eq!(env.kind, Kind::Request);
