@@ -88,7 +88,7 @@ pub struct Operations {
     bound: std::sync::Mutex<Bound>,
 }
 
-/// Histograms bound to attribute sets, by the text of the attributes' values.
+/// Histograms bound to attribute sets, by the text of the attributes' keys and values.
 #[derive(Default)]
 struct Bound {
     /// The key being looked up (kept to reuse its buffer).
@@ -107,6 +107,8 @@ impl Bound {
     fn record(&mut self, server: bool, histogram: &Histogram<f64>, attrs: &[KeyValue], seconds: f64) {
         self.key.clear();
         for kv in attrs {
+            self.key.push_str(kv.key.as_str());
+            self.key.push('\u{0}');
             self.key.push_str(&kv.value.as_str());
             self.key.push('\u{0}');
         }
@@ -740,6 +742,27 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
         );
         assert!(ops.open.get(&id).unwrap().client.is_none(), "no CLIENT span");
+    }
+
+    #[test]
+    fn a_bound_set_is_found_by_its_keys_and_values() {
+        let histogram = opentelemetry::global::meter("test").f64_histogram("t").build();
+        let mut bound = Bound::default();
+        let call = |tool: &str| op_attrs("tools/call", Some(tool));
+        let mut with_version = op_attrs("tools/call", None);
+        with_version.push(KeyValue::new("mcp.protocol.version", "2025-11-25"));
+        bound.record(true, &histogram, &call("echo"), 0.1);
+        bound.record(true, &histogram, &call("echo"), 0.2);
+        // A tool named like a version is not the set with that version.
+        bound.record(true, &histogram, &call("2025-11-25"), 0.1);
+        bound.record(true, &histogram, &with_version, 0.1);
+        bound.record(false, &histogram, &call("echo"), 0.1);
+        assert_eq!((bound.server.len(), bound.client.len()), (3, 1));
+        // Past the cap, records go unbound.
+        for i in 0..2 * MAX_BOUND {
+            bound.record(false, &histogram, &call(&format!("t{i}")), 0.1);
+        }
+        assert_eq!(bound.client.len(), MAX_BOUND);
     }
 
     #[test]
