@@ -48,40 +48,80 @@ pub mod code {
 
 /// A JSON-RPC request id, kept as the exact JSON text the peer sent (`0`, `-7`, `"abc"`,
 /// `18446744073709551616`…), so that it can be echoed back with its value and type unchanged.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Id(Box<str>);
+/// Short ids (most are) are held inline: reading, copying and tracking one allocates nothing.
+#[derive(Clone)]
+pub struct Id(IdText);
+
+/// How many bytes of id text are held inline.
+const INLINE_ID: usize = 22;
+
+#[derive(Clone)]
+enum IdText {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Box<str>),
+}
 
 impl Id {
+    fn new(text: &str) -> Self {
+        if text.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            Id(IdText::Inline { len: text.len() as u8, bytes })
+        } else {
+            Id(IdText::Heap(text.into()))
+        }
+    }
+
     /// Wraps raw JSON text (already validated as a JSON string or number).
     pub fn from_raw(raw: &RawValue) -> Self {
-        Id(raw.get().trim().into())
+        Id::new(raw.get().trim())
     }
 
     /// An id from a string, encoded as a JSON string.
     pub fn string(s: &str) -> Self {
-        Id(serde_json::to_string(s).expect("a string always serialises").into())
+        Id::new(&serde_json::to_string(s).expect("a string always serialises"))
     }
 
     /// The id as JSON text, ready to splice into a message.
     pub fn as_json(&self) -> &str {
-        &self.0
+        match &self.0 {
+            // SAFETY: the bytes were copied whole from a `&str` in `new`: valid UTF-8.
+            IdText::Inline { len, bytes } => unsafe {
+                std::str::from_utf8_unchecked(&bytes[..*len as usize])
+            },
+            IdText::Heap(text) => text,
+        }
     }
 
     /// Whether the id is a JSON string (as opposed to a number).
     pub fn is_string(&self) -> bool {
-        self.0.starts_with('"')
+        self.as_json().starts_with('"')
+    }
+}
+
+impl PartialEq for Id {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_json() == other.as_json()
+    }
+}
+
+impl Eq for Id {}
+
+impl std::hash::Hash for Id {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_json().hash(state)
     }
 }
 
 impl fmt::Debug for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_json())
     }
 }
 
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_json())
     }
 }
 
@@ -111,6 +151,10 @@ pub struct Envelope<'a> {
     pub result: Option<&'a RawValue>,
     /// `error`, raw.
     pub error: Option<&'a RawValue>,
+    /// The whole message's text, and its `id` value as it stands in it (also `null`), so that
+    /// [`with_id`] can write another id in its place and leave every other byte as it came.
+    text: &'a str,
+    raw_id: Option<&'a RawValue>,
 }
 
 /// The top level of a message. Each field is `Some` whenever the key is present, even with a `null`
@@ -249,7 +293,16 @@ impl<'a> Envelope<'a> {
                 ));
             }
         };
-        Ok(Envelope { kind, id, method, params: wire.params, result: wire.result, error: wire.error })
+        Ok(Envelope {
+            kind,
+            id,
+            method,
+            params: wire.params,
+            result: wire.result,
+            error: wire.error,
+            text,
+            raw_id: wire.id,
+        })
     }
 }
 
@@ -398,8 +451,34 @@ fn response_with(id: &Id, key: &str, raw: &str) -> Vec<u8> {
 
 /// The same message under another id: a request keeps its method and params, a response its result
 /// or error. Used where one upstream connection serves requests of several clients, whose ids may
-/// collide.
+/// collide. The new id is written where the old one stands, so every other byte of the message (key
+/// order, whitespace, members the proxy does not know) stays as the peer sent it; a message without
+/// an `id` member is rebuilt ([`rebuilt_with_id`]).
 pub fn with_id(env: &Envelope<'_>, id: &Id) -> Vec<u8> {
+    spliced_id(env, id).unwrap_or_else(|| rebuilt_with_id(env, id))
+}
+
+/// [`with_id`] by writing `id` over the `id` value in the message's own text (`None`: it has none).
+/// The envelope's parse refused duplicate keys, so the one `id` it read is the message's.
+fn spliced_id(env: &Envelope<'_>, id: &Id) -> Option<Vec<u8>> {
+    let old = env.raw_id?.get();
+    let start = (old.as_ptr() as usize).checked_sub(env.text.as_ptr() as usize)?;
+    let end = start + old.len();
+    if end > env.text.len() {
+        return None; // not read from this text (cannot happen: both come from one parse)
+    }
+    let text = env.text.as_bytes();
+    let mut out = Vec::with_capacity(text.len() + id.as_json().len());
+    out.extend_from_slice(&text[..start]);
+    out.extend_from_slice(id.as_json().as_bytes());
+    out.extend_from_slice(&text[end..]);
+    Some(out)
+}
+
+/// The message under another id, rebuilt from its envelope: `jsonrpc`, `id`, then `method` and
+/// `params` (a request) or `result` or `error` (a response), payloads as they came. Members a message
+/// of its kind does not have are left out. [`with_id`] falls back to it.
+pub fn rebuilt_with_id(env: &Envelope<'_>, id: &Id) -> Vec<u8> {
     match (env.method, env.result, env.error) {
         (Some(method), _, _) => request(id, method, env.params.map(RawValue::get)),
         (None, Some(result), _) => result_response(id, result.get()),
@@ -483,7 +562,9 @@ mod tests {
 
     #[test]
     fn ids_of_every_json_type_keep_their_text() {
-        for raw in ["0", "-1", "18446744073709551616", "1.5e3", "\"abc\"", "\"\""] {
+        let long = format!("\"{}\"", "é".repeat(INLINE_ID));
+        let edge = format!("\"{}\"", "x".repeat(INLINE_ID - 2));
+        for raw in ["0", "-1", "18446744073709551616", "1.5e3", "\"abc\"", "\"\"", &long, &edge] {
             let line = format!(r#"{{"jsonrpc":"2.0","id":{raw},"method":"ping"}}"#);
             let env = Envelope::parse(line.as_bytes()).unwrap();
             assert_eq!(env.kind, Kind::Request);
@@ -532,6 +613,29 @@ mod tests {
         // A nested resultType is not the result's own.
         let nested = r#"{"content":[{"type":"text","text":"\"resultType\""}]}"#;
         assert!(mark_complete(nested).starts_with(r#"{"resultType":"complete","#));
+    }
+
+    #[test]
+    fn another_id_is_written_where_the_old_one_stands() {
+        let id = Id::string("up-1");
+        let line =
+            br#"{ "params" : {"b":1, "a":[2]}, "id" :  7 ,"x":{"id":8}, "method":"m","jsonrpc":"2.0"}"#;
+        let got = with_id(&Envelope::parse(line).unwrap(), &id);
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            r#"{ "params" : {"b":1, "a":[2]}, "id" :  "up-1" ,"x":{"id":8}, "method":"m","jsonrpc":"2.0"}"#
+        );
+        // A response with id null gets one; an escaped key is still the id.
+        let got =
+            with_id(&Envelope::parse(br#"{"jsonrpc":"2.0","id":null,"error":{"code":1}}"#).unwrap(), &id);
+        assert_eq!(got, br#"{"jsonrpc":"2.0","id":"up-1","error":{"code":1}}"#);
+        let got = with_id(&Envelope::parse(br#"{"jsonrpc":"2.0","\u0069d":3,"result":{}}"#).unwrap(), &id);
+        assert_eq!(got, br#"{"jsonrpc":"2.0","\u0069d":"up-1","result":{}}"#);
+        // Two ids: the message is refused before anything is written into it.
+        assert!(Envelope::parse(br#"{"jsonrpc":"2.0","id":1,"id":2,"method":"m"}"#).is_err());
+        // No id member (a notification): rebuilt.
+        let env = Envelope::parse(br#"{"method":"m", "jsonrpc":"2.0"}"#).unwrap();
+        assert_eq!(with_id(&env, &id), br#"{"jsonrpc":"2.0","id":"up-1","method":"m"}"#);
     }
 
     #[test]

@@ -270,6 +270,82 @@ proptest! {
         prop_assert!(method);
     }
 
+    /// `jsonrpc::with_id` writes the new id where the old one stands: every other byte of the message
+    /// (key order, spacing, members the proxy does not know) stays as sent, and it means what the
+    /// rebuilt message means, plus those members.
+    #[test]
+    fn another_id_is_written_in_place_of_the_old(
+        raw in client_id(),
+        new_raw in client_id(),
+        kind in 0u8..3,
+        null_id in any::<bool>(),
+        payload_a in payload(),
+        extras in proptest::collection::vec((0usize..3, payload()), 0..3),
+        order in Just((0..8).collect::<Vec<usize>>()).prop_shuffle(),
+        spaces in proptest::collection::vec(prop_oneof![Just(""), Just(" "), Just("\t "), Just("\r\n")], 24),
+    ) {
+        // A response may answer with id null (a parse error); a request may not.
+        let id_text = if null_id && kind != 0 { "null".to_owned() } else { raw.clone() };
+        let mut members: Vec<(String, String)> = vec![
+            ("jsonrpc".into(), "\"2.0\"".into()),
+            ("id".into(), "\u{1}".into()), // where the id goes
+        ];
+        match kind {
+            0 => {
+                members.push(("method".into(), "\"tools/call\"".into()));
+                members.push(("params".into(), payload_a));
+            }
+            1 => members.push(("result".into(), payload_a)),
+            _ => members.push(("error".into(), format!(r#"{{"code":-1,"message":"m","data":{payload_a}}}"#))),
+        }
+        // Members the envelope does not read (a response's stray params among them), once each.
+        let mut names = HashSet::new();
+        for (which, value) in &extras {
+            let name = match (which, kind) {
+                (0, _) => "x",
+                (1, _) => "_unknown",
+                (_, 0) => "y",
+                _ => "params",
+            };
+            if names.insert(name) {
+                members.push((name.to_owned(), value.clone()));
+            }
+        }
+        let shuffled: Vec<&(String, String)> = order.iter().filter_map(|&i| members.get(i)).collect();
+        let mut sp = spaces.iter().cycle();
+        let mut text = String::from("{");
+        for (i, (k, v)) in shuffled.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(&format!("{}\"{k}\"{}:{}{v}{}", sp.next().unwrap(), sp.next().unwrap(), sp.next().unwrap(), sp.next().unwrap()));
+        }
+        text.push('}');
+        let line = text.replace('\u{1}', &id_text);
+        let env = Envelope::parse(line.as_bytes()).unwrap();
+        let new_id = id_of(&new_raw);
+
+        let spliced = jsonrpc::with_id(&env, &new_id);
+        // Byte for byte the message as sent, the id's text replaced.
+        prop_assert_eq!(String::from_utf8(spliced.clone()).unwrap(), text.replace('\u{1}', &new_raw));
+        let again = Envelope::parse(&spliced).unwrap();
+        prop_assert_eq!(again.kind, env.kind);
+        prop_assert_eq!(again.id.as_ref(), Some(&new_id));
+        prop_assert_eq!(again.method, env.method);
+        prop_assert_eq!(again.params.map(RawValue::get), env.params.map(RawValue::get));
+        prop_assert_eq!(again.result.map(RawValue::get), env.result.map(RawValue::get));
+        prop_assert_eq!(again.error.map(RawValue::get), env.error.map(RawValue::get));
+        // The same meaning as the rebuilt message, with the members it leaves out.
+        let mut rebuilt: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&jsonrpc::rebuilt_with_id(&env, &new_id)).unwrap();
+        let original: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&line).unwrap();
+        for (k, v) in &original {
+            rebuilt.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let spliced: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&spliced).unwrap();
+        prop_assert_eq!(spliced, rebuilt);
+    }
+
     /// Whatever ids the client picks, even ones made to look like the proxy's, the proxy's own ids are
     /// told apart, are all distinct, and find their waiter when answered.
     #[test]

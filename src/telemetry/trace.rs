@@ -9,17 +9,24 @@
 use super::metrics::metrics;
 use crate::jsonrpc::{Envelope, Id, Kind};
 use dashmap::DashMap;
+use opentelemetry::metrics::{BoundHistogram, Histogram};
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
-use opentelemetry::{Context, KeyValue, global};
+use opentelemetry::{Context, KeyValue, StringValue, global};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 static TRACE_ON: AtomicBool = AtomicBool::new(false);
 
+/// The tracer, taken once from the provider [`enable`] found installed (taking it from the global
+/// provider locks and clones; a request starts two spans).
+static TRACER: std::sync::OnceLock<global::BoxedTracer> = std::sync::OnceLock::new();
+
 pub(super) fn enable() {
+    let _ = TRACER.set(global::tracer("mcp-asyncify"));
     TRACE_ON.store(true, Ordering::Relaxed);
 }
 
@@ -28,8 +35,8 @@ pub fn trace_on() -> bool {
     TRACE_ON.load(Ordering::Relaxed)
 }
 
-fn tracer() -> global::BoxedTracer {
-    global::tracer("mcp-asyncify")
+fn tracer() -> &'static global::BoxedTracer {
+    TRACER.get_or_init(|| global::tracer("mcp-asyncify"))
 }
 
 /// The `traceparent` of a span context.
@@ -54,12 +61,20 @@ pub fn extract(traceparent: Option<&str>, tracestate: Option<&str>) -> Context {
 /// What is known of a client request while it is answered.
 struct Operation {
     started: Instant,
-    method: String,
-    tool: Option<String>,
+    /// `tools/call` (its result may say `isError`).
+    is_call: bool,
+    /// The spans' name: the method, and the tool of a `tools/call`.
+    name: String,
+    /// `mcp.method.name`, `network.transport` and `gen_ai.tool.name` (a `tools/call`'s): built once,
+    /// for both spans and both durations (their values are static or shared, so copies allocate
+    /// nothing).
+    attrs: Vec<KeyValue>,
     server: Option<Context>,
     client: Option<(Instant, Context)>,
     /// `mcp.protocol.version`: the request's own (2026-07-28) or its session's.
-    version: Option<String>,
+    version: Option<StringValue>,
+    /// Where the CLIENT span's `traceparent` goes in the forwarded params (traces on).
+    slot: Option<TraceSlot>,
 }
 
 /// The client requests of one session being answered, for their durations and spans.
@@ -67,40 +82,108 @@ struct Operation {
 pub struct Operations {
     open: DashMap<Id, Operation>,
     /// The protocol version the client's `initialize` asked for (its session's generation).
-    session_version: std::sync::OnceLock<String>,
+    session_version: std::sync::OnceLock<StringValue>,
+    /// The durations of this session's requests, bound to their attribute sets as they are first
+    /// recorded (a bound record skips hashing the attributes in the SDK).
+    bound: std::sync::Mutex<Bound>,
+}
+
+/// Histograms bound to attribute sets, by the text of the attributes' keys and values.
+#[derive(Default)]
+struct Bound {
+    /// The key being looked up (kept to reuse its buffer).
+    key: String,
+    server: HashMap<Box<str>, BoundHistogram<f64>>,
+    client: HashMap<Box<str>, BoundHistogram<f64>>,
+}
+
+/// Attribute sets bound per session and direction at most; more are recorded unbound (they cost
+/// the SDK's lookup, and a session cannot grow this table without end with made-up tool names).
+const MAX_BOUND: usize = 64;
+
+impl Bound {
+    /// Records `seconds` into `histogram` with `attrs`, through the handle bound to them (bound now
+    /// if new: a set is bound only when something is recorded with it, so no series appears empty).
+    fn record(&mut self, server: bool, histogram: &Histogram<f64>, attrs: &[KeyValue], seconds: f64) {
+        self.key.clear();
+        for kv in attrs {
+            self.key.push_str(kv.key.as_str());
+            self.key.push('\u{0}');
+            self.key.push_str(&kv.value.as_str());
+            self.key.push('\u{0}');
+        }
+        let table = if server { &mut self.server } else { &mut self.client };
+        if let Some(bound) = table.get(self.key.as_str()) {
+            bound.record(seconds);
+        } else if table.len() < MAX_BOUND {
+            let bound = histogram.bind(attrs);
+            bound.record(seconds);
+            table.insert(self.key.as_str().into(), bound);
+        } else {
+            histogram.record(seconds, attrs);
+        }
+    }
+}
+
+/// The methods of MCP, as static text (an attribute with a static value is copied without allocating).
+const METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/call",
+    "tools/list",
+    "resources/list",
+    "resources/read",
+    "resources/templates/list",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "tasks/get",
+    "tasks/result",
+    "tasks/list",
+    "tasks/cancel",
+    "sampling/createMessage",
+    "elicitation/create",
+    "roots/list",
+];
+
+/// The protocol versions, as static text.
+const VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"];
+
+/// `text` as an attribute value: static when it is one of `known`, else shared.
+fn attr_value(text: &str, known: &[&'static str]) -> StringValue {
+    match known.iter().find(|k| **k == text) {
+        Some(k) => StringValue::from(*k),
+        None => StringValue::from(std::sync::Arc::<str>::from(text)),
+    }
 }
 
 fn op_attrs(method: &str, tool: Option<&str>) -> Vec<KeyValue> {
-    let mut attrs =
-        vec![KeyValue::new("mcp.method.name", method.to_owned()), KeyValue::new("network.transport", "pipe")];
+    let mut attrs = Vec::with_capacity(5);
+    attrs.push(KeyValue::new("mcp.method.name", attr_value(method, METHODS)));
+    attrs.push(KeyValue::new("network.transport", "pipe"));
     if let Some(t) = tool {
-        attrs.push(KeyValue::new("gen_ai.tool.name", t.to_owned()));
+        attrs.push(KeyValue::new("gen_ai.tool.name", std::sync::Arc::<str>::from(t)));
     }
     attrs
 }
 
-/// Records the duration of one MCP request into `histogram`, with the semconv attributes.
-fn record_operation(
-    histogram: &opentelemetry::metrics::Histogram<f64>,
-    started: Instant,
-    method: &str,
-    tool: Option<&str>,
-    error: Option<&str>,
-    version: Option<&str>,
-) {
-    let mut attrs = op_attrs(method, tool);
-    if let Some(v) = version {
-        attrs.push(KeyValue::new("mcp.protocol.version", v.to_owned()));
+fn span_name(method: &str, tool: Option<&str>) -> String {
+    match tool {
+        Some(t) => format!("{method} {t}"),
+        None => method.to_owned(),
     }
-    if let Some(e) = error {
-        attrs.push(KeyValue::new("error.type", e.to_owned()));
-    }
-    histogram.record(started.elapsed().as_secs_f64(), &attrs);
 }
 
 /// Records a request the proxy made upstream (`mcp.client.operation.duration`), answered now.
 pub fn record_client_operation(started: Instant, method: &str, tool: Option<&str>, error: Option<&str>) {
-    record_operation(&metrics().client_operation, started, method, tool, error, None);
+    let mut attrs = op_attrs(method, tool);
+    if let Some(e) = error {
+        attrs.push(KeyValue::new("error.type", e.to_owned()));
+    }
+    metrics().client_operation.record(started.elapsed().as_secs_f64(), &attrs);
 }
 
 #[derive(serde::Deserialize)]
@@ -109,18 +192,121 @@ struct CallParams<'a> {
     name: Option<&'a str>,
     #[serde(rename = "protocolVersion", borrow, default)]
     initialize_version: Option<&'a str>,
-    #[serde(rename = "_meta", borrow, default)]
-    meta: Option<TraceMeta<'a>>,
+    #[serde(rename = "_meta", borrow, default, deserialize_with = "present")]
+    meta: Option<&'a RawValue>,
 }
 
 #[derive(serde::Deserialize)]
 struct TraceMeta<'a> {
     #[serde(rename = "io.modelcontextprotocol/protocolVersion", borrow, default)]
     version: Option<&'a str>,
-    #[serde(borrow, default)]
-    traceparent: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    traceparent: Option<&'a RawValue>,
     #[serde(borrow, default)]
     tracestate: Option<&'a str>,
+}
+
+impl<'a> TraceMeta<'a> {
+    /// `_meta` read (`None`: absent, not an object, or unreadable).
+    fn read(meta: Option<&'a RawValue>) -> Option<TraceMeta<'a>> {
+        meta.filter(|m| m.get().starts_with('{')).and_then(|m| serde_json::from_str(m.get()).ok())
+    }
+
+    /// The `traceparent`, when it is a string without escapes (as every valid one is).
+    fn traceparent(&self) -> Option<&'a str> {
+        let raw = self.traceparent?.get();
+        (raw.len() >= 2 && raw.starts_with('"') && !raw.contains('\\')).then(|| &raw[1..raw.len() - 1])
+    }
+}
+
+/// Where a `traceparent` goes in a request's params object, found while its params are read for
+/// the measurement (so the forwarded request is not read again): offsets in the params' text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TraceSlot {
+    /// The params' length (the slot is only used on the same text).
+    len: usize,
+    /// Where the text goes, and how many bytes it replaces there.
+    at: usize,
+    replaced: usize,
+    what: SlotKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotKind {
+    /// `"_meta":{"traceparent":…}` added at the end of the params (after a comma unless empty).
+    NewMeta { comma: bool },
+    /// `"traceparent":…` added at the end of `_meta` (after a comma unless empty).
+    NewMember { comma: bool },
+    /// The value of the `traceparent` already there, replaced.
+    Value,
+}
+
+impl TraceSlot {
+    /// The slot in `params` (an object's text) whose `_meta` is `meta` and `_meta.traceparent`
+    /// is `traceparent`, both read from it. `None`: params or `_meta` are not objects.
+    fn find(params: &str, meta: Option<&RawValue>, traceparent: Option<&RawValue>) -> Option<TraceSlot> {
+        if !params.starts_with('{') {
+            return None;
+        }
+        let offset = |inner: &str| (inner.as_ptr() as usize).checked_sub(params.as_ptr() as usize);
+        let not_empty = |object: &str| !object[1..object.len() - 1].trim().is_empty();
+        let (at, replaced, what) = match (meta.map(RawValue::get), traceparent.map(RawValue::get)) {
+            (None, _) => (params.len() - 1, 0, SlotKind::NewMeta { comma: not_empty(params) }),
+            (Some(meta), _) if !meta.starts_with('{') => return None,
+            (Some(_), Some(old)) => (offset(old)?, old.len(), SlotKind::Value),
+            (Some(meta), None) => {
+                (offset(meta)? + meta.len() - 1, 0, SlotKind::NewMember { comma: not_empty(meta) })
+            }
+        };
+        (at + replaced <= params.len()).then_some(TraceSlot { len: params.len(), at, replaced, what })
+    }
+
+    /// The slot in `params`, from their reading for the measurement (a `_meta` that could not be read
+    /// leaves it to the fallbacks).
+    fn read(params: &RawValue, parsed: &CallParams<'_>, meta: Option<&TraceMeta<'_>>) -> Option<TraceSlot> {
+        if parsed.meta.is_some() && meta.is_none() {
+            return None;
+        }
+        TraceSlot::find(params.get(), parsed.meta, meta.and_then(|m| m.traceparent))
+    }
+
+    /// `line` with the `traceparent` written at this slot of its `params` (read from `line`).
+    fn write(&self, line: &[u8], params: &RawValue, tp: &str) -> Option<Vec<u8>> {
+        let params = params.get();
+        let start = (params.as_ptr() as usize).checked_sub(line.as_ptr() as usize)?;
+        if params.len() != self.len || start + params.len() > line.len() {
+            return None; // not the params the slot was found in, or not read from this line
+        }
+        let at = start + self.at;
+        let mut out = Vec::with_capacity(line.len() + tp.len() + 40);
+        out.extend_from_slice(&line[..at]);
+        let comma = |out: &mut Vec<u8>, comma: bool| {
+            if comma {
+                out.push(b',');
+            }
+        };
+        match self.what {
+            SlotKind::NewMeta { comma: c } => {
+                comma(&mut out, c);
+                out.extend_from_slice(b"\"_meta\":{\"traceparent\":\"");
+                out.extend_from_slice(tp.as_bytes());
+                out.extend_from_slice(b"\"}");
+            }
+            SlotKind::NewMember { comma: c } => {
+                comma(&mut out, c);
+                out.extend_from_slice(b"\"traceparent\":\"");
+                out.extend_from_slice(tp.as_bytes());
+                out.push(b'"');
+            }
+            SlotKind::Value => {
+                out.push(b'"');
+                out.extend_from_slice(tp.as_bytes());
+                out.push(b'"');
+            }
+        }
+        out.extend_from_slice(&line[at + self.replaced..]);
+        Some(out)
+    }
 }
 
 impl Operations {
@@ -129,45 +315,45 @@ impl Operations {
         super::metrics_on() || trace_on()
     }
 
+    fn bound(&self) -> std::sync::MutexGuard<'_, Bound> {
+        self.bound.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A client request arrived: start measuring it (and its SERVER span).
     pub fn started(&self, id: &Id, method: &str, params: Option<&RawValue>) {
         let parsed: Option<CallParams<'_>> = params.and_then(|p| serde_json::from_str(p.get()).ok());
-        let tool = parsed.as_ref().and_then(|p| p.name).filter(|_| method == "tools/call").map(str::to_owned);
+        let meta = TraceMeta::read(parsed.as_ref().and_then(|p| p.meta));
+        let is_call = method == "tools/call";
+        let tool = parsed.as_ref().and_then(|p| p.name).filter(|_| is_call);
         if method == "initialize"
             && let Some(v) = parsed.as_ref().and_then(|p| p.initialize_version)
         {
-            let _ = self.session_version.set(v.to_owned());
+            let _ = self.session_version.set(attr_value(v, VERSIONS));
         }
-        let version = parsed
-            .as_ref()
-            .and_then(|p| p.meta.as_ref())
-            .and_then(|m| m.version)
-            .map(str::to_owned)
-            .or_else(|| self.session_version.get().cloned());
+        let version = match meta.as_ref().and_then(|m| m.version) {
+            Some(v) => Some(attr_value(v, VERSIONS)),
+            None => self.session_version.get().cloned(),
+        };
+        let attrs = op_attrs(method, tool);
+        let name = span_name(method, tool);
+        let mut slot = None;
         let server = trace_on().then(|| {
-            let meta = parsed.as_ref().and_then(|p| p.meta.as_ref());
-            let parent = extract(meta.and_then(|m| m.traceparent), meta.and_then(|m| m.tracestate));
-            let name = match &tool {
-                Some(t) => format!("{method} {t}"),
-                None => method.to_owned(),
-            };
+            // Where the CLIENT span's traceparent will go, from this reading of the params (a `_meta`
+            // that could not be read leaves it to the re-serialising fallback).
+            slot =
+                params.zip(parsed.as_ref()).and_then(|(params, p)| TraceSlot::read(params, p, meta.as_ref()));
+            let meta = meta.as_ref();
+            let parent = extract(meta.and_then(TraceMeta::traceparent), meta.and_then(|m| m.tracestate));
             let span = tracer()
-                .span_builder(name)
+                .span_builder(name.clone())
                 .with_kind(SpanKind::Server)
-                .with_attributes(op_attrs(method, tool.as_deref()))
-                .start_with_context(&tracer(), &parent);
+                .with_attributes(attrs.clone())
+                .start_with_context(tracer(), &parent);
             parent.with_span(span)
         });
         self.open.insert(
             id.clone(),
-            Operation {
-                started: Instant::now(),
-                method: method.to_owned(),
-                tool,
-                server,
-                client: None,
-                version,
-            },
+            Operation { started: Instant::now(), is_call, name, attrs, server, client: None, version, slot },
         );
     }
 
@@ -177,20 +363,27 @@ impl Operations {
     pub fn forwarded(&self, id: &Id, line: &[u8], params: Option<&RawValue>) -> Option<Vec<u8>> {
         let mut op = self.open.get_mut(id)?;
         let parent = op.server.clone()?;
-        let name = match &op.tool {
-            Some(t) => format!("{} {t}", op.method),
-            None => op.method.clone(),
+        let tp = if parent.span().is_recording() {
+            let span = tracer()
+                .span_builder(op.name.clone())
+                .with_kind(SpanKind::Client)
+                .with_attributes(op.attrs.clone())
+                .start_with_context(tracer(), &parent);
+            let cx = parent.with_span(span);
+            let tp = traceparent(&cx)?;
+            op.client = Some((Instant::now(), cx));
+            tp
+        } else {
+            // Not sampled (`OTEL_TRACES_SAMPLER`): a CLIENT span would not be recorded either, so none
+            // is made; the upstream continues the trace from the SERVER span, told it is not sampled.
+            traceparent(&parent)?
         };
-        let span = tracer()
-            .span_builder(name)
-            .with_kind(SpanKind::Client)
-            .with_attributes(op_attrs(&op.method, op.tool.as_deref()))
-            .start_with_context(&tracer(), &parent);
-        let cx = parent.with_span(span);
-        let tp = traceparent(&cx)?;
-        op.client = Some((Instant::now(), cx));
+        let slot = op.slot;
         drop(op);
-        spliced_traceparent(line, params, &tp).or_else(|| reserialised_with_traceparent(line, &tp))
+        slot.zip(params)
+            .and_then(|(slot, params)| slot.write(line, params, &tp))
+            .or_else(|| spliced_traceparent(line, params, &tp))
+            .or_else(|| reserialised_with_traceparent(line, &tp))
     }
 
     /// The upstream answered a forwarded request (`error`: its error code, if any).
@@ -200,7 +393,15 @@ impl Operations {
             Some(c) => (c.0, Some(c.1)),
             None => (op.started, None),
         };
-        record_client_operation(at, &op.method, op.tool.as_deref(), error.as_deref());
+        let seconds = at.elapsed().as_secs_f64();
+        match &error {
+            None => self.bound().record(false, &metrics().client_operation, &op.attrs, seconds),
+            Some(e) => {
+                let mut attrs = op.attrs.clone();
+                attrs.push(KeyValue::new("error.type", e.clone()));
+                metrics().client_operation.record(seconds, &attrs);
+            }
+        }
         drop(op);
         if let Some(cx) = cx {
             if let Some(e) = error {
@@ -228,20 +429,23 @@ impl Operations {
     /// envelope it already read; every other line to the client is seen by
     /// [`Self::observe_client_line`].
     pub fn answered(&self, id: &Id, result: Option<&RawValue>, error: Option<&RawValue>) {
-        let Some((_, op)) = self.open.remove(id) else { return };
+        let Some((_, mut op)) = self.open.remove(id) else { return };
         let error = match (error, result) {
             (Some(e), _) => Some(error_code(e)),
-            (None, Some(r)) if op.method == "tools/call" && is_tool_error(r) => Some("tool_error".to_owned()),
+            (None, Some(r)) if op.is_call && is_tool_error(r) => Some("tool_error".to_owned()),
             _ => None,
         };
-        record_operation(
-            &metrics().server_operation,
-            op.started,
-            &op.method,
-            op.tool.as_deref(),
-            error.as_deref(),
-            op.version.as_deref(),
-        );
+        let seconds = op.started.elapsed().as_secs_f64();
+        if let Some(v) = op.version.take() {
+            op.attrs.push(KeyValue::new("mcp.protocol.version", v));
+        }
+        if let Some(e) = &error {
+            op.attrs.push(KeyValue::new("error.type", e.clone()));
+        }
+        match &error {
+            None => self.bound().record(true, &metrics().server_operation, &op.attrs, seconds),
+            Some(_) => metrics().server_operation.record(seconds, &op.attrs),
+        }
         if let Some((_, cx)) = op.client {
             cx.span().end();
         }
@@ -316,40 +520,16 @@ fn spliced_traceparent(line: &[u8], params: Option<&RawValue>, tp: &str) -> Opti
         #[serde(borrow, default, deserialize_with = "present")]
         traceparent: Option<&'a RawValue>,
     }
-    let params = params?.get();
-    let start = (params.as_ptr() as usize).checked_sub(line.as_ptr() as usize)?;
-    if !params.starts_with('{') || start + params.len() > line.len() {
-        return None; // not an object, or not read from this line
+    let params = params?;
+    if !params.get().starts_with('{') {
+        return None;
     }
-    let offset = |inner: &str| inner.as_ptr() as usize - line.as_ptr() as usize;
-    let value = format!("\"{tp}\"");
-    // (where, how many bytes it replaces, what goes there)
-    let (at, replaced, text) = match serde_json::from_str::<Params<'_>>(params).ok()?.meta {
-        None => (
-            offset(params) + params.len() - 1,
-            0,
-            member(params, "_meta", &format!("{{\"traceparent\":{value}}}")),
-        ),
-        Some(meta) if meta.get().starts_with('{') => {
-            let meta = meta.get();
-            match serde_json::from_str::<Meta<'_>>(meta).ok()?.traceparent {
-                Some(old) => (offset(old.get()), old.get().len(), value),
-                None => (offset(meta) + meta.len() - 1, 0, member(meta, "traceparent", &value)),
-            }
-        }
-        Some(_) => return None,
+    let meta = serde_json::from_str::<Params<'_>>(params.get()).ok()?.meta;
+    let old = match meta.map(RawValue::get) {
+        Some(m) if m.starts_with('{') => serde_json::from_str::<Meta<'_>>(m).ok()?.traceparent,
+        _ => None,
     };
-    let mut out = Vec::with_capacity(line.len() + text.len());
-    out.extend_from_slice(&line[..at]);
-    out.extend_from_slice(text.as_bytes());
-    out.extend_from_slice(&line[at + replaced..]);
-    Some(out)
-}
-
-/// `"key":value` to add at the end of the object `object` (JSON text), after a comma unless it is empty.
-fn member(object: &str, key: &str, value: &str) -> String {
-    let empty = object[1..object.len() - 1].trim().is_empty();
-    format!("{}\"{key}\":{value}", if empty { "" } else { "," })
+    TraceSlot::find(params.get(), meta, old)?.write(line, params, tp)
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -394,7 +574,7 @@ pub fn task_started(task_id: &str, tool: &str, origin: &str) {
             KeyValue::new("asyncify.task.origin", origin.to_owned()),
             KeyValue::new("asyncify.task.id", task_id.to_owned()),
         ])
-        .start(&tracer());
+        .start(tracer());
     TASKS.insert(task_id.to_owned(), Context::new().with_span(span));
 }
 
@@ -438,13 +618,10 @@ pub fn task_ended(task_id: &str, status: &str) {
 pub fn task_request(task_id: &str, method: &str, tool: Option<&str>) -> Option<(String, Context)> {
     let parent = TASKS.get(task_id)?.clone();
     let span = tracer()
-        .span_builder(match tool {
-            Some(t) => format!("{method} {t}"),
-            None => method.to_owned(),
-        })
+        .span_builder(span_name(method, tool))
         .with_kind(SpanKind::Client)
         .with_attributes(op_attrs(method, tool))
-        .start_with_context(&tracer(), &parent);
+        .start_with_context(tracer(), &parent);
     let cx = parent.with_span(span);
     Some((traceparent(&cx)?, cx))
 }
@@ -459,6 +636,11 @@ mod tests {
     fn same_meaning(line: &str) -> String {
         let params = Envelope::parse(line.as_bytes()).unwrap().params;
         let spliced = spliced_traceparent(line.as_bytes(), params, TP).expect("spliced");
+        // The slot found while the request is measured writes the same bytes.
+        let parsed: CallParams<'_> = serde_json::from_str(params.unwrap().get()).unwrap();
+        let meta = TraceMeta::read(parsed.meta);
+        let slot = TraceSlot::read(params.unwrap(), &parsed, meta.as_ref()).expect("a slot");
+        assert_eq!(slot.write(line.as_bytes(), params.unwrap(), TP).as_deref(), Some(&spliced[..]), "{line}");
         let parsed = reserialised_with_traceparent(line.as_bytes(), TP).expect("re-serialised");
         let a: Value = serde_json::from_slice(&spliced).expect("valid JSON");
         let b: Value = serde_json::from_slice(&parsed).expect("valid JSON");
@@ -521,6 +703,66 @@ mod tests {
         assert!(!is_tool_error(&raw(r#"{"content":[{"type":"text","text":"fine"}]}"#)));
         assert!(is_tool_error(&raw(r#"{"content":[], "isError" :  true }"#)));
         assert!(!is_tool_error(&raw(r#"{"content":[{"type":"text","text":"\"isError\": true"}]}"#)));
+    }
+
+    #[test]
+    fn a_request_not_sampled_gets_no_client_span_and_passes_the_server_spans_context_on() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+        // A SERVER span that is not recording (the sampler said no): its context, unsampled.
+        let sc = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            TraceFlags::default(),
+            false,
+            TraceState::default(),
+        );
+        let ops = Operations::default();
+        let id = Id::string("a");
+        let line =
+            br#"{"jsonrpc":"2.0","id":"a","method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+        let params = Envelope::parse(line).unwrap().params;
+        let p: CallParams<'_> = serde_json::from_str(params.unwrap().get()).unwrap();
+        ops.open.insert(
+            id.clone(),
+            Operation {
+                started: Instant::now(),
+                is_call: true,
+                name: "tools/call echo".into(),
+                attrs: op_attrs("tools/call", Some("echo")),
+                server: Some(Context::new().with_remote_span_context(sc)),
+                client: None,
+                version: None,
+                slot: TraceSlot::read(params.unwrap(), &p, None),
+            },
+        );
+        let out = ops.forwarded(&id, line, params).expect("the traceparent is written");
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["params"]["_meta"]["traceparent"],
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+        );
+        assert!(ops.open.get(&id).unwrap().client.is_none(), "no CLIENT span");
+    }
+
+    #[test]
+    fn a_bound_set_is_found_by_its_keys_and_values() {
+        let histogram = opentelemetry::global::meter("test").f64_histogram("t").build();
+        let mut bound = Bound::default();
+        let call = |tool: &str| op_attrs("tools/call", Some(tool));
+        let mut with_version = op_attrs("tools/call", None);
+        with_version.push(KeyValue::new("mcp.protocol.version", "2025-11-25"));
+        bound.record(true, &histogram, &call("echo"), 0.1);
+        bound.record(true, &histogram, &call("echo"), 0.2);
+        // A tool named like a version is not the set with that version.
+        bound.record(true, &histogram, &call("2025-11-25"), 0.1);
+        bound.record(true, &histogram, &with_version, 0.1);
+        bound.record(false, &histogram, &call("echo"), 0.1);
+        assert_eq!((bound.server.len(), bound.client.len()), (3, 1));
+        // Past the cap, records go unbound.
+        for i in 0..2 * MAX_BOUND {
+            bound.record(false, &histogram, &call(&format!("t{i}")), 0.1);
+        }
+        assert_eq!(bound.client.len(), MAX_BOUND);
     }
 
     #[test]
