@@ -363,3 +363,206 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::model::{Generation, Origin, TaskStatus};
+    use redb::ReadableDatabase;
+    use std::time::SystemTime;
+
+    fn record(id: &str, owner: &str) -> TaskRecord {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        TaskRecord {
+            id: id.into(),
+            owner: owner.into(),
+            tool: "t".into(),
+            origin: Origin::Local,
+            generation: Generation::Legacy,
+            status: TaskStatus::Working,
+            status_message: None,
+            created_at: now,
+            last_updated_at: now,
+            state_since: now,
+            ttl_ms: 60_000,
+            poll_interval_ms: 1000,
+            outcome: None,
+            seq: 0,
+            runner: Some("r1".into()),
+            upstream_task: None,
+        }
+    }
+
+    /// A writer on a fresh file with every table, and the file's directory (removed by the caller).
+    fn writer(name: &str) -> (Writer, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("asyncify-writer-{name}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tasks.redb");
+        let db = Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(TASKS).unwrap();
+        tx.open_table(BY_OWNER).unwrap();
+        tx.open_table(OWNER_COUNT).unwrap();
+        tx.open_table(BY_SEQ).unwrap();
+        tx.open_table(EXPIRIES).unwrap();
+        tx.open_table(META).unwrap();
+        tx.commit().unwrap();
+        (Writer::new(Arc::new(RwLock::new(db)), path, "file:test".into()), dir)
+    }
+
+    const CAPS: Caps = Caps { max_live: 100, max_per_owner: 2 };
+
+    fn insert_op(r: TaskRecord) -> (Op, oneshot::Receiver<Result<TaskRecord, StoreError>>) {
+        let (reply, answer) = oneshot::channel();
+        (Op::Insert { record: r, caps: CAPS, reply }, answer)
+    }
+
+    #[test]
+    fn one_failing_op_in_a_batch_fails_only_its_caller() {
+        let (mut w, dir) = writer("batch");
+        let (op, _) = insert_op(record("kept", "alice"));
+        w.commit(vec![op]);
+        // A record whose bytes do not decode: removing it fails mid-transaction.
+        {
+            let db = w.db.read().unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(TASKS).unwrap().insert("damaged", b"not a record".as_slice()).unwrap();
+            tx.commit().unwrap();
+        }
+        let kept = record("kept", "alice");
+        let mut kept_stored = kept.clone();
+        kept_stored.seq = 1;
+        let mut edited = kept_stored.clone();
+        edited.status_message = Some("halfway".into());
+
+        let (a, a_answer) = insert_op(record("a", "alice"));
+        let (bad_remove, bad_answer) = oneshot::channel();
+        let bad = Op::Remove { id: "damaged".into(), reply: bad_remove };
+        let (over, over_answer) = insert_op(record("b", "alice"));
+        let (stale_reply, stale_answer) = oneshot::channel();
+        let stale = Op::Replace {
+            id: "kept".into(),
+            expected: encode(&kept),
+            next: encode(&edited),
+            durable: false,
+            reply: stale_reply,
+        };
+        let (fresh_reply, fresh_answer) = oneshot::channel();
+        let fresh = Op::Replace {
+            id: "kept".into(),
+            expected: encode(&kept_stored),
+            next: encode(&edited),
+            durable: false,
+            reply: fresh_reply,
+        };
+        let (c, c_answer) = insert_op(record("c", "bob"));
+        w.commit(vec![a, bad, over, stale, fresh, c]);
+
+        let a = a_answer.blocking_recv().unwrap().expect("alice's second task fits her cap");
+        let bad = bad_answer.blocking_recv().unwrap().expect_err("the damaged record cannot be read");
+        assert!(matches!(bad, StoreError::Failed { .. }), "{bad:?}");
+        assert_eq!(
+            over_answer.blocking_recv().unwrap().unwrap_err(),
+            StoreError::OwnerFull { limit: 2 },
+            "alice's third is over her cap, counted with the second in the same batch"
+        );
+        assert!(!stale_answer.blocking_recv().unwrap().unwrap(), "compare-and-set against old bytes");
+        assert!(fresh_answer.blocking_recv().unwrap().unwrap(), "compare-and-set against the stored bytes");
+        let c = c_answer.blocking_recv().unwrap().expect("bob is within his cap");
+        assert_eq!((a.seq, c.seq), (2, 3), "numbered in the order queued, without gaps");
+        assert!(w.dirty_since.is_none(), "a batch with a create is fsynced");
+
+        let db = w.db.read().unwrap();
+        let tx = db.begin_read().unwrap();
+        let tasks = tx.open_table(TASKS).unwrap();
+        assert_eq!(tasks.len().unwrap(), 4, "kept, damaged (still there), a, c");
+        let stored = decoded(tasks.get("kept").unwrap().unwrap().value()).unwrap();
+        assert_eq!(stored.status_message.as_deref(), Some("halfway"));
+        assert!(tasks.get("b").unwrap().is_none(), "refused = not stored");
+        drop((tasks, tx, db));
+        drop(w);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn soft_changes_wait_for_the_next_fsync_and_hard_ones_do_not() {
+        let (mut w, dir) = writer("durability");
+        let (op, answer) = insert_op(record("t", "alice"));
+        w.commit(vec![op]);
+        let before = answer.blocking_recv().unwrap().unwrap();
+        let mut soft = before.clone();
+        soft.status = TaskStatus::InputRequired;
+        soft.status_message = Some("waiting for your answer".into());
+        soft.last_updated_at += Duration::from_millis(5);
+        soft.state_since = soft.last_updated_at;
+        assert!(!needs_durability(&before, &soft));
+        let (reply, answer) = oneshot::channel();
+        let replace = Op::Replace {
+            id: "t".into(),
+            expected: encode(&before),
+            next: encode(&soft),
+            durable: false,
+            reply,
+        };
+        w.commit(vec![replace]);
+        assert!(answer.blocking_recv().unwrap().unwrap());
+        assert!(w.dirty_since.is_some(), "a soft change alone is not fsynced");
+        w.flush();
+        assert!(w.dirty_since.is_none(), "the idle flush makes it durable");
+
+        for hard in [
+            |r: &mut TaskRecord| r.status = TaskStatus::Completed,
+            |r: &mut TaskRecord| r.upstream_task = Some("notion-1".into()),
+            |r: &mut TaskRecord| r.runner = Some("another process".into()),
+            |r: &mut TaskRecord| r.ttl_ms += 1,
+        ] {
+            let mut after = soft.clone();
+            hard(&mut after);
+            assert!(needs_durability(&soft, &after), "{after:?}");
+        }
+        let mut done = soft.clone();
+        done.status = TaskStatus::Completed;
+        let mut noted = done.clone();
+        noted.status_message = Some("a note on a finished task".into());
+        assert!(needs_durability(&done, &noted), "a terminal record's every change is durable");
+        drop(w);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_mostly_free_file_is_compacted_and_shrinks() {
+        let (mut w, dir) = writer("compact");
+        let caps = Caps { max_live: 100_000, max_per_owner: 100_000 };
+        // Few records with big results keep the test quick in a debug build: the file grows past the
+        // floor all the same.
+        let big = "x".repeat(6000);
+        for chunk in 0..3 {
+            let mut ops = Vec::new();
+            for i in 0..500 {
+                let mut r = record(&format!("t{chunk}-{i}"), "alice");
+                r.status_message = Some(big.clone());
+                let (reply, _) = oneshot::channel();
+                ops.push(Op::Insert { record: r, caps, reply });
+            }
+            w.commit(ops);
+        }
+        let full = std::fs::metadata(&w.path).unwrap().len();
+        assert!(full > COMPACT_MIN_BYTES, "{full} bytes");
+        let mut ops = Vec::new();
+        for chunk in 0..3 {
+            for i in 0..500 {
+                let (reply, _) = oneshot::channel();
+                ops.push(Op::Remove { id: format!("t{chunk}-{i}"), reply });
+            }
+        }
+        w.removed = ops.len() as u64;
+        w.commit(ops);
+        assert!(w.dirty_since.is_some(), "deletions are soft");
+        w.idle();
+        let after = std::fs::metadata(&w.path).unwrap().len();
+        assert!(after * 4 < full, "the file shrank from {full} to {after} bytes");
+        assert_eq!(w.removed, 0);
+        drop(w);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
