@@ -2,9 +2,9 @@
 //!
 //! redb commits are copy-on-write with a checksummed commit slot: a crash at any moment leaves either
 //! the previous or the new state, never a torn one. Writes go through one writer thread that commits
-//! whatever is queued in one transaction (group commit, see [`writer`]); a create or any change that
+//! whatever is queued in one transaction (group commit, see `file/writer.rs`); a create or any change that
 //! recovery depends on is fsynced before its caller is answered, a soft change (a status message,
-//! `working` ⇄ `input_required`, deleting an expired task) within [`writer::FLUSH_AFTER`]. Reads run on
+//! `working` ⇄ `input_required`, deleting an expired task) within [`FLUSH_AFTER`]. Reads run on
 //! tokio's blocking pool, each in its own read transaction, alongside the writer. The file holds
 //! results, so it is created `0600`; redb locks it, so one process at a time opens it (a second gets a
 //! clear error naming the file).
