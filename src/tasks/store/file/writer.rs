@@ -188,18 +188,22 @@ pub struct Writer {
     removed: u64,
     /// When a compaction last ran, and whether it shrank the file.
     last_compaction: Option<(Instant, bool)>,
+    /// Whether the last fsync of soft changes failed (a full disk): the next try waits a while.
+    flush_failing: bool,
 }
 
 impl Writer {
     /// A writer for `db` (at `path`, described as `store` in errors).
     pub fn new(db: Arc<RwLock<Database>>, path: PathBuf, store: String) -> Writer {
-        Writer { db, path, store, dirty_since: None, removed: 0, last_compaction: None }
+        Writer { db, path, store, dirty_since: None, removed: 0, last_compaction: None, flush_failing: false }
     }
 
     /// Serves `ops` until every sender is gone, then makes everything durable.
     pub fn run(mut self, ops: Receiver<Op>) {
         loop {
             let wait = match (self.dirty_since, self.removed > 0) {
+                // A failing disk is tried again once a second, not in a loop.
+                (Some(_), _) if self.flush_failing => Some(FLUSH_AFTER),
                 (Some(since), _) => Some(FLUSH_AFTER.saturating_sub(since.elapsed()).min(IDLE)),
                 (None, true) => Some(IDLE),
                 (None, false) => None,
@@ -276,7 +280,7 @@ impl Writer {
             match tx.commit() {
                 Ok(()) => {
                     if durable {
-                        self.dirty_since = None;
+                        (self.dirty_since, self.flush_failing) = (None, false);
                     } else {
                         self.dirty_since.get_or_insert_with(Instant::now);
                     }
@@ -308,10 +312,14 @@ impl Writer {
         let flushed = db.begin_write().map_err(redb::Error::from).and_then(|tx| Ok(tx.commit()?));
         drop(db);
         match flushed {
-            Ok(()) => self.dirty_since = None,
+            Ok(()) => (self.dirty_since, self.flush_failing) = (None, false),
             // Kept dirty: the next durable commit, or the next idle moment, tries again.
+            Err(e) if !self.flush_failing => {
+                self.flush_failing = true;
+                tracing::warn!(store = %self.store, error = %self.error(e), "cannot fsync the task file now; will retry");
+            }
             Err(e) => {
-                tracing::warn!(store = %self.store, error = %self.error(e), "cannot fsync the task file now")
+                tracing::debug!(store = %self.store, error = %self.error(e), "the task file still cannot be fsynced")
             }
         }
     }
