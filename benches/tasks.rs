@@ -5,10 +5,12 @@
 //! in-flight entry). The client sends one task-augmented `tools/call` at a time and times the
 //! `CreateTaskResult`, then reads the proxy's RSS from /proc.
 //!
-//! Then each task store (memory, a redb file, a redis-server started for the run) in process, through
-//! the engine: create + complete throughput and create latency, `tasks/get` p50/p99, RSS (the bench's
-//! own for memory and file, the server's for Redis), and the file's size after the tasks and after
-//! their ttl.
+//! Then the disk's own floor (`fdatasync` of a small append; one small redb commit with each durability
+//! option) and each task store (memory, a redb file, a redis-server started for the run) in process,
+//! through the engine: create latency with one creator, create + complete throughput and create latency
+//! with 64 creators at once, `tasks/get` p50/p99, RSS (the bench's own for memory and file, the
+//! server's for Redis), and the file's size after the tasks and after their ttl (swept, then compacted
+//! by the idle store).
 //!
 //! `cargo bench --bench tasks` (env `TASKS=n` for the proxy part, `STORE_TASKS=n` for the stores part,
 //! `ONLY=proxy|stores` to run one part).
@@ -42,6 +44,7 @@ fn stores_bench() {
     let count: usize = std::env::var("STORE_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     let dir = std::env::temp_dir().join(format!("asyncify-stores-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    disk_floor(&dir);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut redis = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -56,9 +59,9 @@ fn stores_bench() {
     let file = dir.join("tasks.redb");
     println!();
     println!(
-        "| store | tasks | create+complete/s | create p50 | create p99 | tasks/get p50 | tasks/get p99 | RSS before → after | file after tasks → after ttl |"
+        "| store | tasks | create+complete/s ({CREATORS} creators) | create p50 / p99 (1 creator) | create p50 / p99 ({CREATORS} creators) | tasks/get p50 / p99 | RSS before → after | file after tasks → after ttl |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     for (name, url) in [
         ("memory", StoreUrl::Memory),
@@ -71,8 +74,8 @@ fn stores_bench() {
             let rss_before = rss_kib(rss_pid);
             let s = store::open(&url).await.unwrap();
             let config = TasksConfig {
-                max_live_tasks: count + 10,
-                max_tasks_per_owner: count + 10,
+                max_live_tasks: count + SINGLE + 10,
+                max_tasks_per_owner: count + SINGLE + 10,
                 ..TasksConfig::default()
             };
             let e = TaskEngine::new(config, s);
@@ -80,15 +83,43 @@ fn stores_bench() {
                 r#"{"content":[{"type":"text","text":"a result of about a hundred bytes, as small tool results are"}]}"#.into(),
             )
             .unwrap();
-            let mut creates = Vec::with_capacity(count);
-            let mut ids = Vec::with_capacity(count);
-            let started = Instant::now();
-            for _ in 0..count {
+            // One creator: each create waits for its own commit (for the file, its own fsync).
+            let mut single = Vec::with_capacity(SINGLE);
+            for _ in 0..SINGLE {
                 let t = Instant::now();
                 let r = e.create("owner", "tool", Origin::Local, Generation::Legacy, Some(1000)).await.unwrap();
-                creates.push(t.elapsed());
+                single.push(t.elapsed());
                 e.finish(&r.id, TaskStatus::Completed, None, Some(Outcome::Result(result.clone()))).await;
-                ids.push(r.id);
+            }
+            // Many creators at once: the file store commits what is queued together.
+            let started = Instant::now();
+            let workers: Vec<_> = (0..CREATORS)
+                .map(|w| {
+                    let (e, result) = (e.clone(), result.clone());
+                    tokio::spawn(async move {
+                        let mut creates = Vec::new();
+                        let mut ids = Vec::new();
+                        for _ in (w..count).step_by(CREATORS) {
+                            let t = Instant::now();
+                            let r = e
+                                .create("owner", "tool", Origin::Local, Generation::Legacy, Some(1000))
+                                .await
+                                .unwrap();
+                            creates.push(t.elapsed());
+                            e.finish(&r.id, TaskStatus::Completed, None, Some(Outcome::Result(result.clone())))
+                                .await;
+                            ids.push(r.id);
+                        }
+                        (creates, ids)
+                    })
+                })
+                .collect();
+            let mut creates = Vec::with_capacity(count);
+            let mut ids = Vec::with_capacity(count);
+            for w in workers {
+                let (c, i) = w.await.unwrap();
+                creates.extend(c);
+                ids.extend(i);
             }
             let rate = count as f64 / started.elapsed().as_secs_f64();
             let mut gets = Vec::with_capacity(10_000);
@@ -101,18 +132,49 @@ fn stores_bench() {
             let rss_after = rss_kib(rss_pid);
             let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
             let size_full = size(&file);
-            // Past their ttl: the sweep deletes them all.
+            // Past their ttl: the sweep deletes them all, then the idle store compacts its file.
             let later = SystemTime::now() + Duration::from_secs(3600);
+            let swept_at = Instant::now();
             while e.sweep(later).await > 0 {}
+            let sweep_s = swept_at.elapsed().as_secs_f64();
+            // Until the file has kept one size for 2 s, a read every 10 ms: the longest one is how long
+            // a compaction after the sweep held readers (and the writer) back. (A compaction can also
+            // run inside the sweep, every 20,000 deletions; then the file is small when the sweep ends.)
+            let (mut stall, mut last_shrink) = (Duration::ZERO, None);
+            if matches!(url, StoreUrl::File(_)) {
+                let (mut seen, mut stable_since) = (size(&file), Instant::now());
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while stable_since.elapsed() < Duration::from_secs(2) && Instant::now() < deadline {
+                    let t = Instant::now();
+                    let _ = e.get("owner", &ids[0]).await;
+                    stall = stall.max(t.elapsed());
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let now = size(&file);
+                    if now != seen {
+                        (seen, stable_since) = (now, Instant::now());
+                        last_shrink = Some(swept_at.elapsed());
+                    }
+                }
+            }
             let size_swept = size(&file);
+            single.sort();
             creates.sort();
             gets.sort();
             let file_cell = match url {
-                StoreUrl::File(_) => format!("{size_full:.1} MB → {size_swept:.1} MB"),
+                StoreUrl::File(_) => format!(
+                    "{size_full:.1} MB → {size_swept:.1} MB (sweep {sweep_s:.1} s; {}; longest read after the sweep {:.0} ms)",
+                    match last_shrink {
+                        Some(t) => format!("last shrink {:.1} s after the sweep began", t.as_secs_f64()),
+                        None => "compacted within the sweep".into(),
+                    },
+                    stall.as_secs_f64() * 1e3
+                ),
                 _ => "–".into(),
             };
             println!(
-                "| {name} | {count} | {rate:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.1} MB → {:.1} MB | {file_cell} |",
+                "| {name} | {count} | {rate:.0} | {:.0} / {:.0} µs | {:.0} / {:.0} µs | {:.0} / {:.0} µs | {:.1} MB → {:.1} MB | {file_cell} |",
+                pct(&single, 0.5),
+                pct(&single, 0.99),
                 pct(&creates, 0.5),
                 pct(&creates, 0.99),
                 pct(&gets, 0.5),
@@ -125,6 +187,69 @@ fn stores_bench() {
     let _ = redis.kill();
     let _ = redis.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Creators at once in the stores part.
+const CREATORS: usize = 64;
+/// Creates timed one at a time in the stores part.
+const SINGLE: usize = 1000;
+
+/// The disk's own floor, in the directory the file store uses: `fdatasync` after a small append, then
+/// one small redb commit with each durability option (redb's default one-phase commit, two-phase
+/// commit, and `Durability::None`).
+fn disk_floor(dir: &std::path::Path) {
+    const N: usize = 1000;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+    let mut syncs = Vec::with_capacity(N);
+    for _ in 0..N {
+        f.write_all(&[b'x'; 100]).unwrap();
+        let t = Instant::now();
+        f.sync_data().unwrap();
+        syncs.push(t.elapsed());
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    syncs.sort();
+    println!();
+    println!("| on this disk ({N} each) | p50 | p99 |");
+    println!("|---|---|---|");
+    println!(
+        "| fdatasync after a 100-byte append | {:.0} µs | {:.0} µs |",
+        pct(&syncs, 0.5),
+        pct(&syncs, 0.99)
+    );
+    const T: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("t");
+    for (label, durability, two_phase) in [
+        (
+            "redb commit of one 300-byte insert, Immediate (one-phase, the store's)",
+            redb::Durability::Immediate,
+            false,
+        ),
+        (
+            "redb commit of one 300-byte insert, Immediate + two-phase commit",
+            redb::Durability::Immediate,
+            true,
+        ),
+        ("redb commit of one 300-byte insert, Durability::None", redb::Durability::None, false),
+    ] {
+        let path = dir.join("options.redb");
+        let db = redb::Database::create(&path).unwrap();
+        let mut commits = Vec::with_capacity(N);
+        for i in 0..N as u64 {
+            let t = Instant::now();
+            let mut tx = db.begin_write().unwrap();
+            tx.set_durability(durability).unwrap();
+            tx.set_two_phase_commit(two_phase);
+            tx.open_table(T).unwrap().insert(i, [7u8; 300].as_slice()).unwrap();
+            tx.commit().unwrap();
+            commits.push(t.elapsed());
+        }
+        drop(db);
+        let _ = std::fs::remove_file(&path);
+        commits.sort();
+        println!("| {label} | {:.0} µs | {:.0} µs |", pct(&commits, 0.5), pct(&commits, 0.99));
+    }
 }
 
 fn proxy_bench() {

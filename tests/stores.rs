@@ -275,6 +275,87 @@ async fn an_engine_wakes_waiters_and_numbers_cursors(s: Arc<dyn TaskStore>) {
     assert_eq!((p1.len(), p2.len(), c2), (2, 2, None));
 }
 
+async fn concurrent_inserts_race_for_the_last_slots(s: Arc<dyn TaskStore>) {
+    // 200 creates at once for 50 places (at most 30 each for alice and bob): a store that batches them
+    // still counts each against the ones before it in the same batch.
+    let caps = Caps { max_live: 50, max_per_owner: 30 };
+    let racers: Vec<_> = (0..200)
+        .map(|i| {
+            let s = s.clone();
+            let owner = if i % 2 == 0 { "alice" } else { "bob" };
+            tokio::spawn(
+                async move { (owner, s.insert(record(&format!("r{i}"), owner, 60_000), caps).await) },
+            )
+        })
+        .collect();
+    let mut stored = Vec::new();
+    let mut per_owner = std::collections::HashMap::new();
+    for r in racers {
+        match r.await.unwrap() {
+            (owner, Ok(record)) => {
+                *per_owner.entry(owner).or_insert(0) += 1;
+                stored.push(record);
+            }
+            (_, Err(e)) => assert!(e.is_cap(), "only the caps refuse: {e}"),
+        }
+    }
+    assert_eq!(stored.len(), 50, "exactly the global cap is admitted");
+    assert!(per_owner.values().all(|&n| n <= 30), "{per_owner:?}");
+    let mut seqs: Vec<u64> = stored.iter().map(|r| r.seq).collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 50, "every admitted task has its own number");
+    assert_eq!(s.len().await.unwrap(), 50);
+    let listed = s.list(None, None, 100).await.unwrap();
+    assert_eq!(listed.len(), 50);
+    assert!(listed.windows(2).all(|w| w[0].seq < w[1].seq), "listed in numbering order");
+}
+
+async fn a_refused_write_among_concurrent_ones_fails_only_its_caller(s: Arc<dyn TaskStore>) {
+    s.insert(record("shared", "carol", 60_000), CAPS).await.unwrap();
+    let caps = Caps { max_live: 1000, max_per_owner: 1 };
+    let mut inserts = Vec::new();
+    for i in 0..20 {
+        // Twenty creates by one owner allowed one task, and twenty by owners of their own.
+        let s1 = s.clone();
+        inserts.push(tokio::spawn(async move {
+            s1.insert(record(&format!("a{i}"), "alice", 60_000), caps).await
+        }));
+        let s2 = s.clone();
+        inserts.push(tokio::spawn(async move {
+            s2.insert(record(&format!("o{i}"), &format!("owner{i}"), 60_000), caps).await
+        }));
+    }
+    let editors: Vec<_> = (0..20)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.update("shared", &move |r| {
+                    r.status_message =
+                        Some(format!("{} edit {i}", r.status_message.as_deref().unwrap_or("")));
+                    true
+                })
+                .await
+            })
+        })
+        .collect();
+    let (mut alice, mut others, mut refused) = (0, 0, 0);
+    for r in inserts {
+        match r.await.unwrap() {
+            Ok(t) if t.owner == "alice" => alice += 1,
+            Ok(_) => others += 1,
+            Err(StoreError::OwnerFull { limit: 1 }) => refused += 1,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!((alice, others, refused), (1, 20, 19), "only alice's extra creates fail");
+    for e in editors {
+        assert!(e.await.unwrap().unwrap().is_some(), "every compare-and-set edit lands, retried if it raced");
+    }
+    let edits = s.get("shared").await.unwrap().unwrap().status_message.unwrap();
+    assert_eq!(edits.matches("edit").count(), 20, "no edit lost: {edits}");
+}
+
 macro_rules! contract {
     ($($name:ident),*) => {
         mod memory {
@@ -295,8 +376,85 @@ contract!(
     terminal_states_never_change_even_when_writers_race,
     expiry_is_indexed_and_removal_happens_once,
     records_keep_everything_and_unfinished_ones_are_found,
-    an_engine_wakes_waiters_and_numbers_cursors
+    an_engine_wakes_waiters_and_numbers_cursors,
+    concurrent_inserts_race_for_the_last_slots,
+    a_refused_write_among_concurrent_ones_fails_only_its_caller
 );
+
+#[test]
+fn what_a_client_was_told_survives_kill_9_of_the_wrapper() {
+    // A task created (CreateTaskResult received) and a task whose result the client read are on disk
+    // when the answers leave: a kill -9 right after them loses neither.
+    let f = Fixture::new(Kind::File);
+    let StoreUrl::File(path) = &f.url else { unreachable!() };
+    let store = format!("file:{}", path.display());
+    let mut p =
+        common::Peer::start(&["--log-level", "warn", "--store", &store, "--", common::BIN, "test-server"]);
+    p.initialize(serde_json::json!({"tasks": {"list": {}, "cancel": {}}}));
+    let slow =
+        p.ok(1, "tools/call", serde_json::json!({"name": "slow", "arguments": {"ms": 60_000}, "task": {}}));
+    let slow = slow["task"]["taskId"].as_str().unwrap().to_owned();
+    let quick = p.ok(
+        2,
+        "tools/call",
+        serde_json::json!({"name": "slow", "arguments": {"ms": 0, "text": "kept"}, "task": {}}),
+    );
+    let quick = quick["task"]["taskId"].as_str().unwrap().to_owned();
+    let read = p.ok(3, "tasks/result", serde_json::json!({"taskId": quick}));
+    assert_eq!(common::text_of(&read), "kept");
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let s = f.open().await;
+        let quick = s.get(&quick).await.unwrap().expect("the task whose result was read");
+        assert_eq!(quick.status, TaskStatus::Completed);
+        let Some(Outcome::Result(raw)) = &quick.outcome else { panic!("{:?}", quick.outcome) };
+        assert!(raw.get().contains("kept"), "{}", raw.get());
+        assert!(s.get(&slow).await.unwrap().is_some(), "the task whose creation was answered");
+    });
+}
+
+#[tokio::test]
+async fn the_task_file_shrinks_once_its_tasks_have_expired() {
+    let f = Fixture::new(Kind::File);
+    let StoreUrl::File(path) = &f.url else { unreachable!() };
+    let s = f.open().await;
+    let caps = Caps { max_live: 100_000, max_per_owner: 100_000 };
+    // Few tasks with big results keep the test quick in a debug build; the bench does 100k small ones.
+    let raw = serde_json::value::RawValue::from_string(format!("\"{}\"", "x".repeat(6000))).unwrap();
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let (s, raw) = (s.clone(), raw.clone());
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    let mut r = record(&format!("t{w}-{i}"), "o", 1000);
+                    r.status = TaskStatus::Completed;
+                    r.outcome = Some(Outcome::Result(raw.clone()));
+                    s.insert(r, caps).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let full = std::fs::metadata(path).unwrap().len();
+    assert!(full > store::file::COMPACT_MIN_BYTES, "{full} bytes");
+    let e = TaskEngine::new(TasksConfig::default(), s.clone());
+    assert_eq!(e.sweep(SystemTime::now() + Duration::from_secs(2)).await, 1600);
+    // The sweep's deletions leave the store idle: it compacts the file by itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut now = full;
+    while now * 4 > full {
+        assert!(std::time::Instant::now() < deadline, "the file stayed at {now} bytes (was {full})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = std::fs::metadata(path).unwrap().len();
+    }
+    // Still a working store.
+    s.insert(record("after", "o", 60_000), CAPS).await.unwrap();
+    assert_eq!(s.len().await.unwrap(), 1);
+}
 
 #[tokio::test]
 async fn a_file_store_keeps_tasks_numbering_and_secret_across_reopens() {

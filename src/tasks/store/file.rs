@@ -1,10 +1,15 @@
 //! The file store: an embedded redb database, so tasks survive a restart or a `kill -9`.
 //!
-//! redb commits are copy-on-write with a checksummed commit slot, fsynced before `commit` returns: a
-//! crash at any moment leaves either the previous or the new state, never a torn one, and everything
-//! a call returned `Ok` for is on disk. redb's calls block, so each operation runs on tokio's blocking
-//! pool; redb serializes writers itself. The file holds results, so it is created `0600`; redb locks it,
-//! so one process at a time opens it (a second gets a clear error naming the file).
+//! redb commits are copy-on-write with a checksummed commit slot: a crash at any moment leaves either
+//! the previous or the new state, never a torn one. Writes go through one writer thread that commits
+//! whatever is queued in one transaction (group commit, see `file/writer.rs`); a create or any change that
+//! recovery depends on is fsynced before its caller is answered, a soft change (a status message,
+//! `working` ⇄ `input_required`, deleting an expired task) within [`FLUSH_AFTER`]. Reads run on
+//! tokio's blocking pool, each in its own read transaction, alongside the writer. The file holds
+//! results, so it is created `0600`; redb locks it, so one process at a time opens it (a second gets a
+//! clear error naming the file).
+
+mod writer;
 
 use super::codec::{decode, encode, ms, time};
 use super::{Caps, Edit, StoreError, TaskStore};
@@ -12,8 +17,12 @@ use crate::tasks::model::TaskRecord;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, mpsc};
 use std::time::{Duration, SystemTime};
+use tokio::sync::oneshot;
+use writer::{Op, Writer};
+
+pub use writer::{COMPACT_MIN_BYTES, FLUSH_AFTER};
 
 /// Records by id.
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
@@ -34,9 +43,13 @@ const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Tasks in a redb file.
 pub struct FileStore {
-    db: Arc<Database>,
+    /// Shared by readers and the writer; compaction alone takes it exclusively.
+    db: Arc<RwLock<Database>>,
     path: PathBuf,
     secret: [u8; 32],
+    /// The writer thread's queue; `None` once closing.
+    writes: Option<mpsc::Sender<Op>>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl FileStore {
@@ -78,8 +91,7 @@ impl FileStore {
             // Best effort: a file we cannot chmod (not ours) was still opened for writing.
             let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         }
-        let db = Arc::new(db);
-        let store_name = describe.clone();
+        let db = Arc::new(RwLock::new(db));
         let secret = blocking(db.clone(), describe.clone(), move |db| {
             let tx = db.begin_write()?;
             let secret = {
@@ -106,8 +118,14 @@ impl FileStore {
             Ok(secret)
         })
         .await?;
-        tracing::debug!(store = %store_name, "task file open");
-        Ok(FileStore { db, path, secret })
+        let (writes, queue) = mpsc::channel();
+        let writer = Writer::new(db.clone(), path.clone(), describe.clone());
+        let writer = std::thread::Builder::new()
+            .name("task-file-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
+        tracing::debug!(store = %describe, "task file open");
+        Ok(FileStore { db, path, secret, writes: Some(writes), writer: Some(writer) })
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -117,16 +135,41 @@ impl FileStore {
     {
         blocking(self.db.clone(), self.describe(), f).await
     }
+
+    /// Hands a write to the writer thread and waits for its answer.
+    async fn write<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let stopped = || StoreError::Failed {
+            store: self.describe(),
+            reason: "the task file's writer has stopped (the store is closing)".into(),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.writes.as_ref().ok_or_else(stopped)?.send(op(reply)).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
 }
 
-/// Runs a redb operation on the blocking pool, turning its errors into a [`StoreError`] a person can
-/// act on.
-async fn blocking<T, F>(db: Arc<Database>, store: String, f: F) -> Result<T, StoreError>
+impl Drop for FileStore {
+    /// Closes the queue and waits for the writer to make everything durable and let go of the file, so
+    /// that the file can be opened again as soon as the store is gone.
+    fn drop(&mut self) {
+        self.writes = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Runs a redb read on the blocking pool, turning its errors into a [`StoreError`] a person can act on.
+async fn blocking<T, F>(db: Arc<RwLock<Database>>, store: String, f: F) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
 {
-    match tokio::task::spawn_blocking(move || f(&db)).await {
+    let read = move || f(&db.read().unwrap_or_else(|e| e.into_inner()));
+    match tokio::task::spawn_blocking(read).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(StoreError::Failed { store, reason: io_hint(&e.to_string()) }),
         Err(e) => Err(StoreError::Failed { store, reason: format!("the store operation panicked: {e}") }),
@@ -160,32 +203,7 @@ impl TaskStore for FileStore {
     }
 
     async fn insert(&self, record: TaskRecord, caps: Caps) -> Result<TaskRecord, StoreError> {
-        self.run(move |db| {
-            let mut record = record;
-            let tx = db.begin_write()?;
-            {
-                let mut tasks = tx.open_table(TASKS)?;
-                if tasks.len()? >= caps.max_live as u64 {
-                    return Ok(Err(StoreError::Full { limit: caps.max_live }));
-                }
-                let mut counts = tx.open_table(OWNER_COUNT)?;
-                let owned = counts.get(record.owner.as_str())?.map_or(0, |v| v.value());
-                if owned >= caps.max_per_owner as u64 {
-                    return Ok(Err(StoreError::OwnerFull { limit: caps.max_per_owner }));
-                }
-                let mut meta = tx.open_table(META)?;
-                record.seq = read_seq(&meta)?;
-                meta.insert("next_seq", (record.seq + 1).to_le_bytes().as_slice())?;
-                counts.insert(record.owner.as_str(), owned + 1)?;
-                tasks.insert(record.id.as_str(), encode(&record).as_slice())?;
-                tx.open_table(BY_OWNER)?.insert((record.owner.as_str(), record.seq), record.id.as_str())?;
-                tx.open_table(BY_SEQ)?.insert(record.seq, record.id.as_str())?;
-                tx.open_table(EXPIRIES)?.insert((ms(record.expires_at()), record.id.as_str()), ())?;
-            }
-            tx.commit()?;
-            Ok(Ok(record))
-        })
-        .await?
+        self.write(|reply| Op::Insert { record, caps, reply }).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
@@ -204,36 +222,18 @@ impl TaskStore for FileStore {
         id: &str,
         change: &Edit<'_>,
     ) -> Result<Option<(TaskRecord, TaskRecord)>, StoreError> {
-        // redb's transactions are serialized: read, change and write in one is atomic. The change
-        // runs here, not on the blocking pool (it borrows), between a read and a compare-and-write.
+        // The change runs here, not on the writer (it borrows), between a read and a compare-and-write
+        // the writer applies in its transaction.
         loop {
             let Some(before) = self.get(id).await? else { return Ok(None) };
             let mut after = before.clone();
             if !change(&mut after) {
                 return Ok(None);
             }
+            let durable = writer::needs_durability(&before, &after);
             let (expected, next) = (encode(&before), encode(&after));
             let id = id.to_owned();
-            let written = self
-                .run(move |db| {
-                    let tx = db.begin_write()?;
-                    let written = {
-                        let mut tasks = tx.open_table(TASKS)?;
-                        let same = tasks.get(id.as_str())?.is_some_and(|v| v.value() == expected.as_slice());
-                        if same {
-                            tasks.insert(id.as_str(), next.as_slice())?;
-                        }
-                        same
-                    };
-                    if written {
-                        tx.commit()?;
-                    } else {
-                        tx.abort()?;
-                    }
-                    Ok(written)
-                })
-                .await?;
-            if written {
+            if self.write(|reply| Op::Replace { id, expected, next, durable, reply }).await? {
                 return Ok(Some((before, after)));
             }
             // Another writer changed it between the read and the write: look again.
@@ -280,36 +280,7 @@ impl TaskStore for FileStore {
 
     async fn remove(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
         let id = id.to_owned();
-        self.run(move |db| {
-            let tx = db.begin_write()?;
-            let removed = {
-                let mut tasks = tx.open_table(TASKS)?;
-                let record = match tasks.remove(id.as_str())? {
-                    Some(v) => Some(decoded(v.value())?),
-                    None => None,
-                };
-                if let Some(r) = &record {
-                    tx.open_table(BY_OWNER)?.remove((r.owner.as_str(), r.seq))?;
-                    tx.open_table(BY_SEQ)?.remove(r.seq)?;
-                    tx.open_table(EXPIRIES)?.remove((ms(r.expires_at()), r.id.as_str()))?;
-                    let mut counts = tx.open_table(OWNER_COUNT)?;
-                    let owned = counts.get(r.owner.as_str())?.map_or(0, |v| v.value());
-                    if owned <= 1 {
-                        counts.remove(r.owner.as_str())?;
-                    } else {
-                        counts.insert(r.owner.as_str(), owned - 1)?;
-                    }
-                }
-                record
-            };
-            if removed.is_some() {
-                tx.commit()?;
-            } else {
-                tx.abort()?;
-            }
-            Ok(removed)
-        })
-        .await
+        self.write(|reply| Op::Remove { id, reply }).await
     }
 
     async fn expired(&self, now: SystemTime, limit: usize) -> Result<Vec<String>, StoreError> {

@@ -3,8 +3,11 @@
 //! Three stores keep one contract (proved by one test suite, `tests/stores.rs`):
 //! [`memory::MemoryStore`] (a process's own tasks, gone with it), [`file::FileStore`] (an embedded redb
 //! file: tasks survive a restart or a `kill -9`) and [`redis::RedisStore`] (Redis or Valkey: tasks,
-//! waits and status changes shared by replicas). Every write is durable when its call returns, which is
-//! what lets the proxy answer `CreateTaskResult` only for a task that survives a crash.
+//! waits and status changes shared by replicas). An insert and every change recovery or a client's
+//! result depends on are durable when the call returns, which is what lets the proxy answer
+//! `CreateTaskResult` only for a task that survives a crash; the file store lets soft changes (a status
+//! message, `working` ⇄ `input_required`, deletions) become durable up to a second later (see
+//! [`file::FileStore`]).
 //!
 //! [`measured::Measured`] wraps whichever store is open to time every operation, count its errors and
 //! keep the health that `/healthz` reports.
@@ -89,7 +92,8 @@ pub enum Change {
 /// A change to a record: edits it and says whether to keep the edit.
 pub type Edit<'a> = dyn for<'r> Fn(&'r mut TaskRecord) -> bool + Send + Sync + 'a;
 
-/// Storage of task records. Every write is durable when it returns.
+/// Storage of task records. Inserts, terminal transitions and the fields recovery reads are durable
+/// when the call returns (soft changes may follow shortly after, see [`file::FileStore`]).
 #[async_trait]
 pub trait TaskStore: Send + Sync + 'static {
     /// What the store is, for logs and errors (`memory`, `file:/path`, `redis://host:port/0`; never a
