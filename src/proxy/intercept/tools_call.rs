@@ -85,10 +85,31 @@ impl Interceptor {
                 return self.reply_error(id, code::INVALID_PARAMS, &msg).await;
             }
         };
+        // The create waits for the store (an fsync on the file store, a round trip on Redis): it runs
+        // beside the session, so the client's next requests are not queued behind it.
+        let this = self.clone();
+        let id = id.clone();
+        self.tasks.answering.spawn(async move { this.start_legacy_task(&id, tool, call, notion, ttl).await });
+        Decision::Handled
+    }
+
+    /// Creates the task of a 2025-11-25 task call, answers its `CreateTaskResult` once the task is
+    /// durable, then starts the work.
+    async fn start_legacy_task(
+        self: &Arc<Self>,
+        id: &Id,
+        tool: String,
+        call: Map<String, Value>,
+        notion: bool,
+        ttl: Option<u64>,
+    ) {
         let origin = if notion { Origin::Notion } else { Origin::Local };
         let record = match self.engine.create(&self.owner, &tool, origin, Generation::Legacy, ttl).await {
             Ok(created) => created,
-            Err(e) => return self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await,
+            Err(e) => {
+                self.reply_error(id, code::INTERNAL_ERROR, &e.to_string()).await;
+                return;
+            }
         };
         self.tasks.started.insert(record.id.clone(), ());
         let mut result = Map::new();
@@ -109,7 +130,6 @@ impl Interceptor {
         } else {
             self.start_local_task(&record.id, &Value::Object(call).to_string()).await;
         }
-        Decision::Handled
     }
 
     /// The common `tools/call`, decided from the top level of its params read in place (the arguments
