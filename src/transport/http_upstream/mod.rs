@@ -57,6 +57,8 @@ const EVENT_STREAM: &str = "text/event-stream";
 const ACCEPT_POST: &str = "application/json, text/event-stream";
 /// An SSE stream that stays silent this long is taken as broken.
 const SSE_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a request's SSE stream may stay open after its answer, before it is dropped.
+const STREAM_END_WAIT: Duration = Duration::from_secs(2);
 /// How long in-flight requests may finish once the session ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Waits between attempts to connect, for a request that could not connect.

@@ -255,9 +255,13 @@ impl Inner {
         if content_type.starts_with(EVENT_STREAM) {
             let mut parser = SseParser::default();
             let mut seen = SeenIds::default();
-            let end = self.read_sse(response.into_body(), &mut parser, &mut seen, expect).await;
+            let mut body = response.into_body();
+            let end = self.read_sse(&mut body, &mut parser, &mut seen, expect).await;
             let why = match end {
-                StreamEnd::Answered(answer) => return Ok(Some(answer)),
+                StreamEnd::Answered(answer) => {
+                    self.finish_stream(&mut body, &mut parser, &mut seen).await;
+                    return Ok(Some(answer));
+                }
                 _ if expect.id.is_none() => return Ok(None),
                 StreamEnd::Ended => "the server ended the stream".to_owned(),
                 StreamEnd::Broke(why) => why,

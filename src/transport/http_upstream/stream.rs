@@ -5,7 +5,7 @@
 use super::post::{Answer, Expect, Failure};
 use super::{
     BACKOFF_MAX, BACKOFF_START, EVENT_STREAM, Inner, LAST_EVENT_ID, RESUME_ATTEMPTS, SSE_IDLE_TIMEOUT,
-    content_type, http_status,
+    STREAM_END_WAIT, content_type, http_status,
 };
 use crate::transport::sse::{SeenIds, SseParser};
 use bytes::Bytes;
@@ -103,7 +103,8 @@ impl Inner {
                 {
                     tracing::debug!(resumed = last.is_some(), "the GET stream is open");
                     let before = parser.blocks;
-                    let end = self.read_sse(response.into_body(), &mut parser, &mut seen, &expect).await;
+                    parser.new_connection();
+                    let end = self.read_sse(&mut response.into_body(), &mut parser, &mut seen, &expect).await;
                     delivered = parser.blocks > before;
                     if !delivered && last.is_some() {
                         // The server would not resume from there: start afresh next time.
@@ -214,8 +215,13 @@ impl Inner {
                 }
                 _ if status.is_success() && content_type(&response).starts_with(EVENT_STREAM) => {
                     let before = parser.blocks;
-                    match self.read_sse(response.into_body(), &mut parser, &mut seen, expect).await {
-                        StreamEnd::Answered(answer) => return Ok(answer),
+                    let mut body = response.into_body();
+                    parser.new_connection();
+                    match self.read_sse(&mut body, &mut parser, &mut seen, expect).await {
+                        StreamEnd::Answered(answer) => {
+                            self.finish_stream(&mut body, &mut parser, &mut seen).await;
+                            return Ok(answer);
+                        }
                         StreamEnd::Ended => why = "the server ended the resumed stream".to_owned(),
                         StreamEnd::Broke(e) => why = e,
                     }
@@ -230,15 +236,14 @@ impl Inner {
     }
 
     /// Reads an SSE body, relaying each event's data, until the awaited answer (if any) came or the
-    /// stream ends.
+    /// stream ends. A new connection's body starts with `parser.new_connection()`.
     pub(super) async fn read_sse(
         &self,
-        mut body: Incoming,
+        body: &mut Incoming,
         parser: &mut SseParser,
         seen: &mut SeenIds,
         expect: &Expect,
     ) -> StreamEnd {
-        parser.new_connection();
         let mut events = Vec::new();
         loop {
             let frame = match tokio::time::timeout(SSE_IDLE_TIMEOUT, body.frame()).await {
@@ -274,6 +279,23 @@ impl Inner {
             if let Some(answer) = answered {
                 return StreamEnd::Answered(answer);
             }
+        }
+    }
+
+    /// Reads a request's stream on after its answer, until the server ends it (as it should right
+    /// after the answer), relaying whatever else comes; gives up after [`STREAM_END_WAIT`]. A stream
+    /// read to its end leaves the connection reusable: dropped before, hyper closes the connection
+    /// unless the end had already arrived, and the next request pays for a new one.
+    pub(super) async fn finish_stream(
+        &self,
+        body: &mut Incoming,
+        parser: &mut SseParser,
+        seen: &mut SeenIds,
+    ) {
+        let after = Expect { id: None, initialize: false, swallow: false };
+        let end = tokio::time::timeout(STREAM_END_WAIT, self.read_sse(body, parser, seen, &after)).await;
+        if end.is_err() {
+            tracing::debug!("a request's stream stayed open after its answer; closing it");
         }
     }
 }
