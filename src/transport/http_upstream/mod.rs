@@ -13,18 +13,18 @@
 //!
 //! Header values (the client's `Authorization`, configured headers, session ids) are never logged.
 //!
-//! The files, one job each: this one has the options, the handle, the session's line plumbing and the
-//! shared state; `post` the POST exchange (a message up, its answer back, failures as JSON-RPC errors);
+//! The files, one job each: this one has the options, the handle and the shared state; `pipe` the
+//! session's lines in and out; `post` the POST exchange (a message up, its answer back, failures as JSON-RPC errors);
 //! `stream` SSE streams (reading, resuming with `Last-Event-ID`, the standalone `GET` stream);
 //! `session` the requests' headers, sending with connect retries, sign-in renewal, re-initializing a
 //! dropped session and ending it.
+mod pipe;
 mod post;
 mod session;
 mod stream;
 
 use crate::auth::UpstreamAuth;
 use crate::jsonrpc;
-use crate::transport::lines::{Line, LineCloser, LineReader, LineSink, spawn_line_writer};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response, StatusCode, Uri, header};
 use http_body_util::Full;
@@ -32,13 +32,14 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use pipe::ToSession;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 /// The session header.
 pub const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
@@ -72,8 +73,6 @@ const RESUME_ATTEMPTS: u32 = 5;
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// How much of an error body is kept for the error answered to the client.
 const ERROR_BODY: usize = 512;
-/// The pipes between the session and us.
-const PIPE: usize = 64 * 1024;
 /// How many lines may queue toward the session.
 const QUEUE: usize = 1024;
 
@@ -181,53 +180,11 @@ impl HttpUpstream {
 pub fn connect(
     options: HttpUpstreamOptions,
 ) -> (impl AsyncWrite + Send + Unpin + 'static, impl AsyncRead + Send + Unpin + 'static, HttpUpstream) {
-    let (session_writer, input) = tokio::io::duplex(PIPE);
-    let (output, session_reader) = tokio::io::duplex(PIPE);
-    let (out, out_closer) = spawn_line_writer(output, QUEUE);
+    let (out, session_reader, end) = pipe::to_session(QUEUE);
     let inner = Arc::new(Inner::new(options, out));
     tracing::info!(upstream = %inner.shown_url, "using an HTTP upstream");
-    tokio::spawn(run(inner.clone(), input, out_closer));
+    let session_writer = pipe::LinesUp::new(inner.clone(), end);
     (session_writer, session_reader, HttpUpstream { inner })
-}
-
-/// Reads the session's lines, posting each, until the session closes its writer; then ends.
-async fn run(inner: Arc<Inner>, input: DuplexStream, mut out_closer: LineCloser) {
-    let mut reader = LineReader::new(input, MAX_MESSAGE);
-    let mut in_flight = JoinSet::new();
-    loop {
-        match reader.next_line().await {
-            Ok(Some(Line::Message(line))) => {
-                in_flight.spawn(inner.clone().deliver(line));
-            }
-            Ok(Some(Line::TooLong { len, head })) => {
-                let (id, is_call) = jsonrpc::sniff_head(&head);
-                tracing::warn!(bytes = len, max = MAX_MESSAGE, "not sending an oversized message upstream");
-                if let (Some(id), true) = (id, is_call) {
-                    let msg = format!("the message is {len} bytes, over the maximum of {MAX_MESSAGE} bytes");
-                    inner.out.send(jsonrpc::error_response(Some(&id), FAILED, &msg, None)).await;
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the session's messages for the upstream failed");
-                break;
-            }
-        }
-        while in_flight.try_join_next().is_some() {}
-    }
-    tracing::debug!(in_flight = in_flight.len(), "the session is ending; finishing in-flight requests");
-    let drained =
-        tokio::time::timeout(DRAIN_TIMEOUT, async { while in_flight.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        tracing::warn!(
-            abandoned = in_flight.len(),
-            "requests still in flight {} s after the session ended; abandoning them",
-            DRAIN_TIMEOUT.as_secs()
-        );
-        in_flight.shutdown().await;
-    }
-    inner.close().await;
-    out_closer.close().await;
 }
 
 /// "HTTP 401 Unauthorized".
@@ -256,11 +213,12 @@ struct Inner {
     get_stream: Mutex<Option<JoinHandle<()>>>,
     get_started: AtomicBool,
     closed: AtomicBool,
-    out: LineSink,
+    /// Toward the session.
+    out: ToSession,
 }
 
 impl Inner {
-    fn new(options: HttpUpstreamOptions, out: LineSink) -> Inner {
+    fn new(options: HttpUpstreamOptions, out: ToSession) -> Inner {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
