@@ -219,7 +219,7 @@ impl Inner {
                     parser.new_connection();
                     match self.read_sse(&mut body, &mut parser, &mut seen, expect).await {
                         StreamEnd::Answered(answer) => {
-                            self.finish_stream(&mut body, &mut parser, &mut seen).await;
+                            Box::pin(self.finish_stream(&mut body, &mut parser, &mut seen)).await;
                             return Ok(answer);
                         }
                         StreamEnd::Ended => why = "the server ended the resumed stream".to_owned(),
