@@ -487,6 +487,20 @@ pub fn rebuilt_with_id(env: &Envelope<'_>, id: &Id) -> Vec<u8> {
     }
 }
 
+/// The `_meta` key of a 2026-07-28 request's protocol version.
+pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+
+/// Where a 2026-07-28 request's `Mcp-Name` HTTP header comes from: `params.name` (tools/call,
+/// prompts/get), `params.uri` (resources/read), `params.taskId` (the Tasks extension's methods).
+pub fn routing_name_field(method: &str) -> Option<&'static str> {
+    match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" => Some("uri"),
+        "tasks/get" | "tasks/update" | "tasks/cancel" => Some("taskId"),
+        _ => None,
+    }
+}
+
 /// A 2026-07-28 result object with `resultType: "complete"` when it has no `resultType` of its own.
 /// Spliced into the text, so every other byte stays as the upstream sent it.
 pub fn mark_complete(result: &str) -> String {

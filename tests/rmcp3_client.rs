@@ -390,17 +390,57 @@ async fn the_modern_upstream_fixture_also_speaks_2025_11_25() {
 
 #[tokio::test]
 async fn rmcp3_client_through_the_wrapper_in_front_of_the_modern_upstream() {
-    // The upstream's own tasks and MRTR rounds reach a 2026-07-28 client untouched.
     let upstream = example_bin("modern_upstream");
+    modern_upstream_stories(&["--upstream-protocol", "auto", "--", upstream.to_str().unwrap()]).await;
+}
+
+/// The same over Streamable HTTP: a 2026-07-28 request to the upstream carries the headers that
+/// generation requires (`MCP-Protocol-Version` from its `_meta`, `Mcp-Method`, `Mcp-Name`), with no
+/// `initialize` before it to learn a version from.
+#[tokio::test]
+async fn rmcp3_client_through_the_wrapper_in_front_of_the_modern_upstream_over_http() {
+    let upstream = example_bin("modern_upstream");
+    let addr = free_addr();
+    let server = std::process::Command::new(&upstream)
+        .args(["--http", &addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start modern_upstream --http");
+    let _server = KillOnDrop(server);
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "modern_upstream did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("http://{addr}/mcp");
+    for protocol in ["modern", "auto"] {
+        modern_upstream_stories(&["--upstream-protocol", protocol, "--upstream-url", &url]).await;
+    }
+}
+
+/// A child process killed when the test ends, passed or failed.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The upstream's own tasks and MRTR rounds reach a 2026-07-28 client untouched, through the wrapper
+/// started with `proxy_args`.
+async fn modern_upstream_stories(proxy_args: &[&str]) {
     let mut cmd = Command::new(BIN);
     // A data directory of its own, never the real user's.
     cmd.env("MCP_ASYNCIFY_DATA_DIR", common::fresh_dir("data"));
-    cmd.args(["--log-level", &log_level(), "--upstream-protocol", "auto", "--"]).arg(&upstream);
+    cmd.args(["--log-level", &log_level()]).args(proxy_args);
     let (transport, _) =
         TokioChildProcess::builder(cmd).stderr(Stdio::inherit()).spawn().expect("spawn the proxy");
     let client = Client::default();
     let service = client.clone().serve_with_lifecycle(transport, auto()).await.expect("discover");
-    assert_eq!(era(&service), "2026-07-28");
+    assert_eq!(era(&service), "2026-07-28", "{proxy_args:?}");
     assert_eq!(service.peer().peer_info().unwrap().server_info.as_ref().unwrap().name, "modern-upstream");
 
     let id = start_task(&service, call("native_slow", json!({"ms": 300}))).await;

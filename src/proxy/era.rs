@@ -16,7 +16,7 @@ pub const MODERN_VERSION: &str = "2026-07-28";
 /// The session-based versions the proxy serves (to clients; the upstream gets what it negotiates).
 pub const LEGACY_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
 /// `_meta` key: the request's protocol version.
-pub const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+pub const META_VERSION: &str = jsonrpc::META_PROTOCOL_VERSION;
 /// `_meta` key: the requesting client's capabilities.
 pub const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 /// `_meta` key (in results): the server's name and version.
@@ -168,16 +168,7 @@ pub fn missing_tasks_extension(id: &Id, what: &str) -> Vec<u8> {
     jsonrpc::error_response(Some(id), code::MISSING_CAPABILITY, &message, Some(&data))
 }
 
-/// Where a modern request's `Mcp-Name` header comes from: `params.name` (tools/call, prompts/get),
-/// `params.uri` (resources/read), `params.taskId` (the Tasks extension's methods).
-pub fn name_field(method: &str) -> Option<&'static str> {
-    match method {
-        "tools/call" | "prompts/get" => Some("name"),
-        "resources/read" => Some("uri"),
-        "tasks/get" | "tasks/update" | "tasks/cancel" => Some("taskId"),
-        _ => None,
-    }
-}
+pub use crate::jsonrpc::routing_name_field as name_field;
 
 /// What the routing headers of a modern HTTP request say.
 #[derive(Debug, Default)]

@@ -20,6 +20,7 @@
 //! dropped session and ending it.
 mod pipe;
 mod post;
+mod routing;
 mod session;
 mod stream;
 

@@ -2,6 +2,7 @@
 //! answers (`202`, a JSON message or batch, or an SSE stream) comes back as lines; a failure becomes
 //! the JSON-RPC error answering the request.
 
+use super::routing::Routing;
 use super::stream::StreamEnd;
 use super::{
     ACCEPT_POST, ERROR_BODY, EVENT_STREAM, FAILED, Inner, JSON, MAX_MESSAGE, MCP_SESSION_ID, REFUSED,
@@ -29,6 +30,8 @@ pub(super) struct Expect {
     pub(super) initialize: bool,
     /// Our own request: its answer is not the session's to see.
     pub(super) swallow: bool,
+    /// A 2026-07-28 request's routing headers (its protocol version, method and name).
+    pub(super) routing: Option<Routing>,
 }
 
 /// How a request was answered.
@@ -116,9 +119,12 @@ pub(super) enum Posted {
 impl Inner {
     /// Sends one line from the session upstream, and its answer (or an error answering it) back.
     pub(super) async fn deliver(self: Arc<Self>, line: Vec<u8>) {
-        let (kind, id, method) = match Envelope::parse(&line) {
-            Ok(env) => (Some(env.kind), env.id, env.method.map(str::to_owned)),
-            Err(_) => (None, None, None),
+        let (kind, id, method, routing) = match Envelope::parse(&line) {
+            Ok(env) => {
+                let routing = env.method.and_then(|m| Routing::of(m, env.params));
+                (Some(env.kind), env.id, env.method.map(str::to_owned), routing)
+            }
+            Err(_) => (None, None, None, None),
         };
         let id = id.filter(|_| kind == Some(Kind::Request));
         let method = method.as_deref();
@@ -134,7 +140,7 @@ impl Inner {
         if initialize {
             *self.initialize.lock().expect("not poisoned") = Some(line.clone());
         }
-        let expect = Expect { id, initialize, swallow: false };
+        let expect = Expect { id, initialize, swallow: false, routing };
         match self.post(Bytes::from(line), &expect).await {
             Ok(_) => {
                 if kind == Some(Kind::Notification) && method == Some("notifications/initialized") {
@@ -192,6 +198,9 @@ impl Inner {
                 let mut request = self.request(Method::POST, body.clone(), ACCEPT_POST, session.as_ref());
                 if !expect.initialize {
                     self.add_protocol_version(&mut request);
+                }
+                if let Some(routing) = &expect.routing {
+                    routing.apply(request.headers_mut());
                 }
                 request
             })

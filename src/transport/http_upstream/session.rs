@@ -52,7 +52,7 @@ impl Inner {
         let id = Id::string(&format!("mcp-asyncify-reinitialize-{n}"));
         let request = jsonrpc::request(&id, "initialize", env.params.map(RawValue::get));
         drop(env);
-        let expect = Expect { id: Some(id), initialize: true, swallow: true };
+        let expect = Expect { id: Some(id), initialize: true, swallow: true, routing: None };
         match self.post_once(&Bytes::from(request), &expect).await {
             Ok(Posted::Done(Some(Answer::Result))) => {}
             Ok(Posted::Done(Some(Answer::Error(e)))) => {
@@ -62,7 +62,7 @@ impl Inner {
             Err(e) => return Err(e.to_string()),
         }
         let initialized = jsonrpc::notification("notifications/initialized", None);
-        let expect = Expect { id: None, initialize: false, swallow: true };
+        let expect = Expect { id: None, initialize: false, swallow: true, routing: None };
         match self.post_once(&Bytes::from(initialized), &expect).await {
             Ok(Posted::Done(_)) => {}
             Ok(Posted::SessionGone(_)) => return Err("the new session was dropped at once".into()),

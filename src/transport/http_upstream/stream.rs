@@ -45,7 +45,7 @@ impl Inner {
         let mut stream_session: Option<HeaderValue> = None;
         let mut backoff = BACKOFF_START;
         let mut last_problem = String::new();
-        let expect = Expect { id: None, initialize: false, swallow: false };
+        let expect = Expect { id: None, initialize: false, swallow: false, routing: None };
         loop {
             if self.closed.load(Ordering::SeqCst) {
                 return;
@@ -292,7 +292,7 @@ impl Inner {
         parser: &mut SseParser,
         seen: &mut SeenIds,
     ) {
-        let after = Expect { id: None, initialize: false, swallow: false };
+        let after = Expect { id: None, initialize: false, swallow: false, routing: None };
         let end = tokio::time::timeout(STREAM_END_WAIT, self.read_sse(body, parser, seen, &after)).await;
         if end.is_err() {
             tracing::debug!("a request's stream stayed open after its answer; closing it");
