@@ -510,3 +510,59 @@ fn an_upstreams_own_task_is_found_again_by_a_restarted_wrapper_for_a_2026_07_28_
     q.close_stdin();
     assert!(q.wait_exit(Duration::from_secs(15)).success(), "{}", q.stderr());
 }
+
+/// A redis-server on a free port, for one test; killed on drop.
+struct RedisServer {
+    child: Child,
+    url: String,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let dir = fresh_dir("e2e-redis");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed (apt-get install redis-server)");
+        wait_until("redis", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        RedisServer { child, url: format!("redis://127.0.0.1:{port}/0") }
+    }
+
+    /// Stops (`STOP`) or resumes (`CONT`) the server process: a store that does not answer.
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{sig} redis-server");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_task_create_waiting_on_the_store_does_not_hold_up_the_clients_next_calls() {
+    let redis = RedisServer::start();
+    let mut p = Peer::start(&["--log-level", "warn", "--store", &redis.url, "--", BIN, "test-server"]);
+    p.initialize(json!({"tasks": {}}));
+    redis.signal("STOP");
+    // The task's create waits on the stopped store; the plain call sent after it must not.
+    p.request(2, "tools/call", json!({"name": "slow", "arguments": {"ms": 10}, "task": {}}));
+    p.request(3, "tools/call", json!({"name": "echo", "arguments": {"text": "not queued"}}));
+    let first = p.next_matching("an answer", |v| v.get("id").is_some());
+    assert_eq!(first["id"], 3, "the plain call is answered first: {first}");
+    assert_eq!(first["result"]["content"][0]["text"], "not queued", "{first}");
+    redis.signal("CONT");
+    let created = p.response(2);
+    assert!(
+        created["result"]["task"]["taskId"].is_string(),
+        "the task is created once the store answers: {created}"
+    );
+}
