@@ -73,20 +73,27 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+/// The connector of every outgoing HTTP client (the OAuth exchanges, the HTTP upstream): `http` or
+/// TLS on ring (no C toolchain needed) with the Mozilla roots, http/1.1 and h2 by ALPN, Nagle off,
+/// connections given up after `connect_timeout`.
+pub fn https_connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .expect("ring supports the default TLS versions")
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http)
+}
+
 impl AuthHttp {
     /// A client whose exchanges each take at most `timeout`.
     pub fn new(timeout: Duration) -> AuthHttp {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .expect("ring supports the default TLS versions")
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        AuthHttp { client: Client::builder(TokioExecutor::new()).build(https), timeout }
+        AuthHttp { client: Client::builder(TokioExecutor::new()).build(https_connector(timeout)), timeout }
     }
 
     /// Sends `request` and reads the whole answer.
