@@ -199,7 +199,12 @@ impl Inner {
                 if !expect.initialize {
                     self.add_protocol_version(&mut request);
                 }
-                if let Some(routing) = &expect.routing {
+                // A stateless upstream's routing headers; an upstream that negotiated a session version
+                // (a 2025-11-25 one, which a 2026-07-28 client's forwarded `_meta` means nothing to) keeps
+                // that version's header.
+                if let Some(routing) = &expect.routing
+                    && !self.negotiated()
+                {
                     routing.apply(request.headers_mut());
                 }
                 request

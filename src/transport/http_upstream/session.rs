@@ -133,6 +133,11 @@ impl Inner {
         request
     }
 
+    /// Whether an `initialize` negotiated the session's protocol version.
+    pub(super) fn negotiated(&self) -> bool {
+        self.protocol_version.lock().expect("not poisoned").is_some()
+    }
+
     pub(super) fn add_protocol_version(&self, request: &mut Request<Full<Bytes>>) {
         if let Some(version) = self.protocol_version.lock().expect("not poisoned").clone() {
             request.headers_mut().insert(MCP_PROTOCOL_VERSION, version);
