@@ -337,24 +337,36 @@ impl Writer {
         if len < COMPACT_MIN_BYTES {
             return;
         }
-        let used = {
+        // redb releases the pages a transaction freed only after a later commit: when the file does
+        // not look mostly free yet, measure again after one empty durable commit.
+        let mut used = None;
+        for look in 0..2 {
             let db = self.db.read().unwrap_or_else(|e| e.into_inner());
-            let used = db.begin_write().map_err(redb::Error::from).and_then(|tx| {
+            let measured = db.begin_write().map_err(redb::Error::from).and_then(|tx| {
+                if look == 1 {
+                    tx.commit()?;
+                    let tx = db.begin_write()?;
+                    let stats = tx.stats()?;
+                    tx.abort()?;
+                    return Ok(stats.allocated_pages() * stats.page_size() as u64);
+                }
                 let stats = tx.stats()?;
                 tx.abort()?;
                 Ok(stats.allocated_pages() * stats.page_size() as u64)
             });
-            match used {
-                Ok(used) => used,
+            match measured {
+                Ok(u) if u.saturating_mul(4) <= len => {
+                    used = Some(u);
+                    break;
+                }
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(store = %self.store, error = %self.error(e), "cannot measure the task file");
                     return;
                 }
             }
-        };
-        if used.saturating_mul(4) > len {
-            return;
         }
+        let Some(used) = used else { return };
         let started = Instant::now();
         let compacted = {
             let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
