@@ -294,17 +294,8 @@ fn a_sidecar_restarted_on_its_port_serves_the_same_credentials_tasks() {
 
 #[test]
 fn two_sidecars_on_one_redis_share_tasks_waits_and_cancels() {
-    let redis_dir = fresh_dir("e2e-redis");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut redis = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(&redis_dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is needed (apt-get install redis-server)");
-    wait_until("redis", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    let store = format!("redis://127.0.0.1:{port}/0");
+    let mut redis = RedisServer::start();
+    let store = redis.url.clone();
     let sim = notion_sim("1500");
     let (mut a, addr_a) = sidecar(None, &sim.url, &store);
     let (mut b, addr_b) = sidecar(None, &sim.url, &store);
@@ -336,8 +327,7 @@ fn two_sidecars_on_one_redis_share_tasks_waits_and_cancels() {
     let h = http(&addr_a, "GET", "/healthz", &[], b"");
     assert!(h.status == 200 && h.body.trim() == "ok", "{}", h.body);
     // Redis gone: /healthz says so, new tasks are refused clearly, plain calls still flow.
-    let _ = redis.kill();
-    let _ = redis.wait();
+    redis.kill();
     let r = on_a.call(
         7,
         "tools/call",
@@ -354,7 +344,6 @@ fn two_sidecars_on_one_redis_share_tasks_waits_and_cancels() {
         let _ = s.kill();
         let _ = s.wait();
     }
-    let _ = std::fs::remove_dir_all(&redis_dir);
 }
 
 /// `tests/node/native-tasks-server.mjs --http PORT` on `addr` (a 2025-11-25 upstream that runs its
@@ -515,6 +504,7 @@ fn an_upstreams_own_task_is_found_again_by_a_restarted_wrapper_for_a_2026_07_28_
 struct RedisServer {
     child: Child,
     url: String,
+    dir: std::path::PathBuf,
 }
 
 impl RedisServer {
@@ -529,7 +519,13 @@ impl RedisServer {
             .spawn()
             .expect("redis-server is needed (apt-get install redis-server)");
         wait_until("redis", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-        RedisServer { child, url: format!("redis://127.0.0.1:{port}/0") }
+        RedisServer { child, url: format!("redis://127.0.0.1:{port}/0"), dir }
+    }
+
+    /// The server gone, as a crash would leave it.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Stops (`STOP`) or resumes (`CONT`) the server process: a store that does not answer.
@@ -541,9 +537,11 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        self.signal("CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Resumed if a test stopped it (it may already be gone: nothing to report then).
+        let _ =
+            Command::new("kill").args(["-CONT", &self.child.id().to_string()]).stderr(Stdio::null()).status();
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
