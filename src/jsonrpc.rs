@@ -5,7 +5,9 @@
 //! re-serialised unless an interceptor decides to rewrite the message.
 
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
+use std::collections::HashMap;
 use std::fmt;
 
 /// An answer to a request, raw: its `result` object, or its JSON-RPC `error` object as it was sent.
@@ -509,7 +511,8 @@ pub fn mark_complete(result: &str) -> String {
         return result.to_owned();
     }
     if memchr::memmem::find(result.as_bytes(), b"\"resultType\"").is_some()
-        && serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(result)
+        // Keys only: a `Value` would read a member named `$serde_json::private::RawValue` as JSON text.
+        && serde_json::from_str::<HashMap<String, IgnoredAny>>(result)
             .is_ok_and(|m| m.contains_key("resultType"))
     {
         return result.to_owned();
@@ -627,6 +630,11 @@ mod tests {
         // A nested resultType is not the result's own.
         let nested = r#"{"content":[{"type":"text","text":"\"resultType\""}]}"#;
         assert!(mark_complete(nested).starts_with(r#"{"resultType":"complete","#));
+        // serde_json reads a `Value` under this key as raw JSON text, so a string that is not JSON
+        // fails to parse as a `Value` (the fuzzer found it); the result's own resultType is still
+        // seen, and not written twice.
+        let quirk = r#"{"resultType":"complete","content":[{"$serde_json::private::RawValue":"text"}]}"#;
+        assert_eq!(mark_complete(quirk), quirk);
     }
 
     #[test]
