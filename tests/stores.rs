@@ -671,6 +671,58 @@ async fn a_live_replica_takes_over_the_tasks_of_one_that_died() {
     eprintln!("a dead replica's tasks were taken over {took:?} after it stopped");
 }
 
+/// The periodic takeover asks every replica's store for its unfinished tasks every few seconds: on
+/// Redis they are read from an index of them, not found by reading every record. A store written
+/// without the index (an older build) gets it on the next connect.
+#[tokio::test]
+async fn redis_reads_unfinished_tasks_from_an_index_of_them() {
+    let redis = Redis::start();
+    let url = StoreUrl::Redis(redis.url());
+    let s = store::open(&url).await.unwrap();
+    let caps = Caps { max_live: 10_000, max_per_owner: 10_000 };
+    for i in 0..300 {
+        s.insert(record(&format!("t{i}"), "o", 60_000), caps).await.unwrap();
+        if i % 100 != 7 {
+            s.update(&format!("t{i}"), &|r| {
+                r.status = if i % 2 == 0 { TaskStatus::Completed } else { TaskStatus::Failed };
+                true
+            })
+            .await
+            .unwrap();
+        }
+    }
+    s.update("t107", &|r| {
+        r.status = TaskStatus::InputRequired;
+        true
+    })
+    .await
+    .unwrap();
+    s.remove("t207").await.unwrap();
+    let open = |s: Arc<dyn TaskStore>| async move {
+        let mut found: Vec<String> = s.unfinished().await.unwrap().into_iter().map(|r| r.id).collect();
+        found.sort();
+        found
+    };
+    assert_eq!(open(s.clone()).await, ["t107", "t7"]);
+    let mut conn =
+        ::redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let indexed: usize = ::redis::cmd("ZCARD").arg("mcp-asyncify:open").query_async(&mut conn).await.unwrap();
+    assert_eq!(indexed, 2, "only unfinished tasks are indexed");
+
+    // As if written by a build without the index: the next store to connect builds it.
+    let _: () = ::redis::cmd("DEL")
+        .arg("mcp-asyncify:open")
+        .arg("mcp-asyncify:open-indexed")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    drop(s);
+    let s = store::open(&url).await.unwrap();
+    assert_eq!(open(s.clone()).await, ["t107", "t7"]);
+    let indexed: usize = ::redis::cmd("ZCARD").arg("mcp-asyncify:open").query_async(&mut conn).await.unwrap();
+    assert_eq!(indexed, 2);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 

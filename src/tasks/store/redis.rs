@@ -9,6 +9,8 @@
 //! | `all` | zset of every id by seq (the admin listing) |
 //! | `exp` | zset of every id by expiry (ms) |
 //! | `owner:{owner}` / `owner-exp:{owner}` | zsets of one owner's ids by seq and by expiry |
+//! | `open` | zset of the ids of unfinished tasks by seq (what the periodic takeover reads) |
+//! | `open-indexed` | set once `open` holds every unfinished task (a store written before it is indexed on connect) |
 //! | `secret` | the HMAC key of owner bindings (made once by whoever comes first) |
 //! | `runner:{id}` | a replica's liveness mark, with a ttl it keeps refreshing |
 //!
@@ -44,7 +46,8 @@ pub const RUNNER_TTL: Duration = Duration::from_secs(10);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Numbers and inserts a record within the caps. ARGV: prefix, id, owner, expiry ms, now ms, max live,
-/// max per owner, body (starting `{"seq":0`), server expiry ms, publisher.
+/// max per owner, body (starting `{"seq":0`), server expiry ms, publisher, grace ms (an owner's expired
+/// entries older than that are dropped), "1" if the task is unfinished.
 const INSERT: &str = r#"
 local p, id, owner = ARGV[1], ARGV[2], ARGV[3]
 local exp, now = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -58,15 +61,18 @@ redis.call('ZADD', p..'all', seq, id)
 redis.call('ZADD', p..'exp', exp, id)
 redis.call('ZADD', p..'owner:'..owner, seq, id)
 redis.call('ZADD', p..'owner-exp:'..owner, exp, id)
+if ARGV[12] == '1' then redis.call('ZADD', p..'open', seq, id) end
 redis.call('PUBLISH', p..'events', ARGV[10]..'\ntask\n'..id)
 return seq
 "#;
 
-/// Compare-and-set of a record. ARGV: prefix, id, expected body, new body, publisher.
+/// Compare-and-set of a record. ARGV: prefix, id, expected body, new body, publisher, "1" if the new
+/// status is terminal.
 const UPDATE: &str = r#"
 local key = ARGV[1]..'task:'..ARGV[2]
 if redis.call('GET', key) ~= ARGV[3] then return 0 end
 redis.call('SET', key, ARGV[4], 'KEEPTTL')
+if ARGV[6] == '1' then redis.call('ZREM', ARGV[1]..'open', ARGV[2]) end
 redis.call('PUBLISH', ARGV[1]..'events', ARGV[5]..'\ntask\n'..ARGV[2])
 return 1
 "#;
@@ -77,6 +83,7 @@ local p, id = ARGV[1], ARGV[2]
 local body = redis.call('GET', p..'task:'..id)
 redis.call('ZREM', p..'all', id)
 redis.call('ZREM', p..'exp', id)
+redis.call('ZREM', p..'open', id)
 if not body then return false end
 local owner = cjson.decode(body)['owner']
 redis.call('DEL', p..'task:'..id)
@@ -142,7 +149,7 @@ impl RedisStore {
         pubsub.subscribe(format!("{PREFIX}events")).await.map_err(|e| unavailable(&e))?;
         let (listening, dropped) = oneshot::channel();
         tokio::spawn(listen(client, changes.clone(), me.clone(), describe.clone(), dropped, pubsub));
-        Ok(RedisStore {
+        let store = RedisStore {
             conn,
             describe,
             me,
@@ -152,7 +159,78 @@ impl RedisStore {
             update: Script::new(UPDATE),
             remove: Script::new(REMOVE),
             _listening: listening,
-        })
+        };
+        store.index_unfinished().await?;
+        Ok(store)
+    }
+
+    /// Fills the `open` index from the records, once per server: a store written by a build without
+    /// the index still has its unfinished tasks found. Idempotent, so two replicas may both do it.
+    async fn index_unfinished(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let marker = format!("{PREFIX}open-indexed");
+        if conn.exists(&marker).await.map_err(|e| self.fail(e))? {
+            return Ok(());
+        }
+        let (all, open) = (format!("{PREFIX}all"), format!("{PREFIX}open"));
+        let mut after = None;
+        loop {
+            let page = self.scan(&all, after, 500).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.seq);
+            let unfinished: Vec<(u64, &str)> =
+                page.iter().filter(|r| !r.status.is_terminal()).map(|r| (r.seq, r.id.as_str())).collect();
+            if !unfinished.is_empty() {
+                let _: () = conn.zadd_multiple(&open, &unfinished).await.map_err(|e| self.fail(e))?;
+            }
+        }
+        conn.set(&marker, 1).await.map_err(|e| self.fail(e))
+    }
+
+    /// Up to `limit` records of one index (a zset of ids by seq), from after `after_seq` on. Entries
+    /// whose record the server has expired are dropped from the index on the way.
+    async fn scan(
+        &self,
+        index: &str,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        let mut after = after_seq.unwrap_or(0);
+        let mut conn = self.conn.clone();
+        while out.len() < limit {
+            let want = limit - out.len();
+            let page: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                .arg(index)
+                .arg(format!("({after}"))
+                .arg("+inf")
+                .arg("BYSCORE")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(want)
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.fail(e))?;
+            if page.is_empty() {
+                break;
+            }
+            let ids: Vec<String> = page.iter().map(|(id, _)| id.clone()).collect();
+            after = page.last().map_or(after, |(_, s)| *s as u64);
+            for (id, record) in ids.iter().zip(self.records(&ids).await?) {
+                match record {
+                    Some(r) => out.push(r),
+                    // Expired on the server with no replica left to sweep it: forget the entry.
+                    None => {
+                        let _: Result<(), _> = conn.zrem(index, id).await;
+                    }
+                }
+            }
+            if page.len() < want {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     fn fail(&self, e: redis::RedisError) -> StoreError {
@@ -281,6 +359,7 @@ impl TaskStore for RedisStore {
             .arg(exp + GRACE_MS)
             .arg(&self.me)
             .arg(GRACE_MS)
+            .arg(if record.status.is_terminal() { "0" } else { "1" })
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|e| self.fail(e))?;
@@ -324,6 +403,7 @@ impl TaskStore for RedisStore {
                 .arg(body)
                 .arg(encode(&after))
                 .arg(&self.me)
+                .arg(if after.status.is_terminal() { "1" } else { "0" })
                 .invoke_async(&mut self.conn.clone())
                 .await
                 .map_err(|e| self.fail(e))?;
@@ -344,42 +424,7 @@ impl TaskStore for RedisStore {
             Some(o) => format!("{PREFIX}owner:{o}"),
             None => format!("{PREFIX}all"),
         };
-        let mut out = Vec::with_capacity(limit.min(1024));
-        let mut after = after_seq.unwrap_or(0);
-        let mut conn = self.conn.clone();
-        while out.len() < limit {
-            let want = limit - out.len();
-            let page: Vec<(String, f64)> = redis::cmd("ZRANGE")
-                .arg(&index)
-                .arg(format!("({after}"))
-                .arg("+inf")
-                .arg("BYSCORE")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(want)
-                .arg("WITHSCORES")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.fail(e))?;
-            if page.is_empty() {
-                break;
-            }
-            let ids: Vec<String> = page.iter().map(|(id, _)| id.clone()).collect();
-            after = page.last().map_or(after, |(_, s)| *s as u64);
-            for (id, record) in ids.iter().zip(self.records(&ids).await?) {
-                match record {
-                    Some(r) => out.push(r),
-                    // Expired on the server with no replica left to sweep it: forget the entry.
-                    None => {
-                        let _: Result<(), _> = conn.zrem(&index, id).await;
-                    }
-                }
-            }
-            if page.len() < want {
-                break;
-            }
-        }
-        Ok(out)
+        self.scan(&index, after_seq, limit).await
     }
 
     async fn remove(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
@@ -424,13 +469,21 @@ impl TaskStore for RedisStore {
     }
 
     async fn unfinished(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let open = format!("{PREFIX}open");
         let mut out = Vec::new();
         let mut after = None;
         loop {
-            let page = self.list(None, after, 500).await?;
+            let page = self.scan(&open, after, 500).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.seq);
-            out.extend(page.into_iter().filter(|r| !r.status.is_terminal()));
+            for r in page {
+                if r.status.is_terminal() {
+                    // Indexed while it ended (two replicas building the index at once): drop it.
+                    let _: Result<(), _> = self.conn.clone().zrem(&open, &r.id).await;
+                } else {
+                    out.push(r);
+                }
+            }
         }
         Ok(out)
     }
