@@ -67,8 +67,20 @@ impl Era {
         struct Meta<'a> {
             #[serde(rename = "io.modelcontextprotocol/protocolVersion", borrow)]
             version: Option<&'a RawValue>,
-            #[serde(rename = "io.modelcontextprotocol/clientCapabilities")]
-            capabilities: Option<Value>,
+            #[serde(rename = "io.modelcontextprotocol/clientCapabilities", borrow)]
+            capabilities: Option<&'a RawValue>,
+        }
+        // Only what is asked (borrowed, nothing built): whether the Tasks extension is declared.
+        #[derive(serde::Deserialize)]
+        struct Capabilities<'a> {
+            #[serde(borrow)]
+            extensions: Option<Extensions<'a>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Extensions<'a> {
+            // TASKS_EXTENSION (a unit test holds them equal).
+            #[serde(rename = "io.modelcontextprotocol/tasks", borrow)]
+            tasks: Option<&'a RawValue>,
         }
         let Ok(Params { meta: Some(meta) }) = serde_json::from_str::<Params<'_>>(params.get()) else {
             return Era::Legacy;
@@ -84,12 +96,13 @@ impl Era {
         if version != MODERN_VERSION {
             return Era::Unsupported(version);
         }
+        // Capabilities of the wrong shape declare nothing (the request is still a 2026-07-28 one).
         let tasks = meta
             .capabilities
-            .as_ref()
-            .and_then(|c| c.get("extensions"))
-            .and_then(|e| e.get(TASKS_EXTENSION))
-            .is_some_and(Value::is_object);
+            .and_then(|c| serde_json::from_str::<Capabilities<'_>>(c.get()).ok())
+            .and_then(|c| c.extensions)
+            .and_then(|e| e.tasks)
+            .is_some_and(|t| t.get().trim_start().starts_with('{'));
         Era::Modern(Modern { tasks })
     }
 
@@ -278,6 +291,23 @@ mod tests {
 
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn the_tasks_extension_is_read_under_its_name() {
+        let params = format!(
+            r#"{{"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{"extensions":{{"{TASKS_EXTENSION}":{{}}}}}}}}}}"#
+        );
+        assert_eq!(Era::of(Some(&raw(&params))), Era::Modern(Modern { tasks: true }));
+        // Capabilities of the wrong shape: a 2026-07-28 request without the extension.
+        for caps in
+            [r#""x""#, r#"{"extensions":[1]}"#, r#"{"extensions":{"io.modelcontextprotocol/tasks":true}}"#]
+        {
+            let params = format!(
+                r#"{{"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{caps}}}}}"#
+            );
+            assert_eq!(Era::of(Some(&raw(&params))), Era::Modern(Modern { tasks: false }), "{caps}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod tasks;
 pub(super) use tasks::{HeldRequest, InputRequests, input_key};
 
 use super::sync_clients::{HandOff, RESULT_TOOL, STATUS_TOOL, era_result};
+use super::tools_call::{CallHead, has_allow_async};
 use super::{Decision, Interceptor, Rewrite, lookup};
 use crate::config::UpstreamProtocol;
 use crate::jsonrpc::{self, Id, code};
@@ -328,44 +329,67 @@ impl Interceptor {
         params: Option<&RawValue>,
         modern: &Modern,
     ) -> Decision {
-        let Some(mut call) = params.and_then(|p| serde_json::from_str::<Map<String, Value>>(p.get()).ok())
-        else {
+        // Only the head is read (name, task, whether the arguments hold allow_async, _meta); the call
+        // is parsed whole only when the proxy changes it or runs it itself.
+        let Some(params) = params else { return Decision::Forward(Rewrite::None) };
+        let Ok(head) = serde_json::from_str::<CallHead<'_>>(params.get()) else {
             return Decision::Forward(Rewrite::None); // let the upstream judge malformed calls
         };
-        let Some(tool) = call.get("name").and_then(Value::as_str).map(str::to_owned) else {
+        let Some(tool) = head.name.as_deref().map(str::to_owned) else {
             return Decision::Forward(Rewrite::None);
         };
         // A 2025-11-25 `task` hint means nothing in 2026-07-28 (the server decides), and must not reach
         // the upstream, which would take it for its own.
-        let mut stripped = call.remove("task").is_some();
+        let strip_task = head.task.is_some();
         let config = self.engine.config();
-        let own_async = call.get("arguments").and_then(|a| a.get("allow_async")).is_some();
+        let own_async = has_allow_async(head.arguments);
         // A client's own `allow_async` stays its protocol, unless it came with a task hint from a
         // client that declared the Tasks extension: then the call is one of our tasks, as in 2025-11-25.
-        let ours = own_async && stripped && modern.tasks;
+        let ours = own_async && strip_task && modern.tasks;
+        // The call as the proxy passes it on.
+        let edited = |strip_async: bool| {
+            let mut call = serde_json::from_str::<Map<String, Value>>(params.get()).ok()?;
+            if strip_task {
+                call.remove("task");
+            }
+            if strip_async {
+                super::without_allow_async(&mut call);
+            }
+            Some(call)
+        };
+        let forward = |rewrite: Rewrite, strip_async: bool| {
+            if !strip_task && !strip_async {
+                return Decision::Forward(rewrite); // as the client sent it
+            }
+            match edited(strip_async) {
+                Some(call) => Decision::ForwardAs(
+                    jsonrpc::request(id, "tools/call", Some(&Value::Object(call).to_string())),
+                    rewrite,
+                ),
+                None => Decision::Forward(rewrite),
+            }
+        };
         if (own_async && !ours) || tool == self.notion.poll_tool() {
             self.notion.note_client_call();
-            return self.forward_modern(id, &call, stripped, Rewrite::None);
+            return forward(Rewrite::None, false);
         }
         let notion = self.notion.handles(&tool) || (ours && self.notion.is_active());
-        if ours && !notion && config.taskifies(&tool) && !self.facts().native_tools.contains(&tool) {
-            // Run as a plain task: the result is then the page, not an async task to poll by hand.
-            super::without_allow_async(&mut call);
-            stripped = true;
-        }
-        let forward = |rewrite: Rewrite| self.forward_modern(id, &call, stripped, rewrite);
+        // Run as a plain task: the result is then the page, not an async task to poll by hand.
+        let strip_async =
+            ours && !notion && config.taskifies(&tool) && !self.facts().native_tools.contains(&tool);
         if config.sync_deadline_ms > 0 && (tool == STATUS_TOOL || tool == RESULT_TOOL) {
+            let arguments = head.arguments.and_then(|a| serde_json::from_str::<Value>(a.get()).ok());
             let this = self.clone();
             let id = id.clone();
             self.tasks
                 .answering
-                .spawn(async move { this.run_handoff_tool(&id, &tool, call.get("arguments"), true).await });
+                .spawn(async move { this.run_handoff_tool(&id, &tool, arguments.as_ref(), true).await });
             return Decision::Handled;
         }
         if self.upstream_runs_tasks() {
             // A 2026-07-28 upstream with tasks of its own decides itself; its tasks pass untouched.
             self.notion.note_client_call();
-            return forward(Rewrite::NativeTaskCall { tool });
+            return forward(Rewrite::NativeTaskCall { tool }, strip_async);
         }
         self.tools_known().await;
         let native = self.facts().native_tools.contains(&tool);
@@ -373,6 +397,7 @@ impl Interceptor {
             // The 2025-11-25 upstream runs this tool as its own task: asked the 2025-11-25 way, and
             // its task is offered as the Tasks extension's.
             self.notion.note_client_call();
+            let Some(mut call) = edited(strip_async) else { return Decision::Forward(Rewrite::None) };
             call.insert("task".into(), json!({}));
             let line = jsonrpc::request(id, "tools/call", Some(&Value::Object(call).to_string()));
             return Decision::ForwardAs(line, Rewrite::NativeTaskForModern { tool });
@@ -383,16 +408,20 @@ impl Interceptor {
         }
         if native || !(notion || config.taskifies(&tool)) {
             self.notion.note_client_call();
-            return forward(Rewrite::None);
+            return forward(Rewrite::None, strip_async);
         }
         if !modern.tasks {
             // No task for a request that did not ask for them; the sync-client help still applies.
             self.notion.note_client_call();
-            let token = call.get("_meta").and_then(|m| m.get("progressToken")).map(Value::to_string);
+            let token = head
+                .meta
+                .and_then(|m| serde_json::from_str::<Value>(m.get()).ok())
+                .and_then(|m| m.get("progressToken").map(Value::to_string));
             self.watch_plain_call(id.clone(), tool, token, HandOff::Text { modern: true });
-            return forward(Rewrite::PlainCall);
+            return forward(Rewrite::PlainCall, strip_async);
         }
         if notion || config.task_after_ms == 0 {
+            let Some(call) = edited(strip_async) else { return Decision::Forward(Rewrite::None) };
             let this = self.clone();
             let id = id.clone();
             let origin = if notion { Origin::Notion } else { Origin::Local };
@@ -401,24 +430,7 @@ impl Interceptor {
         }
         self.notion.note_client_call();
         self.watch_task_window(id.clone(), tool.clone());
-        forward(Rewrite::TaskWindow { tool, started: Instant::now() })
-    }
-
-    /// Forwards a 2026-07-28 call: as the client sent it, or as `call` when the proxy changed it.
-    fn forward_modern(
-        &self,
-        id: &Id,
-        call: &Map<String, Value>,
-        changed: bool,
-        rewrite: Rewrite,
-    ) -> Decision {
-        match changed {
-            true => Decision::ForwardAs(
-                jsonrpc::request(id, "tools/call", Some(&Value::Object(call.clone()).to_string())),
-                rewrite,
-            ),
-            false => Decision::Forward(rewrite),
-        }
+        forward(Rewrite::TaskWindow { tool, started: Instant::now() }, strip_async)
     }
 
     /// A call in its task window: still running after `task_after_ms`, it becomes a task.

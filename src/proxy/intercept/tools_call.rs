@@ -177,13 +177,13 @@ impl Interceptor {
 #[derive(serde::Deserialize)]
 pub(super) struct CallHead<'a> {
     #[serde(borrow, default)]
-    name: Option<std::borrow::Cow<'a, str>>,
+    pub(super) name: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "present")]
-    arguments: Option<&'a RawValue>,
+    pub(super) arguments: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
-    task: Option<&'a RawValue>,
+    pub(super) task: Option<&'a RawValue>,
     #[serde(rename = "_meta", borrow, default, deserialize_with = "present")]
-    meta: Option<&'a RawValue>,
+    pub(super) meta: Option<&'a RawValue>,
 }
 
 pub(super) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
