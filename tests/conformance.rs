@@ -86,8 +86,7 @@ struct Run {
 /// time or writes no `checks.json`.
 fn run_scenario(scenario: &str, url: &str) -> Run {
     ensure_node_modules();
-    let out_dir =
-        std::env::temp_dir().join(format!("asyncify-conformance-{}-{scenario}", std::process::id()));
+    let out_dir = common::scratch().join(format!("conformance-{scenario}"));
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir).expect("create the results directory");
     // Output goes to a file, not a pipe: a grandchild that outlives node cannot then block us.

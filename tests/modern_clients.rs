@@ -45,8 +45,8 @@ enum Transport {
 
 /// A file in the temp dir, unique to this process, test thread and purpose.
 fn temp_file(what: &str) -> PathBuf {
-    std::env::temp_dir()
-        .join(format!("asyncify-modern-{what}-{}-{:?}.log", std::process::id(), std::thread::current().id()))
+    common::scratch()
+        .join(format!("modern-{what}-{:?}.log", std::thread::current().id()))
         .to_string_lossy()
         .replace(['(', ')'], "")
         .into()

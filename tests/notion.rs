@@ -18,7 +18,7 @@ struct Notion {
 
 /// The proxy (with `proxy_args`) in front of the simulator (with `sim_args` and a request log).
 fn notion(name: &str, proxy_args: &[&str], sim_args: &[&str]) -> Notion {
-    let log = std::env::temp_dir().join(format!("asyncify-notion-{}-{name}.jsonl", std::process::id()));
+    let log = common::scratch().join(format!("notion-{name}.jsonl"));
     let _ = std::fs::remove_file(&log);
     let log_s = log.to_str().unwrap().to_owned();
     let mut args: Vec<&str> = proxy_args.to_vec();
@@ -466,7 +466,7 @@ fn the_client_own_calls_spend_the_same_budget_and_a_rate_limit_pauses_every_poll
 
 #[test]
 fn a_stdio_client_reaches_the_simulator_over_http_with_tasks() {
-    let log = std::env::temp_dir().join(format!("asyncify-notion-http-{}.jsonl", std::process::id()));
+    let log = common::scratch().join("notion-http.jsonl");
     let _ = std::fs::remove_file(&log);
     let sim = common::Served::start(&[
         "notion-sim",

@@ -64,7 +64,7 @@ fn sim_args(form: Form, log: &str, seed: usize) -> Vec<String> {
 }
 
 fn log_path(name: &str) -> PathBuf {
-    let log = std::env::temp_dir().join(format!("asyncify-forms-{}-{name}.jsonl", std::process::id()));
+    let log = common::scratch().join(format!("forms-{name}.jsonl"));
     let _ = std::fs::remove_file(&log);
     log
 }

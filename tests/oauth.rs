@@ -21,7 +21,7 @@ struct Home {
 
 impl Home {
     fn new(name: &str) -> Home {
-        let dir = std::env::temp_dir().join(format!("asyncify-oauth-{}-{name}", std::process::id()));
+        let dir = common::scratch().join(format!("oauth-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         // The browser: fetch the URL and follow the redirect to our loopback listener, as a browser

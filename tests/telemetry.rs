@@ -168,8 +168,7 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(bin: &Path, jobs: &[(&str, &str)]) -> Prometheus {
-        let dir =
-            std::env::temp_dir().join(format!("asyncify-prometheus-{}-{}", std::process::id(), now_unix()));
+        let dir = common::scratch().join(format!("prometheus-{}", now_unix()));
         std::fs::create_dir_all(dir.join("data")).unwrap();
         let mut yml = String::from(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
@@ -334,7 +333,7 @@ fn prometheus_scrapes_the_task_metrics() {
     // Notion simulator (with a request log to compare the Notion counters with).
     let fixture_addr = free_addr();
     let notion_addr = free_addr();
-    let log = std::env::temp_dir().join(format!("asyncify-telemetry-notion-{}.jsonl", std::process::id()));
+    let log = common::scratch().join("telemetry-notion.jsonl");
     let _ = std::fs::remove_file(&log);
     let log_s = log.to_str().unwrap().to_owned();
     let mut fixture = Peer::start_cmd(&mut proxy_cmd(

@@ -50,11 +50,8 @@ fn proxied(upstream: &[String]) -> Vec<String> {
 fn run_scenario(scenario: &str, cmd: &[String]) -> Value {
     ensure_node_modules();
     // stderr goes to a file, not a pipe: a grandchild that outlives node cannot then block us.
-    let stderr_path = std::env::temp_dir().join(format!(
-        "asyncify-ts-{scenario}-{}-{:?}.stderr",
-        std::process::id(),
-        std::thread::current().id()
-    ));
+    let stderr_path =
+        common::scratch().join(format!("ts-{scenario}-{:?}.stderr", std::thread::current().id()));
     let stderr_file = File::create(&stderr_path).expect("create the stderr file");
     let stdout_path = stderr_path.with_extension("stdout");
     let stdout_file = File::create(&stdout_path).expect("create the stdout file");

@@ -258,7 +258,7 @@ fn a_command_that_cannot_be_spawned_fails_at_start_with_the_reason() {
 
 #[test]
 fn configuration_errors_name_the_key_the_value_and_what_is_allowed() {
-    let dir = std::env::temp_dir().join(format!("asyncify-wire-{}", std::process::id()));
+    let dir = common::scratch().join("wire");
     std::fs::create_dir_all(&dir).unwrap();
     let bad_key = dir.join("bad-key.toml");
     std::fs::write(&bad_key, "[proxy]\nmax_mesage_bytes = 10\n").unwrap();

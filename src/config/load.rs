@@ -198,5 +198,6 @@ mod tests {
         let c = Config::load(Some(&path), &o).unwrap();
         assert_eq!(c.proxy.shutdown_grace_ms, 20);
         assert_eq!(c.proxy.max_message_bytes, 4096);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

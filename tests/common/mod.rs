@@ -23,11 +23,33 @@ pub fn isolate(cmd: &mut Command) {
     cmd.env("MCP_ASYNCIFY_DATA_DIR", fresh_dir("data"));
 }
 
-/// A new empty directory under the system's temp dir.
+/// Where this test process keeps its files: `$TMPDIR/asyncify-run-<pid>`. The first call removes the
+/// directories of earlier test processes that are gone, so test runs do not pile up files in the temp
+/// dir (a process still running keeps its own).
+pub fn scratch() -> std::path::PathBuf {
+    static ROOT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let pid =
+                name.to_str().and_then(|n| n.strip_prefix("asyncify-run-")).and_then(|p| p.parse().ok());
+            if pid.is_some_and(|pid| pid != std::process::id() && !alive(pid)) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let root = tmp.join(format!("asyncify-run-{}", std::process::id()));
+        std::fs::create_dir_all(&root).expect("create the test scratch dir");
+        root
+    })
+    .clone()
+}
+
+/// A new empty directory under this process's [`scratch`] dir.
 pub fn fresh_dir(what: &str) -> std::path::PathBuf {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("asyncify-{what}-{}-{n}", std::process::id()));
+    let dir = scratch().join(format!("{what}-{n}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create a temp dir");
     dir
@@ -266,7 +288,7 @@ impl Drop for Peer {
 /// reads or writes the user's own sign-ins.
 pub fn keep_sign_ins_apart(cmd: &mut Command) {
     if !cmd.get_envs().any(|(k, _)| k == "MCP_ASYNCIFY_AUTH_DIR") {
-        let dir = std::env::temp_dir().join(format!("asyncify-auth-{}", std::process::id()));
+        let dir = scratch().join("auth");
         cmd.env("MCP_ASYNCIFY_AUTH_DIR", dir);
     }
 }
@@ -298,9 +320,7 @@ pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
 
 /// Writes a TOML configuration file for one test and returns its path.
 pub fn config_file(name: &str, toml: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("asyncify-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.toml"));
+    let path = scratch().join(format!("{name}.toml"));
     std::fs::write(&path, toml).unwrap();
     path
 }
