@@ -126,6 +126,8 @@ fn run(scenario: &str, transport: Transport, proxy_args: &[&str]) -> Value {
         .arg(scenario)
         .args(&target)
         .current_dir(common::node_dir())
+        // The client's data dirs for the proxies it starts go under this test run's scratch dir.
+        .env("TMPDIR", common::scratch())
         .stdin(Stdio::null())
         .stdout(File::create(&stdout_path).expect("create the stdout file"))
         .stderr(File::create(&stderr_path).expect("create the stderr file"))

@@ -61,6 +61,8 @@ fn run_scenario(scenario: &str, cmd: &[String]) -> Value {
         .arg(scenario)
         .args(cmd)
         .current_dir(common::node_dir())
+        // The client's data dirs for the proxies it starts go under this test run's scratch dir.
+        .env("TMPDIR", common::scratch())
         .stdin(Stdio::null())
         .stdout(stdout_file)
         .stderr(stderr_file)
