@@ -10,6 +10,10 @@ use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::fmt;
 
+pub mod scan;
+
+pub use scan::sniff_head;
+
 /// An answer to a request, raw: its `result` object, or its JSON-RPC `error` object as it was sent.
 /// What the proxy's own requests get back, and what a task ends with.
 #[derive(Debug, Clone)]
@@ -181,6 +185,10 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&'de RawValue>::deserialize(d).map(Some)
 }
 
+fn utf8(line: &[u8]) -> Result<&str, ParseError> {
+    std::str::from_utf8(line).map_err(|e| ParseError::NotJson(format!("invalid UTF-8: {e}")))
+}
+
 /// Why a line could not be read as JSON-RPC.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
@@ -208,10 +216,25 @@ impl ParseError {
 }
 
 impl<'a> Envelope<'a> {
-    /// Classifies one message. Only the top level is looked at; payloads are left raw.
+    /// Classifies one message. Only the top level is looked at; payloads are left raw. The message is
+    /// read in one pass by [`scan`]; what the scan is not sure of is read with serde_json, which gives
+    /// the same envelope or words the error.
     pub fn parse(line: &'a [u8]) -> Result<Envelope<'a>, ParseError> {
-        let text =
-            std::str::from_utf8(line).map_err(|e| ParseError::NotJson(format!("invalid UTF-8: {e}")))?;
+        let text = utf8(line)?;
+        match scan::envelope_members(text) {
+            Some(wire) => Self::from_wire(text, wire),
+            None => Self::read_with_serde(text),
+        }
+    }
+
+    /// [`Envelope::parse`] without the scan: serde_json reads every message. The reference the scan is
+    /// checked against (tests, the fuzz target).
+    #[doc(hidden)]
+    pub fn parse_with_serde(line: &'a [u8]) -> Result<Envelope<'a>, ParseError> {
+        Self::read_with_serde(utf8(line)?)
+    }
+
+    fn read_with_serde(text: &'a str) -> Result<Envelope<'a>, ParseError> {
         let first = text.trim_start().as_bytes().first().copied();
         if first == Some(b'[') {
             // Distinguish a batch from broken JSON: a batch must at least be valid JSON.
@@ -234,6 +257,11 @@ impl<'a> Envelope<'a> {
                 ParseError::NotJsonRpc(e.to_string())
             }
         })?;
+        Self::from_wire(text, wire)
+    }
+
+    /// The envelope from its top-level members, read by either reader.
+    fn from_wire(text: &'a str, wire: Wire<'a>) -> Result<Envelope<'a>, ParseError> {
         match wire.jsonrpc.map(|v| v.get().trim()) {
             Some("\"2.0\"") => {}
             Some(other) => {
@@ -313,98 +341,6 @@ impl<'a> Envelope<'a> {
 /// parsing. The finder is built once by the caller (building one costs more than a search).
 pub fn may_contain_key(json: &[u8], key: &memchr::memmem::Finder<'_>) -> bool {
     memchr::memchr_iter(b'\\', json).any(|i| json.get(i + 1) == Some(&b'u')) || key.find(json).is_some()
-}
-
-/// What can be read from the first bytes of a message too large to read whole: its top-level `id`
-/// (when it came before the cut) and whether it has a top-level `method` (a request or notification
-/// rather than a response). Lets the proxy answer an oversized request, or fail the request whose
-/// response was oversized, instead of leaving it to wait forever.
-pub fn sniff_head(head: &[u8]) -> (Option<Id>, bool) {
-    let ws = |mut i: usize| {
-        while head.get(i).is_some_and(u8::is_ascii_whitespace) {
-            i += 1;
-        }
-        i
-    };
-    // The index just past the string starting at `i`, or None if it is cut.
-    let string_end = |i: usize| {
-        let mut j = i + 1;
-        while j < head.len() {
-            match head[j] {
-                b'\\' => j += 2,
-                b'"' => return Some(j + 1),
-                _ => j += 1,
-            }
-        }
-        None
-    };
-    // The index just past the value starting at `i`, or None if it is cut.
-    let value_end = |i: usize| match head.get(i)? {
-        b'"' => string_end(i),
-        b'{' | b'[' => {
-            let (mut depth, mut j) = (0usize, i);
-            while j < head.len() {
-                match head[j] {
-                    b'"' => {
-                        j = string_end(j)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-            None
-        }
-        _ => {
-            let end = i + head[i..]
-                .iter()
-                .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())?;
-            Some(end)
-        }
-    };
-    let (mut id, mut method) = (None, false);
-    let mut i = ws(0);
-    if head.get(i) != Some(&b'{') {
-        return (None, false);
-    }
-    i += 1;
-    loop {
-        i = ws(i);
-        if head.get(i) != Some(&b'"') {
-            break;
-        }
-        let Some(key_end) = string_end(i) else { break };
-        let key = &head[i + 1..key_end - 1];
-        i = ws(key_end);
-        if head.get(i) != Some(&b':') {
-            break;
-        }
-        i = ws(i + 1);
-        if key == b"method" {
-            method = true;
-        }
-        let Some(end) = value_end(i) else { break };
-        if key == b"id"
-            && let Ok(raw) = serde_json::from_slice::<&RawValue>(&head[i..end])
-            && (raw.get().starts_with('"')
-                || raw.get().starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']))
-        {
-            id = Some(Id::from_raw(raw));
-        }
-        i = ws(end);
-        if head.get(i) != Some(&b',') {
-            break;
-        }
-        i += 1;
-    }
-    (id, method)
 }
 
 /// Builds a JSON-RPC error response line (without the trailing newline). `id: None` gives `id: null`.

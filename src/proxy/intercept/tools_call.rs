@@ -142,7 +142,7 @@ impl Interceptor {
         if !params.get().starts_with('{') {
             return None;
         }
-        let head: CallHead<'_> = serde_json::from_str(params.get()).ok()?;
+        let head = CallHead::read(params.get())?;
         let tool = head.name?;
         if head.task.is_some() || has_allow_async(head.arguments) || tool == self.notion.poll_tool() {
             return None;
@@ -184,6 +184,34 @@ pub(super) struct CallHead<'a> {
     task: Option<&'a RawValue>,
     #[serde(rename = "_meta", borrow, default, deserialize_with = "present")]
     meta: Option<&'a RawValue>,
+}
+
+impl<'a> CallHead<'a> {
+    /// The head of a call's params. The params were proved valid JSON with their message, so a walk of
+    /// their top level finds the members (no serde pass over the arguments); where the walk is not
+    /// sure (an escaped key or name, a key twice, a name that is not a plain string) serde reads them.
+    /// `None`: params serde does not read as a head either.
+    fn read(params: &'a str) -> Option<Self> {
+        Self::walk(params).or_else(|| serde_json::from_str(params).ok())
+    }
+
+    fn walk(params: &'a str) -> Option<Self> {
+        let [name, arguments, task, meta] = jsonrpc::scan::object_members(params, |key| match key {
+            b"name" => Some(0),
+            b"arguments" => Some(1),
+            b"task" => Some(2),
+            b"_meta" => Some(3),
+            _ => None,
+        })?;
+        let name = match name.map(RawValue::get) {
+            None => None,
+            Some(text) if text.len() >= 2 && text.starts_with('"') && !text.contains('\\') => {
+                Some(std::borrow::Cow::Borrowed(&text[1..text.len() - 1]))
+            }
+            Some(_) => return None,
+        };
+        Some(CallHead { name, arguments, task, meta })
+    }
 }
 
 pub(super) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -244,5 +272,42 @@ mod tests {
         assert!(head.meta.is_none());
         // Duplicate keys: left to the full reading (the last one wins there).
         assert!(serde_json::from_str::<CallHead<'_>>(r#"{"name":"a","name":"b"}"#).is_err());
+    }
+
+    #[test]
+    fn the_walk_reads_the_head_serde_reads_or_leaves_it_to_serde() {
+        fn parts<'a>(h: &CallHead<'a>) -> (Option<String>, [Option<&'a str>; 3]) {
+            (
+                h.name.as_deref().map(str::to_owned),
+                [h.arguments, h.task, h.meta].map(|m| m.map(RawValue::get)),
+            )
+        }
+        let cases = [
+            (r#"{"name":"echo","arguments":{"text":"x"}}"#, true),
+            (
+                r#" { "_meta" : {"progressToken":1} , "arguments":{"name":"no","task":1}, "name" : "é\u0000" }"#,
+                false,
+            ),
+            (r#"{"name":"echo","task":{"ttl":60000},"x":[{"_meta":1}]}"#, true),
+            (r#"{"name":"echo","task":null}"#, true),
+            (r#"{"arguments":{}}"#, true),
+            (r#"{}"#, true),
+            // Left to serde: an escaped name or key, a name that is not a string, a key twice.
+            (r#"{"name":"a\"b"}"#, false),
+            (r#"{"n\u0061me":"echo"}"#, false),
+            (r#"{"name":null}"#, false),
+            (r#"{"name":7}"#, false),
+            (r#"{"name":"a","name":"b"}"#, false),
+        ];
+        for (params, walked) in cases {
+            assert_eq!(CallHead::walk(params).is_some(), walked, "{params}");
+            let serde = serde_json::from_str::<CallHead<'_>>(params).ok();
+            let read = CallHead::read(params);
+            assert_eq!(read.as_ref().map(parts), serde.as_ref().map(parts), "{params}");
+            if let Some(head) = CallHead::walk(params) {
+                // Borrowed from the params, as serde borrows them.
+                assert!(head.arguments.is_none_or(|a| params.contains(a.get())));
+            }
+        }
     }
 }
