@@ -13,6 +13,7 @@ use std::fmt;
 pub mod scan;
 
 pub use scan::sniff_head;
+use scan::{Members, Wire};
 
 /// An answer to a request, raw: its `result` object, or its JSON-RPC `error` object as it was sent.
 /// What the proxy's own requests get back, and what a task ends with.
@@ -160,29 +161,7 @@ pub struct Envelope<'a> {
     /// The whole message's text, and its `id` value as it stands in it (also `null`), so that
     /// [`with_id`] can write another id in its place and leave every other byte as it came.
     text: &'a str,
-    raw_id: Option<&'a RawValue>,
-}
-
-/// The top level of a message. Each field is `Some` whenever the key is present, even with a `null`
-/// value (plain `Option` would turn `"id": null` into "no id").
-#[derive(Deserialize)]
-struct Wire<'a> {
-    #[serde(borrow, default, deserialize_with = "present")]
-    jsonrpc: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    id: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    method: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    params: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    result: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    error: Option<&'a RawValue>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&'de RawValue>::deserialize(d).map(Some)
+    raw_id: Option<&'a str>,
 }
 
 fn utf8(line: &[u8]) -> Result<&str, ParseError> {
@@ -257,12 +236,12 @@ impl<'a> Envelope<'a> {
                 ParseError::NotJsonRpc(e.to_string())
             }
         })?;
-        Self::from_wire(text, wire)
+        Self::from_wire(text, wire.into())
     }
 
     /// The envelope from its top-level members, read by either reader.
-    fn from_wire(text: &'a str, wire: Wire<'a>) -> Result<Envelope<'a>, ParseError> {
-        match wire.jsonrpc.map(|v| v.get().trim()) {
+    fn from_wire(text: &'a str, wire: Members<'a>) -> Result<Envelope<'a>, ParseError> {
+        match wire.jsonrpc.map(str::trim) {
             Some("\"2.0\"") => {}
             Some(other) => {
                 return Err(ParseError::NotJsonRpc(format!("\"jsonrpc\" must be \"2.0\", got {other}")));
@@ -273,19 +252,19 @@ impl<'a> Envelope<'a> {
         }
         let id = match wire.id {
             None => None,
-            Some(raw) => match raw.get().trim().as_bytes().first() {
-                Some(b'"') | Some(b'-') | Some(b'0'..=b'9') => Some(Id::from_raw(raw)),
+            Some(raw) => match raw.trim().as_bytes().first() {
+                Some(b'"') | Some(b'-') | Some(b'0'..=b'9') => Some(Id::new(raw.trim())),
                 Some(b'n') => None,
                 _ => {
                     return Err(ParseError::NotJsonRpc(format!(
                         "\"id\" must be a string or a number, got {}",
-                        raw.get().trim()
+                        raw.trim()
                     )));
                 }
             },
         };
         let id_is_null = wire.id.is_some() && id.is_none();
-        let method = match wire.method.map(|m| m.get().trim()) {
+        let method = match wire.method.map(str::trim) {
             None => None,
             // A method name with escapes is legal JSON but never a real MCP method; refusing it keeps
             // the envelope borrowed.
@@ -399,7 +378,7 @@ pub fn with_id(env: &Envelope<'_>, id: &Id) -> Vec<u8> {
 /// [`with_id`] by writing `id` over the `id` value in the message's own text (`None`: it has none).
 /// The envelope's parse refused duplicate keys, so the one `id` it read is the message's.
 fn spliced_id(env: &Envelope<'_>, id: &Id) -> Option<Vec<u8>> {
-    let old = env.raw_id?.get();
+    let old = env.raw_id?;
     let start = (old.as_ptr() as usize).checked_sub(env.text.as_ptr() as usize)?;
     let end = start + old.len();
     if end > env.text.len() {
@@ -511,6 +490,9 @@ mod tests {
         assert_eq!(sniff_head(br#"{"id":12"#).0, None, "a number cut at the end may be longer");
         assert_eq!(sniff_head(br#"{"id":null,"x":1"#).0, None);
         assert_eq!(sniff_head(b"garbage").0, None);
+        // An escaped key is the key it spells, as in the full parse.
+        let (id, method) = sniff_head(br#"{"\u0069d":"a","m\u0065thod":"x","params":{"#);
+        assert_eq!((id.unwrap().as_json(), method), (r#""a""#, true));
     }
 
     #[test]
