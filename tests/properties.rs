@@ -399,6 +399,8 @@ fn json_ws() -> impl Strategy<Value = &'static str> {
 fn json_string() -> impl Strategy<Value = String> {
     let piece = prop_oneof![
         4 => "[^\"\\\\\\x00-\\x1f]{1,6}",
+        // Long runs, searched with memchr2 past the first 16 bytes.
+        1 => "[^\"\\\\\\x00-\\x1f]{16,80}",
         1 => Just(r#"\""#.to_owned()),
         1 => Just(r"\\".to_owned()),
         1 => Just(r"\/".to_owned()),
@@ -480,7 +482,7 @@ fn scan_message() -> impl Strategy<Value = (String, bool)> {
         extras,
         proptest::collection::vec(json_ws(), 48),
         any::<proptest::sample::Index>(),
-        0u8..12,
+        0u8..13,
         any::<proptest::sample::Index>(),
         any::<u8>(),
     )
@@ -542,10 +544,12 @@ fn scan_message() -> impl Strategy<Value = (String, bool)> {
             let mut bytes = text.into_bytes();
             match twist {
                 // A byte changed, inserted, removed: mostly not JSON any more.
-                3..=5 => {
+                3..=5 | 9 => {
                     let i = at.index(bytes.len() + 1);
                     match twist {
                         3 if i < bytes.len() => bytes[i] = byte & 0x7f,
+                        // A control character, most often inside a string.
+                        9 if i < bytes.len() => bytes[i] = byte % 0x20,
                         4 => bytes.insert(i, byte & 0x7f),
                         5 if i < bytes.len() => drop(bytes.remove(i)),
                         _ => {}

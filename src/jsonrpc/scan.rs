@@ -661,6 +661,15 @@ mod tests {
             assert!(!agree(&text), "{s}");
             assert!(Envelope::parse(text.as_bytes()).is_err(), "{s}");
         }
+        // Past the first bytes a string is searched with memchr2, and checked for control characters
+        // apart: the same answers there.
+        let long = "x".repeat(40);
+        for s in [format!("\"{long}\u{1}{long}\""), format!("\"{long}\t\""), format!("\"{long}\\q\"")] {
+            assert!(!agree(&request(&format!(r#"{{"text":{s}}}"#))), "{s:?}");
+        }
+        for s in [format!(r#""{long}\ud800{long}\"{long}""#), format!("\"{long}é\u{7f}\"")] {
+            assert!(agree(&request(&format!(r#"{{"text":{s}}}"#))), "{s:?}");
+        }
         // A control character raw in a top-level key.
         assert!(!agree("{\"jsonrpc\":\"2.0\",\"a\u{1}\":1,\"method\":\"m\"}"));
     }
