@@ -106,8 +106,11 @@ fuzz_target!(|data: &[u8]| {
         // `$serde_json::private::RawValue` as JSON text and so refuses valid JSON.
         let marked = jsonrpc::mark_complete(result.get());
         serde_json::from_str::<IgnoredAny>(&marked).expect("resultType keeps JSON valid");
-        if marked.trim_start().starts_with('{') {
-            let members: HashMap<String, IgnoredAny> = serde_json::from_str(&marked).expect("an object");
+        // A key with a lone surrogate escape is valid JSON that no `String` holds (serde refuses to
+        // decode it): then the keys cannot be listed, and only the validity above is checked.
+        if marked.trim_start().starts_with('{')
+            && let Ok(members) = serde_json::from_str::<HashMap<String, IgnoredAny>>(&marked)
+        {
             assert!(members.contains_key("resultType"));
         }
     }
