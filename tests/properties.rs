@@ -1,7 +1,7 @@
 //! Properties that must hold for every input, not just the examples the other tests pick: framing
 //! gives the same messages however the byte stream is cut, ids of any JSON type come back exactly as
 //! the client sent them through every id rewriting the proxy does, and the proxy's own ids never
-//! collide with a client's.
+//! collide with a client's, and the one-pass reading of a message agrees with serde_json's.
 
 mod common;
 
@@ -383,6 +383,240 @@ proptest! {
         }
         let distinct: HashSet<&String> = clients.iter().collect();
         prop_assert_eq!(pending.drain_client().len(), distinct.len());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The one-pass reading of a message
+
+/// JSON whitespace, mostly none.
+fn json_ws() -> impl Strategy<Value = &'static str> {
+    prop_oneof![6 => Just(""), 1 => Just(" "), 1 => Just("\t"), 1 => Just("\n  "), 1 => Just("\r\n")]
+}
+
+/// A JSON string's text: any Unicode raw (but `"`, `\` and control characters), every escape JSON
+/// has, `\u` escapes of any code unit in either case (lone and reversed surrogates among them).
+fn json_string() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        4 => "[^\"\\\\\\x00-\\x1f]{1,6}",
+        // Long runs, searched with memchr2 past the first 16 bytes.
+        1 => "[^\"\\\\\\x00-\\x1f]{16,80}",
+        1 => Just(r#"\""#.to_owned()),
+        1 => Just(r"\\".to_owned()),
+        1 => Just(r"\/".to_owned()),
+        1 => "\\\\[bfnrt]",
+        1 => (any::<u16>(), any::<bool>()).prop_map(|(u, upper)| {
+            if upper { format!("\\u{u:04X}") } else { format!("\\u{u:04x}") }
+        }),
+        1 => Just(r"\ud800".to_owned()),
+        1 => Just(r"\udc00\ud800".to_owned()),
+        1 => Just(r"\ud83d\ude00".to_owned()),
+        1 => Just(r"\u0000".to_owned()),
+    ];
+    proptest::collection::vec(piece, 0..5).prop_map(|pieces| format!("\"{}\"", pieces.concat()))
+}
+
+/// A JSON number by its grammar, of any size.
+fn json_number() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "-?(0|[1-9][0-9]{0,24})(\\.[0-9]{1,6})?([eE][+-]?[0-9]{1,4})?",
+        Just("1e400".to_owned()),
+        Just("-0".to_owned()),
+    ]
+}
+
+/// Any JSON value, nested, spaced anyhow.
+fn json_value() -> BoxedStrategy<String> {
+    let leaf = prop_oneof![
+        json_string(),
+        json_number(),
+        Just("true".to_owned()),
+        Just("false".to_owned()),
+        Just("null".to_owned()),
+    ];
+    leaf.prop_recursive(4, 32, 5, |inner| {
+        prop_oneof![
+            proptest::collection::vec((json_ws(), inner.clone(), json_ws()), 0..5).prop_map(|items| {
+                let items: Vec<String> = items.iter().map(|(a, v, b)| format!("{a}{v}{b}")).collect();
+                format!("[{}]", items.join(","))
+            }),
+            proptest::collection::vec(
+                (json_ws(), json_string(), json_ws(), json_ws(), inner, json_ws()),
+                0..5
+            )
+            .prop_map(|members| {
+                let members: Vec<String> =
+                    members.iter().map(|(a, k, b, c, v, d)| format!("{a}{k}{b}:{c}{v}{d}")).collect();
+                format!("{{{}}}", members.join(","))
+            }),
+        ]
+    })
+    .boxed()
+}
+
+const TOP_KEYS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
+
+/// A JSON-RPC-like message and whether the scan must know it: its top-level members in any order
+/// (each known member maybe, with likely and unlikely values), unknown members, spacing; then, now
+/// and then, something the scan leaves to serde (a top-level key escaped or twice, nesting too deep
+/// for it) or something no JSON reader takes (a byte changed, inserted or removed, a BOM, a second
+/// value, a trailing comma).
+fn scan_message() -> impl Strategy<Value = (String, bool)> {
+    let known = (
+        proptest::option::weighted(0.9, prop_oneof![3 => Just("\"2.0\"".to_owned()), 1 => json_value()]),
+        proptest::option::weighted(
+            0.7,
+            prop_oneof![json_number(), json_string(), Just("null".to_owned()), json_value()],
+        ),
+        proptest::option::weighted(
+            0.6,
+            prop_oneof![Just("\"tools/call\"".to_owned()), json_string(), json_value()],
+        ),
+        proptest::option::of(json_value()),
+        proptest::option::weighted(0.3, json_value()),
+        proptest::option::weighted(0.2, json_value()),
+    );
+    let extras = proptest::collection::vec((prop_oneof!["x_[a-z]{0,4}", json_string()], json_value()), 0..3);
+    (
+        known,
+        extras,
+        proptest::collection::vec(json_ws(), 48),
+        any::<proptest::sample::Index>(),
+        0u8..13,
+        any::<proptest::sample::Index>(),
+        any::<u8>(),
+    )
+        .prop_map(|((j, i, m, p, r, e), extras, spaces, order, twist, at, byte)| {
+            let mut clean = true;
+            let mut members: Vec<(String, String)> = [j, i, m, p, r, e]
+                .into_iter()
+                .zip(TOP_KEYS)
+                .filter_map(|(v, k)| v.map(|v| (format!("\"{k}\""), v)))
+                .collect();
+            for (key, value) in extras {
+                let key = if key.starts_with('"') { key } else { format!("\"{key}\"") };
+                let inner = &key[1..key.len() - 1];
+                clean &= !inner.contains('\\') && !TOP_KEYS.contains(&inner);
+                members.push((key, value));
+            }
+            if !members.is_empty() {
+                let n = order.index(members.len());
+                members.rotate_left(n);
+            }
+            match twist {
+                // A top-level key escaped, or one twice.
+                0 if members.first().is_some_and(|(k, _)| k.len() > 2) => {
+                    let (key, _) = &mut members[0];
+                    let first = key[1..].chars().next().unwrap();
+                    let escaped: String =
+                        first.encode_utf16(&mut [0; 2]).iter().map(|u| format!("\\u{u:04x}")).collect();
+                    *key = format!("\"{escaped}{}", &key[1 + first.len_utf8()..]);
+                    clean = false;
+                }
+                1 if !members.is_empty() => {
+                    let first = members[0].clone();
+                    clean &= !TOP_KEYS.contains(&&first.0[1..first.0.len() - 1]);
+                    members.push(first);
+                }
+                // Deeper than the scan follows (serde reads it).
+                2 => {
+                    members.push(("\"deep\"".into(), format!("{}{}", "[".repeat(129), "]".repeat(129))));
+                    clean = false;
+                }
+                _ => {}
+            }
+            let mut sp = spaces.iter().cycle();
+            let mut text = sp.next().unwrap().to_string() + "{";
+            for (n, (k, v)) in members.iter().enumerate() {
+                if n > 0 {
+                    text.push(',');
+                }
+                text.push_str(&format!(
+                    "{}{k}{}:{}{v}{}",
+                    sp.next().unwrap(),
+                    sp.next().unwrap(),
+                    sp.next().unwrap(),
+                    sp.next().unwrap()
+                ));
+            }
+            text.push('}');
+            text.push_str(sp.next().unwrap());
+            let mut bytes = text.into_bytes();
+            match twist {
+                // A byte changed, inserted, removed: mostly not JSON any more.
+                3..=5 | 9 => {
+                    let i = at.index(bytes.len() + 1);
+                    match twist {
+                        3 if i < bytes.len() => bytes[i] = byte & 0x7f,
+                        // A control character, most often inside a string.
+                        9 if i < bytes.len() => bytes[i] = byte % 0x20,
+                        4 => bytes.insert(i, byte & 0x7f),
+                        5 if i < bytes.len() => drop(bytes.remove(i)),
+                        _ => {}
+                    }
+                    clean = false;
+                }
+                6 => {
+                    bytes.splice(0..0, "\u{feff}".bytes());
+                    clean = false;
+                }
+                7 => {
+                    bytes.extend_from_slice(b"{}");
+                    clean = false;
+                }
+                8 => {
+                    let close = bytes.iter().rposition(|&b| b == b'}').unwrap();
+                    bytes.insert(close, b',');
+                    clean = false;
+                }
+                _ => {}
+            }
+            // An edit inside a multi-byte character: replaced, still some text to read.
+            (String::from_utf8_lossy(&bytes).into_owned(), clean)
+        })
+}
+
+proptest! {
+    #![proptest_config(config(1024))]
+
+    /// The one-pass reading of a message and serde_json's agree: when the scan knows, serde reads the
+    /// same members (the same text at the same place, without the whitespace around it), and the
+    /// envelope (kind, id, method, payloads, the id's place `with_id` writes over, every error) is the
+    /// same whoever reads the message. The scan knows every valid message whose top-level keys are
+    /// plain and distinct; it never takes what serde refuses.
+    #[test]
+    fn the_scan_reads_what_serde_reads((text, clean) in scan_message()) {
+        let scanned = jsonrpc::scan::top_level(&text);
+        if let Some(members) = scanned {
+            let serde = jsonrpc::scan::top_level_with_serde(&text);
+            prop_assert!(serde.is_ok(), "the scan took {:?}, serde refused it: {:?}", text, serde);
+            let serde = serde.unwrap();
+            prop_assert_eq!(members, serde);
+            for (a, b) in members.iter().zip(&serde) {
+                prop_assert_eq!(a.map(str::as_ptr), b.map(str::as_ptr));
+                prop_assert!(a.is_none_or(|t| t.trim() == t));
+            }
+        }
+        if clean {
+            prop_assert!(scanned.is_some(), "the scan did not know {:?}", text);
+        }
+        let fast = Envelope::parse(text.as_bytes());
+        let slow = Envelope::parse_with_serde(text.as_bytes());
+        match (&fast, &slow) {
+            (Ok(f), Ok(s)) => {
+                prop_assert_eq!(f.kind, s.kind);
+                prop_assert_eq!(&f.id, &s.id);
+                prop_assert_eq!(f.method, s.method);
+                let at = |r: Option<&RawValue>| r.map(|r| (r.get().to_owned(), r.get().as_ptr()));
+                prop_assert_eq!(at(f.params), at(s.params));
+                prop_assert_eq!(at(f.result), at(s.result));
+                prop_assert_eq!(at(f.error), at(s.error));
+                let other = Id::string("up-1");
+                prop_assert_eq!(jsonrpc::with_id(f, &other), jsonrpc::with_id(s, &other));
+            }
+            (Err(f), Err(s)) => prop_assert_eq!(f, s),
+            _ => prop_assert!(false, "{:?}: the scan's path {:?}, serde's {:?}", text, fast, slow),
+        }
     }
 }
 

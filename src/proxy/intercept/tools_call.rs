@@ -3,6 +3,7 @@
 //! protocol driven by the client, a tool that requires a task.
 
 use super::*;
+use crate::jsonrpc::scan::Member;
 
 impl Interceptor {
     pub(super) async fn on_tools_call(self: &Arc<Self>, id: &Id, params: Option<&RawValue>) -> Decision {
@@ -142,9 +143,9 @@ impl Interceptor {
         if !params.get().starts_with('{') {
             return None;
         }
-        let head: CallHead<'_> = serde_json::from_str(params.get()).ok()?;
+        let head = Head::read(params.get())?;
         let tool = head.name?;
-        if head.task.is_some() || has_allow_async(head.arguments) || tool == self.notion.poll_tool() {
+        if head.task || has_allow_async(head.arguments) || tool == self.notion.poll_tool() {
             return None;
         }
         let config = self.engine.config();
@@ -157,7 +158,7 @@ impl Interceptor {
         if config.taskifies(&tool) {
             let token = match head.meta {
                 Some(meta) => {
-                    serde_json::from_str::<Value>(meta.get()).ok()?.get("progressToken").map(Value::to_string)
+                    serde_json::from_str::<Value>(meta).ok()?.get("progressToken").map(Value::to_string)
                 }
                 None => None,
             };
@@ -186,19 +187,76 @@ pub(super) struct CallHead<'a> {
     pub(super) meta: Option<&'a RawValue>,
 }
 
+/// The head of a call as [`Interceptor::plain_call_fast`] uses it: the tool, whether `task` is there
+/// (`null` too), the `arguments` and `_meta` as their JSON text.
+struct Head<'a> {
+    name: Option<std::borrow::Cow<'a, str>>,
+    arguments: Option<&'a str>,
+    task: bool,
+    meta: Option<&'a str>,
+}
+
+impl<'a> Head<'a> {
+    /// The head of a call's params. The params were proved valid JSON with their message, so a walk of
+    /// their top level finds the members (no serde pass over the arguments); where the walk is not
+    /// sure (an escaped key or name, a key twice, a name that is not a plain string) serde reads them
+    /// as a [`CallHead`]. `None`: params serde does not read as a head either.
+    fn read(params: &'a str) -> Option<Self> {
+        Self::walk(params).or_else(|| {
+            let head: CallHead<'a> = serde_json::from_str(params).ok()?;
+            Some(Head {
+                name: head.name,
+                arguments: head.arguments.map(RawValue::get),
+                task: head.task.is_some(),
+                meta: head.meta.map(RawValue::get),
+            })
+        })
+    }
+
+    fn walk(params: &'a str) -> Option<Self> {
+        let [name, arguments, task, meta] = jsonrpc::scan::object_members(params, |key| match key {
+            b"name" => Some(0),
+            b"arguments" => Some(1),
+            b"task" => Some(2),
+            b"_meta" => Some(3),
+            _ => None,
+        })?;
+        let name = match name.map(Member::text) {
+            None => None,
+            Some(text) if text.len() >= 2 && text.starts_with('"') && !text.contains('\\') => {
+                Some(std::borrow::Cow::Borrowed(&text[1..text.len() - 1]))
+            }
+            Some(_) => return None,
+        };
+        Some(Head {
+            name,
+            arguments: arguments.map(Member::text),
+            task: task.is_some(),
+            meta: meta.map(Member::text),
+        })
+    }
+}
+
 pub(super) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&'de RawValue as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 /// Whether a call's raw `arguments` have the top-level key `allow_async` (Notion's own async
-/// protocol), as `Value::get` has it: `false` for arguments that are not an object. The key can only
-/// be there if its text is, or an escape that could spell it, so most calls are answered without
-/// parsing.
-pub(super) fn has_allow_async(arguments: Option<&RawValue>) -> bool {
+/// protocol), as `Value::get` has it: `false` for arguments that are not an object. A walk of the
+/// arguments' top level answers (they were proved valid with their message); an escaped key or a key
+/// twice is left to the reading below it, which answers most calls without parsing: the key can only
+/// be there if its text is, or an escape that could spell it.
+pub(super) fn has_allow_async(arguments: Option<&str>) -> bool {
     static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new("allow_async"));
-    let Some(raw) = arguments.map(RawValue::get) else { return false };
-    if !raw.starts_with('{') || !jsonrpc::may_contain_key(raw.as_bytes(), &KEY) {
+    let Some(raw) = arguments else { return false };
+    if !raw.starts_with('{') {
+        return false;
+    }
+    if let Some([found]) = jsonrpc::scan::object_members(raw, |key| (key == b"allow_async").then_some(0)) {
+        return found.is_some();
+    }
+    if !jsonrpc::may_contain_key(raw.as_bytes(), &KEY) {
         return false;
     }
     serde_json::from_str::<std::collections::HashMap<std::borrow::Cow<'_, str>, serde::de::IgnoredAny>>(raw)
@@ -228,9 +286,8 @@ mod tests {
             r#"{"text":"\u0041","nested":{"allow_async":1}}"#,
             r#"{"a":1,"allow_async":false,"allow_async":true}"#,
         ] {
-            let raw = RawValue::from_string(args.to_owned()).unwrap();
             let parsed: Value = serde_json::from_str(args).unwrap();
-            assert_eq!(has_allow_async(Some(&raw)), parsed.get("allow_async").is_some(), "{args}");
+            assert_eq!(has_allow_async(Some(args)), parsed.get("allow_async").is_some(), "{args}");
         }
         assert!(!has_allow_async(None));
     }
@@ -244,5 +301,45 @@ mod tests {
         assert!(head.meta.is_none());
         // Duplicate keys: left to the full reading (the last one wins there).
         assert!(serde_json::from_str::<CallHead<'_>>(r#"{"name":"a","name":"b"}"#).is_err());
+    }
+
+    #[test]
+    fn the_walk_reads_the_head_serde_reads_or_leaves_it_to_serde() {
+        fn parts<'a>(h: &Head<'a>) -> (Option<String>, Option<&'a str>, bool, Option<&'a str>) {
+            (h.name.as_deref().map(str::to_owned), h.arguments, h.task, h.meta)
+        }
+        let cases = [
+            (r#"{"name":"echo","arguments":{"text":"x"}}"#, true),
+            (
+                r#" { "_meta" : {"progressToken":1} , "arguments":{"name":"no","task":1}, "name" : "é\u0000" }"#,
+                false,
+            ),
+            (
+                r#" { "_meta" : {"progressToken":1} , "arguments":{"name":"no","task":1}, "name" : "é" }"#,
+                true,
+            ),
+            (r#"{"name":"echo","task":{"ttl":60000},"x":[{"_meta":1}]}"#, true),
+            (r#"{"name":"echo","task":null}"#, true),
+            (r#"{"arguments":{}}"#, true),
+            (r#"{}"#, true),
+            // Left to serde: an escaped name or key, a name that is not a string, a key twice.
+            (r#"{"name":"a\"b"}"#, false),
+            (r#"{"n\u0061me":"echo"}"#, false),
+            (r#"{"name":null}"#, false),
+            (r#"{"name":7}"#, false),
+            (r#"{"name":"a","name":"b"}"#, false),
+        ];
+        for (params, walked) in cases {
+            assert_eq!(Head::walk(params).is_some(), walked, "{params}");
+            let serde = serde_json::from_str::<CallHead<'_>>(params).ok().map(|h| {
+                (
+                    h.name.as_deref().map(str::to_owned),
+                    h.arguments.map(RawValue::get),
+                    h.task.is_some(),
+                    h.meta.map(RawValue::get),
+                )
+            });
+            assert_eq!(Head::read(params).as_ref().map(parts), serde, "{params}");
+        }
     }
 }

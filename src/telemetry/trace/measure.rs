@@ -142,6 +142,41 @@ pub(super) struct CallParams<'a> {
     pub(super) meta: Option<&'a RawValue>,
 }
 
+impl<'a> CallParams<'a> {
+    /// A request's params, for the measurement. The params were proved valid JSON with their
+    /// message, so a walk of their top level finds the members without a serde pass over the rest
+    /// (a call's arguments); where the walk is not sure (an escaped key or value, a key twice, a
+    /// value that is not a plain string) serde reads them, as it always did.
+    pub(super) fn read(params: &'a str) -> Option<CallParams<'a>> {
+        Self::walk(params).or_else(|| serde_json::from_str(params).ok())
+    }
+
+    fn walk(params: &'a str) -> Option<CallParams<'a>> {
+        let [name, version, meta] = crate::jsonrpc::scan::object_members(params, |key| match key {
+            b"name" => Some(0),
+            b"protocolVersion" => Some(1),
+            b"_meta" => Some(2),
+            _ => None,
+        })?;
+        // What `Option<&str>` takes: a string without escapes, or null.
+        let plain = |m: Option<crate::jsonrpc::scan::Member<'a>>| match m.map(|m| m.text()) {
+            None | Some("null") => Some(None),
+            Some(t) if t.len() >= 2 && t.starts_with('"') && !t.contains('\\') => {
+                Some(Some(&t[1..t.len() - 1]))
+            }
+            Some(_) => None,
+        };
+        Some(CallParams {
+            name: plain(name)?,
+            initialize_version: plain(version)?,
+            meta: match meta {
+                Some(meta) => Some(meta.raw()?),
+                None => None,
+            },
+        })
+    }
+}
+
 #[derive(serde::Deserialize)]
 pub(super) struct TraceMeta<'a> {
     #[serde(rename = "io.modelcontextprotocol/protocolVersion", borrow, default)]
@@ -275,7 +310,7 @@ impl Operations {
 
     /// A client request arrived: start measuring it (and its SERVER span).
     pub fn started(&self, id: &Id, method: &str, params: Option<&RawValue>) {
-        let parsed: Option<CallParams<'_>> = params.and_then(|p| serde_json::from_str(p.get()).ok());
+        let parsed = params.and_then(|p| CallParams::read(p.get()));
         let meta = TraceMeta::read(parsed.as_ref().and_then(|p| p.meta));
         let is_call = method == "tools/call";
         let tool = parsed.as_ref().and_then(|p| p.name).filter(|_| is_call);
@@ -455,6 +490,29 @@ pub(super) fn is_tool_error(result: &RawValue) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_walk_reads_the_params_serde_reads() {
+        type Read<'a> = (Option<&'a str>, Option<&'a str>, Option<(&'a str, *const u8)>);
+        fn parts<'a>(p: &CallParams<'a>) -> Read<'a> {
+            (p.name, p.initialize_version, p.meta.map(|m| (m.get(), m.get().as_ptr())))
+        }
+        for params in [
+            r#"{"name":"echo","arguments":{"text":"x","name":"no"},"_meta":{"traceparent":"00-a-b-01"}}"#,
+            r#"{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"c"}}"#,
+            r#" { "name" : null , "_meta" : [1] } "#,
+            r#"{}"#,
+            // Left to serde (which refuses a borrowed string with escapes, or a number).
+            r#"{"name":"a\u0041"}"#,
+            r#"{"name":7}"#,
+            r#"{"n\u0061me":"echo"}"#,
+            r#"{"name":"a","name":"b"}"#,
+        ] {
+            let serde = serde_json::from_str::<CallParams<'_>>(params).ok();
+            let read = CallParams::read(params);
+            assert_eq!(read.as_ref().map(parts), serde.as_ref().map(parts), "{params}");
+        }
+    }
 
     #[test]
     fn a_tool_error_is_found_whatever_the_spelling() {

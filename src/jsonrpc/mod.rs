@@ -10,6 +10,11 @@ use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::fmt;
 
+pub mod scan;
+
+pub use scan::sniff_head;
+use scan::{Members, Wire};
+
 /// An answer to a request, raw: its `result` object, or its JSON-RPC `error` object as it was sent.
 /// What the proxy's own requests get back, and what a task ends with.
 #[derive(Debug, Clone)]
@@ -156,29 +161,11 @@ pub struct Envelope<'a> {
     /// The whole message's text, and its `id` value as it stands in it (also `null`), so that
     /// [`with_id`] can write another id in its place and leave every other byte as it came.
     text: &'a str,
-    raw_id: Option<&'a RawValue>,
+    raw_id: Option<&'a str>,
 }
 
-/// The top level of a message. Each field is `Some` whenever the key is present, even with a `null`
-/// value (plain `Option` would turn `"id": null` into "no id").
-#[derive(Deserialize)]
-struct Wire<'a> {
-    #[serde(borrow, default, deserialize_with = "present")]
-    jsonrpc: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    id: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    method: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    params: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    result: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    error: Option<&'a RawValue>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&'de RawValue>::deserialize(d).map(Some)
+fn utf8(line: &[u8]) -> Result<&str, ParseError> {
+    std::str::from_utf8(line).map_err(|e| ParseError::NotJson(format!("invalid UTF-8: {e}")))
 }
 
 /// Why a line could not be read as JSON-RPC.
@@ -208,10 +195,25 @@ impl ParseError {
 }
 
 impl<'a> Envelope<'a> {
-    /// Classifies one message. Only the top level is looked at; payloads are left raw.
+    /// Classifies one message. Only the top level is looked at; payloads are left raw. The message is
+    /// read in one pass by [`scan`]; what the scan is not sure of is read with serde_json, which gives
+    /// the same envelope or words the error.
     pub fn parse(line: &'a [u8]) -> Result<Envelope<'a>, ParseError> {
-        let text =
-            std::str::from_utf8(line).map_err(|e| ParseError::NotJson(format!("invalid UTF-8: {e}")))?;
+        let text = utf8(line)?;
+        match scan::envelope_members(text) {
+            Some(wire) => Self::from_wire(text, wire),
+            None => Self::read_with_serde(text),
+        }
+    }
+
+    /// [`Envelope::parse`] without the scan: serde_json reads every message. The reference the scan is
+    /// checked against (tests, the fuzz target).
+    #[doc(hidden)]
+    pub fn parse_with_serde(line: &'a [u8]) -> Result<Envelope<'a>, ParseError> {
+        Self::read_with_serde(utf8(line)?)
+    }
+
+    fn read_with_serde(text: &'a str) -> Result<Envelope<'a>, ParseError> {
         let first = text.trim_start().as_bytes().first().copied();
         if first == Some(b'[') {
             // Distinguish a batch from broken JSON: a batch must at least be valid JSON.
@@ -234,7 +236,12 @@ impl<'a> Envelope<'a> {
                 ParseError::NotJsonRpc(e.to_string())
             }
         })?;
-        match wire.jsonrpc.map(|v| v.get().trim()) {
+        Self::from_wire(text, wire.into())
+    }
+
+    /// The envelope from its top-level members, read by either reader.
+    fn from_wire(text: &'a str, wire: Members<'a>) -> Result<Envelope<'a>, ParseError> {
+        match wire.jsonrpc.map(str::trim) {
             Some("\"2.0\"") => {}
             Some(other) => {
                 return Err(ParseError::NotJsonRpc(format!("\"jsonrpc\" must be \"2.0\", got {other}")));
@@ -245,19 +252,19 @@ impl<'a> Envelope<'a> {
         }
         let id = match wire.id {
             None => None,
-            Some(raw) => match raw.get().trim().as_bytes().first() {
-                Some(b'"') | Some(b'-') | Some(b'0'..=b'9') => Some(Id::from_raw(raw)),
+            Some(raw) => match raw.trim().as_bytes().first() {
+                Some(b'"') | Some(b'-') | Some(b'0'..=b'9') => Some(Id::new(raw.trim())),
                 Some(b'n') => None,
                 _ => {
                     return Err(ParseError::NotJsonRpc(format!(
                         "\"id\" must be a string or a number, got {}",
-                        raw.get().trim()
+                        raw.trim()
                     )));
                 }
             },
         };
         let id_is_null = wire.id.is_some() && id.is_none();
-        let method = match wire.method.map(|m| m.get().trim()) {
+        let method = match wire.method.map(str::trim) {
             None => None,
             // A method name with escapes is legal JSON but never a real MCP method; refusing it keeps
             // the envelope borrowed.
@@ -313,98 +320,6 @@ impl<'a> Envelope<'a> {
 /// parsing. The finder is built once by the caller (building one costs more than a search).
 pub fn may_contain_key(json: &[u8], key: &memchr::memmem::Finder<'_>) -> bool {
     memchr::memchr_iter(b'\\', json).any(|i| json.get(i + 1) == Some(&b'u')) || key.find(json).is_some()
-}
-
-/// What can be read from the first bytes of a message too large to read whole: its top-level `id`
-/// (when it came before the cut) and whether it has a top-level `method` (a request or notification
-/// rather than a response). Lets the proxy answer an oversized request, or fail the request whose
-/// response was oversized, instead of leaving it to wait forever.
-pub fn sniff_head(head: &[u8]) -> (Option<Id>, bool) {
-    let ws = |mut i: usize| {
-        while head.get(i).is_some_and(u8::is_ascii_whitespace) {
-            i += 1;
-        }
-        i
-    };
-    // The index just past the string starting at `i`, or None if it is cut.
-    let string_end = |i: usize| {
-        let mut j = i + 1;
-        while j < head.len() {
-            match head[j] {
-                b'\\' => j += 2,
-                b'"' => return Some(j + 1),
-                _ => j += 1,
-            }
-        }
-        None
-    };
-    // The index just past the value starting at `i`, or None if it is cut.
-    let value_end = |i: usize| match head.get(i)? {
-        b'"' => string_end(i),
-        b'{' | b'[' => {
-            let (mut depth, mut j) = (0usize, i);
-            while j < head.len() {
-                match head[j] {
-                    b'"' => {
-                        j = string_end(j)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-            None
-        }
-        _ => {
-            let end = i + head[i..]
-                .iter()
-                .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())?;
-            Some(end)
-        }
-    };
-    let (mut id, mut method) = (None, false);
-    let mut i = ws(0);
-    if head.get(i) != Some(&b'{') {
-        return (None, false);
-    }
-    i += 1;
-    loop {
-        i = ws(i);
-        if head.get(i) != Some(&b'"') {
-            break;
-        }
-        let Some(key_end) = string_end(i) else { break };
-        let key = &head[i + 1..key_end - 1];
-        i = ws(key_end);
-        if head.get(i) != Some(&b':') {
-            break;
-        }
-        i = ws(i + 1);
-        if key == b"method" {
-            method = true;
-        }
-        let Some(end) = value_end(i) else { break };
-        if key == b"id"
-            && let Ok(raw) = serde_json::from_slice::<&RawValue>(&head[i..end])
-            && (raw.get().starts_with('"')
-                || raw.get().starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']))
-        {
-            id = Some(Id::from_raw(raw));
-        }
-        i = ws(end);
-        if head.get(i) != Some(&b',') {
-            break;
-        }
-        i += 1;
-    }
-    (id, method)
 }
 
 /// Builds a JSON-RPC error response line (without the trailing newline). `id: None` gives `id: null`.
@@ -463,7 +378,7 @@ pub fn with_id(env: &Envelope<'_>, id: &Id) -> Vec<u8> {
 /// [`with_id`] by writing `id` over the `id` value in the message's own text (`None`: it has none).
 /// The envelope's parse refused duplicate keys, so the one `id` it read is the message's.
 fn spliced_id(env: &Envelope<'_>, id: &Id) -> Option<Vec<u8>> {
-    let old = env.raw_id?.get();
+    let old = env.raw_id?;
     let start = (old.as_ptr() as usize).checked_sub(env.text.as_ptr() as usize)?;
     let end = start + old.len();
     if end > env.text.len() {
@@ -575,6 +490,9 @@ mod tests {
         assert_eq!(sniff_head(br#"{"id":12"#).0, None, "a number cut at the end may be longer");
         assert_eq!(sniff_head(br#"{"id":null,"x":1"#).0, None);
         assert_eq!(sniff_head(b"garbage").0, None);
+        // An escaped key is the key it spells, as in the full parse.
+        let (id, method) = sniff_head(br#"{"\u0069d":"a","m\u0065thod":"x","params":{"#);
+        assert_eq!((id.unwrap().as_json(), method), (r#""a""#, true));
     }
 
     #[test]
