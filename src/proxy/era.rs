@@ -61,7 +61,7 @@ impl Era {
         #[derive(serde::Deserialize)]
         struct Params<'a> {
             #[serde(rename = "_meta", borrow)]
-            meta: Option<Meta<'a>>,
+            meta: Option<&'a RawValue>,
         }
         #[derive(serde::Deserialize)]
         struct Meta<'a> {
@@ -82,7 +82,15 @@ impl Era {
             #[serde(rename = "io.modelcontextprotocol/tasks", borrow)]
             tasks: Option<&'a RawValue>,
         }
-        let Ok(Params { meta: Some(meta) }) = serde_json::from_str::<Params<'_>>(params.get()) else {
+        // `_meta` found by a walk of the params (proved valid JSON with their message: no serde pass
+        // over a call's arguments); serde where the walk is not sure (an escaped key, a key twice).
+        let meta = match jsonrpc::scan::object_members(params.get(), |key| (key == b"_meta").then_some(0)) {
+            Some([meta]) => meta.map(jsonrpc::scan::Member::text),
+            None => {
+                serde_json::from_str::<Params<'_>>(params.get()).ok().and_then(|p| p.meta).map(RawValue::get)
+            }
+        };
+        let Some(Ok(meta)) = meta.map(serde_json::from_str::<Meta<'_>>) else {
             return Era::Legacy;
         };
         let Some(raw) = meta.version else { return Era::Legacy };

@@ -19,7 +19,7 @@ mod tasks;
 pub(super) use tasks::{HeldRequest, InputRequests, input_key};
 
 use super::sync_clients::{HandOff, RESULT_TOOL, STATUS_TOOL, era_result};
-use super::tools_call::{CallHead, has_allow_async};
+use super::tools_call::{Head, has_allow_async};
 use super::{Decision, Interceptor, Rewrite, lookup};
 use crate::config::UpstreamProtocol;
 use crate::jsonrpc::{self, Id, code};
@@ -332,7 +332,7 @@ impl Interceptor {
         // Only the head is read (name, task, whether the arguments hold allow_async, _meta); the call
         // is parsed whole only when the proxy changes it or runs it itself.
         let Some(params) = params else { return Decision::Forward(Rewrite::None) };
-        let Ok(head) = serde_json::from_str::<CallHead<'_>>(params.get()) else {
+        let Some(head) = Head::read(params.get()) else {
             return Decision::Forward(Rewrite::None); // let the upstream judge malformed calls
         };
         let Some(tool) = head.name.as_deref().map(str::to_owned) else {
@@ -340,7 +340,7 @@ impl Interceptor {
         };
         // A 2025-11-25 `task` hint means nothing in 2026-07-28 (the server decides), and must not reach
         // the upstream, which would take it for its own.
-        let strip_task = head.task.is_some();
+        let strip_task = head.task;
         let config = self.engine.config();
         let own_async = has_allow_async(head.arguments);
         // A client's own `allow_async` stays its protocol, unless it came with a task hint from a
@@ -378,7 +378,7 @@ impl Interceptor {
         let strip_async =
             ours && !notion && config.taskifies(&tool) && !self.facts().native_tools.contains(&tool);
         if config.sync_deadline_ms > 0 && (tool == STATUS_TOOL || tool == RESULT_TOOL) {
-            let arguments = head.arguments.and_then(|a| serde_json::from_str::<Value>(a.get()).ok());
+            let arguments = head.arguments.and_then(|a| serde_json::from_str::<Value>(a).ok());
             let this = self.clone();
             let id = id.clone();
             self.tasks
@@ -415,7 +415,7 @@ impl Interceptor {
             self.notion.note_client_call();
             let token = head
                 .meta
-                .and_then(|m| serde_json::from_str::<Value>(m.get()).ok())
+                .and_then(|m| serde_json::from_str::<Value>(m).ok())
                 .and_then(|m| m.get("progressToken").map(Value::to_string));
             self.watch_plain_call(id.clone(), tool, token, HandOff::Text { modern: true });
             return forward(Rewrite::PlainCall, strip_async);

@@ -178,22 +178,22 @@ impl Interceptor {
 #[derive(serde::Deserialize)]
 pub(super) struct CallHead<'a> {
     #[serde(borrow, default)]
-    pub(super) name: Option<std::borrow::Cow<'a, str>>,
+    name: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "present")]
-    pub(super) arguments: Option<&'a RawValue>,
+    arguments: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
-    pub(super) task: Option<&'a RawValue>,
+    task: Option<&'a RawValue>,
     #[serde(rename = "_meta", borrow, default, deserialize_with = "present")]
-    pub(super) meta: Option<&'a RawValue>,
+    meta: Option<&'a RawValue>,
 }
 
 /// The head of a call as [`Interceptor::plain_call_fast`] uses it: the tool, whether `task` is there
 /// (`null` too), the `arguments` and `_meta` as their JSON text.
-struct Head<'a> {
-    name: Option<std::borrow::Cow<'a, str>>,
-    arguments: Option<&'a str>,
-    task: bool,
-    meta: Option<&'a str>,
+pub(super) struct Head<'a> {
+    pub(super) name: Option<std::borrow::Cow<'a, str>>,
+    pub(super) arguments: Option<&'a str>,
+    pub(super) task: bool,
+    pub(super) meta: Option<&'a str>,
 }
 
 impl<'a> Head<'a> {
@@ -201,7 +201,7 @@ impl<'a> Head<'a> {
     /// their top level finds the members (no serde pass over the arguments); where the walk is not
     /// sure (an escaped key or name, a key twice, a name that is not a plain string) serde reads them
     /// as a [`CallHead`]. `None`: params serde does not read as a head either.
-    fn read(params: &'a str) -> Option<Self> {
+    pub(super) fn read(params: &'a str) -> Option<Self> {
         Self::walk(params).or_else(|| {
             let head: CallHead<'a> = serde_json::from_str(params).ok()?;
             Some(Head {
