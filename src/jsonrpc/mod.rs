@@ -451,20 +451,20 @@ pub fn request(id: &Id, method: &str, params: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + params.map_or(0, str::len));
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
     out.extend_from_slice(id.as_json().as_bytes());
-    out.extend_from_slice(b",\"method\":");
-    serde_json::to_writer(&mut out, method).expect("writing to a Vec cannot fail");
-    if let Some(params) = params {
-        out.extend_from_slice(b",\"params\":");
-        out.extend_from_slice(params.as_bytes());
-    }
-    out.push(b'}');
-    out
+    out.push(b',');
+    method_and_params(out, method, params)
 }
 
 /// Builds a notification line with the given method and raw params.
 pub fn notification(method: &str, params: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + params.map_or(0, str::len));
-    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",");
+    method_and_params(out, method, params)
+}
+
+/// Ends a request or notification line: its method, its params if any, and the closing brace.
+fn method_and_params(mut out: Vec<u8>, method: &str, params: Option<&str>) -> Vec<u8> {
+    out.extend_from_slice(b"\"method\":");
     serde_json::to_writer(&mut out, method).expect("writing to a Vec cannot fail");
     if let Some(params) = params {
         out.extend_from_slice(b",\"params\":");
@@ -477,6 +477,20 @@ pub fn notification(method: &str, params: Option<&str>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_and_notifications_are_built_as_written() {
+        assert_eq!(
+            request(&Id::string("a"), "tools/call", Some(r#"{"name":"x"}"#)),
+            br#"{"jsonrpc":"2.0","id":"a","method":"tools/call","params":{"name":"x"}}"#
+        );
+        assert_eq!(request(&Id::string("b"), "ping", None), br#"{"jsonrpc":"2.0","id":"b","method":"ping"}"#);
+        assert_eq!(
+            notification("notifications/progress", Some("{}")),
+            br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{}}"#
+        );
+        assert_eq!(notification("n/\"q", None), br#"{"jsonrpc":"2.0","method":"n/\"q"}"#);
+    }
 
     #[test]
     fn the_id_of_a_cut_message_is_found_when_it_came_before_the_cut() {
