@@ -28,8 +28,6 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::Id;
-
 /// How many levels of arrays and objects inside a member the scanner follows (bits of a `u128`).
 const MAX_DEPTH: u32 = 128;
 
@@ -456,104 +454,6 @@ fn stop<const VALIDATE: bool>(rest: &[u8]) -> Option<usize> {
 /// step with SSE2).
 fn has_control(bytes: &[u8]) -> bool {
     bytes.iter().fold(u8::MAX, |low, &b| low.min(b)) < 0x20
-}
-
-/// What can be read from the first bytes of a message too large to read whole: its top-level `id`
-/// (when it came before the cut) and whether it has a top-level `method` (a request or notification
-/// rather than a response). Lets the proxy answer an oversized request, or fail the request whose
-/// response was oversized, instead of leaving it to wait forever.
-pub fn sniff_head(head: &[u8]) -> (Option<Id>, bool) {
-    let ws = |mut i: usize| {
-        while head.get(i).is_some_and(u8::is_ascii_whitespace) {
-            i += 1;
-        }
-        i
-    };
-    // The index just past the string starting at `i`, or None if it is cut.
-    let string_end = |i: usize| {
-        let mut j = i + 1;
-        while j < head.len() {
-            match head[j] {
-                b'\\' => j += 2,
-                b'"' => return Some(j + 1),
-                _ => j += 1,
-            }
-        }
-        None
-    };
-    // The index just past the value starting at `i`, or None if it is cut.
-    let value_end = |i: usize| match head.get(i)? {
-        b'"' => string_end(i),
-        b'{' | b'[' => {
-            let (mut depth, mut j) = (0usize, i);
-            while j < head.len() {
-                match head[j] {
-                    b'"' => {
-                        j = string_end(j)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-            None
-        }
-        _ => {
-            let end = i + head[i..]
-                .iter()
-                .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())?;
-            Some(end)
-        }
-    };
-    let (mut id, mut method) = (None, false);
-    let mut i = ws(0);
-    if head.get(i) != Some(&b'{') {
-        return (None, false);
-    }
-    i += 1;
-    loop {
-        i = ws(i);
-        if head.get(i) != Some(&b'"') {
-            break;
-        }
-        let Some(key_end) = string_end(i) else { break };
-        let key = &head[i + 1..key_end - 1];
-        // An escaped key means what the full parse unescapes it to (`"\u0069d"` is the id).
-        let unescaped = match key.contains(&b'\\') {
-            true => serde_json::from_slice::<String>(&head[i..key_end]).ok(),
-            false => None,
-        };
-        let key = unescaped.as_ref().map_or(key, |k| k.as_bytes());
-        i = ws(key_end);
-        if head.get(i) != Some(&b':') {
-            break;
-        }
-        i = ws(i + 1);
-        if key == b"method" {
-            method = true;
-        }
-        let Some(end) = value_end(i) else { break };
-        if key == b"id"
-            && let Ok(raw) = serde_json::from_slice::<&RawValue>(&head[i..end])
-            && (raw.get().starts_with('"')
-                || raw.get().starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']))
-        {
-            id = Some(Id::from_raw(raw));
-        }
-        i = ws(end);
-        if head.get(i) != Some(&b',') {
-            break;
-        }
-        i += 1;
-    }
-    (id, method)
 }
 
 /// The top-level members of a message as serde_json reads them (the reference for [`top_level`]).
