@@ -46,18 +46,16 @@ fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn a_wrapper_killed_mid_notion_task_loses_nothing() {
-    let sim = notion_sim("2500");
-    let data = fresh_dir("e2e-data");
-    let mut p = wrapper(&sim, &data);
+/// Starts a Notion task through a wrapper on `data`'s store and, once Notion's task id is bound (the
+/// status names it), kills the wrapper without a chance to react. Returns the task's id.
+fn start_notion_task_then_kill_the_wrapper(sim: &Served, data: &std::path::Path) -> String {
+    let mut p = wrapper(sim, data);
     let r = p.ok(
         1,
         "tools/call",
         json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
     );
     let task = r["task"]["taskId"].as_str().unwrap().to_owned();
-    // Once Notion's task id is bound (the status names it), kill the wrapper without a chance to react.
     let mut n = 2;
     wait_until("the Notion task to start", || {
         n += 1;
@@ -66,6 +64,14 @@ fn a_wrapper_killed_mid_notion_task_loses_nothing() {
     });
     let _ = p.child.kill();
     let _ = p.child.wait();
+    task
+}
+
+#[test]
+fn a_wrapper_killed_mid_notion_task_loses_nothing() {
+    let sim = notion_sim("2500");
+    let data = fresh_dir("e2e-data");
+    let task = start_notion_task_then_kill_the_wrapper(&sim, &data);
 
     // A new wrapper on the same store, a new client: the task is there, resumes, and completes.
     let mut q = wrapper(&sim, &data);
@@ -87,21 +93,7 @@ fn a_wrapper_killed_mid_notion_task_loses_nothing() {
 fn a_notion_task_resumes_for_a_2026_07_28_client_that_only_polls() {
     let sim = notion_sim("2500");
     let data = fresh_dir("e2e-data-modern");
-    let mut p = wrapper(&sim, &data);
-    let r = p.ok(
-        1,
-        "tools/call",
-        json!({"name": "notion-duplicate-page", "arguments": {"page_id": "roadmap"}, "task": {}}),
-    );
-    let task = r["task"]["taskId"].as_str().unwrap().to_owned();
-    let mut n = 2;
-    wait_until("the Notion task to start", || {
-        n += 1;
-        let t = p.ok(n, "tasks/get", json!({"taskId": task}));
-        t["statusMessage"].as_str().is_some_and(|m| m.starts_with("Notion task"))
-    });
-    let _ = p.child.kill();
-    let _ = p.child.wait();
+    let task = start_notion_task_then_kill_the_wrapper(&sim, &data);
 
     // The new wrapper's only client speaks 2026-07-28 and only asks tasks/get: no handshake ever
     // reaches the upstream, yet the task resumes and completes.
