@@ -12,9 +12,11 @@ use std::fmt;
 
 pub mod scan;
 mod sniff;
+mod walk;
 
 use scan::{Members, Wire};
 pub use sniff::sniff_head;
+pub use walk::{canonical, member_at};
 
 /// An answer to a request, raw: its `result` object, or its JSON-RPC `error` object as it was sent.
 /// What the proxy's own requests get back, and what a task ends with.
@@ -317,10 +319,16 @@ impl<'a> Envelope<'a> {
 }
 
 /// Whether the JSON text `json` may hold the key that `key` finds (plain ASCII): its text is there,
-/// or a `\u` escape that could spell it. `false` is certain, so most messages are answered without
-/// parsing. The finder is built once by the caller (building one costs more than a search).
+/// or an escape that could spell one of its characters (`\u`, or `\/` for a key with a slash).
+/// `false` is certain, so most messages are answered without parsing. The finder is built once by the
+/// caller (building one costs more than a search).
 pub fn may_contain_key(json: &[u8], key: &memchr::memmem::Finder<'_>) -> bool {
-    memchr::memchr_iter(b'\\', json).any(|i| json.get(i + 1) == Some(&b'u')) || key.find(json).is_some()
+    let slash = key.needle().contains(&b'/');
+    memchr::memchr_iter(b'\\', json).any(|i| match json.get(i + 1) {
+        Some(b'u') => true,
+        Some(b'/') => slash,
+        _ => false,
+    }) || key.find(json).is_some()
 }
 
 /// Builds a JSON-RPC error response line (without the trailing newline). `id: None` gives `id: null`.
@@ -426,7 +434,9 @@ pub fn mark_complete(result: &str) -> String {
     if !trimmed.starts_with('{') {
         return result.to_owned();
     }
-    if memchr::memmem::find(result.as_bytes(), b"\"resultType\"").is_some()
+    static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new("resultType"));
+    if may_contain_key(result.as_bytes(), &KEY)
         // Keys only: a `Value` would read a member named `$serde_json::private::RawValue` as JSON text.
         && serde_json::from_str::<HashMap<String, IgnoredAny>>(result)
             .is_ok_and(|m| m.contains_key("resultType"))
@@ -551,6 +561,9 @@ mod tests {
         // seen, and not written twice.
         let quirk = r#"{"resultType":"complete","content":[{"$serde_json::private::RawValue":"text"}]}"#;
         assert_eq!(mark_complete(quirk), quirk);
+        // Its own resultType spelled with an escape is still its own: not written a second time.
+        let escaped = r#"{"result\u0054ype":"task","taskId":"t"}"#;
+        assert_eq!(mark_complete(escaped), escaped);
     }
 
     #[test]

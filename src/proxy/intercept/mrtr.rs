@@ -323,7 +323,11 @@ impl Interceptor {
             return None;
         }
         let asks = result
-            .filter(|r| memchr::memmem::find(r.get().as_bytes(), b"input_required").is_some())
+            .filter(|r| {
+                static WORD: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+                    std::sync::LazyLock::new(|| memchr::memmem::Finder::new("input_required"));
+                jsonrpc::may_contain_key(r.get().as_bytes(), &WORD)
+            })
             .and_then(|r| serde_json::from_str::<Map<String, Value>>(r.get()).ok())
             .filter(|r| r.get("resultType").and_then(Value::as_str) == Some("input_required"));
         let Some(answer) = asks else {

@@ -242,7 +242,13 @@ impl Sidecar {
             }
         };
         drop(guard);
-        match (upstream_refusal(&first), error_code.flatten()) {
+        let error_code = error_code.flatten();
+        // (Read further only when the code says it is the HTTP transport's refusal.)
+        let refusal = match error_code {
+            Some(http_upstream::REFUSED) => upstream_refusal(&first),
+            _ => None,
+        };
+        match (refusal, error_code) {
             // The hosted server refused the credential: the client sees the HTTP answer itself
             // (status and WWW-Authenticate), so its OAuth flow can act.
             (Some((status, challenge)), _) => {

@@ -94,7 +94,6 @@ pub(super) fn upstream_refusal(line: &[u8]) -> Option<(StatusCode, Option<String
     matches!(status.as_u16(), 401 | 403).then_some((status, challenge))
 }
 
-/// The `progressToken` of a progress notification's params, as JSON text.
 /// The task a server request is asked for (`_meta` related-task), if any.
 pub(super) fn related_task_of_line(line: &[u8]) -> Option<String> {
     let env = Envelope::parse(line).ok()?;
@@ -107,15 +106,27 @@ pub(super) fn task_id_param(body: &[u8]) -> Option<String> {
     serde_json::from_str::<serde_json::Value>(params.get()).ok()?.get("taskId")?.as_str().map(str::to_owned)
 }
 
+/// The `progressToken` of a progress notification's params, as JSON text.
 pub(super) fn progress_token(params: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(params).ok()?;
-    Some(v.get("progressToken")?.to_string())
+    token_at(params, &["progressToken"])
 }
 
 /// The `_meta.progressToken` of a request's params, as JSON text.
 pub(super) fn request_progress_token(params: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(params).ok()?;
-    Some(v.pointer("/_meta/progressToken")?.to_string())
+    token_at(params, &["_meta", "progressToken"])
+}
+
+/// The member at `path` of `params` as the JSON text serde_json writes for it (a client's token and
+/// the upstream's copy of it compare equal however each escaped it).
+fn token_at(params: &str, path: &[&str]) -> Option<String> {
+    match jsonrpc::member_at(params, path) {
+        Some(found) => jsonrpc::canonical(found?),
+        None => {
+            let v: serde_json::Value = serde_json::from_str(params).ok()?;
+            let pointer: String = path.iter().map(|k| format!("/{k}")).collect();
+            Some(v.pointer(&pointer)?.to_string())
+        }
+    }
 }
 
 pub(super) fn accepts(headers: &HeaderMap, what: &str) -> bool {

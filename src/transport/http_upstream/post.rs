@@ -8,7 +8,7 @@ use super::{
     ACCEPT_POST, ERROR_BODY, EVENT_STREAM, FAILED, Inner, JSON, MAX_MESSAGE, MCP_SESSION_ID, REFUSED,
     STREAM_BROKE, content_type, http_status,
 };
-use crate::jsonrpc::{self, Envelope, Id, Kind};
+use crate::jsonrpc::{self, Envelope, Id, Kind, ParseError};
 use crate::transport::sse::{SeenIds, SseParser};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
@@ -314,8 +314,8 @@ impl Inner {
         if data.is_empty() {
             return Ok(None);
         }
-        let value: &RawValue = serde_json::from_slice(data).map_err(|e| e.to_string())?;
         if data.first() == Some(&b'[') {
+            let value: &RawValue = serde_json::from_slice(data).map_err(|e| e.to_string())?;
             let batch: Vec<&RawValue> = serde_json::from_str(value.get()).map_err(|e| e.to_string())?;
             let mut answer = None;
             for message in batch {
@@ -325,13 +325,28 @@ impl Inner {
             }
             return Ok(answer);
         }
-        Ok(self.relay_message(data, expect).await)
+        // One message: reading its envelope proves it JSON, so it is read once. What is not JSON is
+        // refused in serde_json's words, as before.
+        let line = compact(data);
+        let env = match Envelope::parse(&line) {
+            Err(ParseError::NotJson(_)) => match serde_json::from_slice::<&RawValue>(data) {
+                Err(e) => return Err(e.to_string()),
+                Ok(_) => None,
+            },
+            env => env.ok(),
+        };
+        Ok(self.relay_parsed(&line, env, expect).await)
     }
 
     /// Relays one message as one line (unless it is the answer to our own request).
     pub(super) async fn relay_message(&self, message: &[u8], expect: &Expect) -> Option<Answer> {
         let line = compact(message);
         let env = Envelope::parse(&line).ok();
+        self.relay_parsed(&line, env, expect).await
+    }
+
+    /// Relays `line`, read as `env`, unless it is the answer to our own request.
+    async fn relay_parsed(&self, line: &[u8], env: Option<Envelope<'_>>, expect: &Expect) -> Option<Answer> {
         let answer = match &env {
             Some(env) if env.kind == Kind::Response && env.id.is_some() && env.id == expect.id => {
                 Some(match env.error {
@@ -351,7 +366,7 @@ impl Inner {
         }
         drop(env);
         if !swallowed {
-            self.out.send(line.into_owned()).await;
+            self.out.send(line.to_vec()).await;
         }
         answer
     }

@@ -28,7 +28,11 @@ impl Routing {
     /// version (a session's request: the version negotiated by `initialize` goes with it instead).
     pub(super) fn of(method: &str, params: Option<&RawValue>) -> Option<Routing> {
         let params = params?;
-        memchr::memmem::find(params.get().as_bytes(), META_PROTOCOL_VERSION.as_bytes())?;
+        static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(META_PROTOCOL_VERSION));
+        if !crate::jsonrpc::may_contain_key(params.get().as_bytes(), &KEY) {
+            return None;
+        }
         #[derive(serde::Deserialize)]
         struct Params<'a> {
             #[serde(rename = "_meta", borrow)]
@@ -117,6 +121,22 @@ mod tests {
         assert_eq!(name, "=?base64?Z3LDvMOfZQ==?=");
         let name = sent("tools/call", json!({"name": " padded", "_meta": meta})).unwrap().2.unwrap();
         assert_eq!(name, "=?base64?IHBhZGRlZA==?=");
+    }
+
+    #[test]
+    fn a_key_written_with_escapes_is_still_found() {
+        // `\/` and `\u` are JSON's own spellings of the key's characters.
+        for params in [
+            r#"{"name":"echo","_meta":{"io.modelcontextprotocol\/protocolVersion":"2026-07-28"}}"#,
+            r#"{"name":"echo","_meta":{"io.modelcontextprotocol\u002fprotocolVersion":"2026-07-28"}}"#,
+        ] {
+            let params = RawValue::from_string(params.to_owned()).unwrap();
+            let routing = Routing::of("tools/call", Some(&params)).expect("a modern request");
+            let mut headers = HeaderMap::new();
+            routing.apply(&mut headers);
+            assert_eq!(headers.get("mcp-protocol-version").unwrap(), "2026-07-28");
+            assert_eq!(headers.get("mcp-name").unwrap(), "echo");
+        }
     }
 
     #[test]
