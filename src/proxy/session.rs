@@ -18,8 +18,10 @@ use crate::tasks::owner::OwnerKey;
 use crate::tasks::store::memory::MemoryStore;
 use crate::tasks::store::{self, StoreUrl, TaskStore};
 use crate::telemetry::trace::Operations;
+use crate::transport::lines::{
+    Deliver, LineCloser, direct_line_sink, spawn_line_writer, spawn_observed_line_writer,
+};
 use crate::transport::lines::{Line, LineReader, LineSink};
-use crate::transport::lines::{LineCloser, spawn_line_writer, spawn_observed_line_writer};
 use crate::upstream::Upstream;
 use crate::upstream::own::OwnWaiter;
 use serde_json::value::RawValue;
@@ -179,12 +181,48 @@ impl Session {
         C: AsyncWrite + Unpin + Send + 'static,
         U: AsyncWrite + Unpin + Send + 'static,
     {
-        // With telemetry on, the answers going to the client end their requests' measurements.
+        let (ops, observer) = Self::telemetry();
+        let client = spawn_observed_line_writer(client_out, QUEUE, observer);
+        Self::wire(config, shared, owner, client, ops, upstream_in)
+    }
+
+    /// [`Session::new`] for a client in this process: each line for the client goes to `deliver` at
+    /// once (the sidecar's HTTP streams), without a writer task or a byte stream between.
+    pub fn with_client<U>(
+        config: &Config,
+        shared: &Shared,
+        owner: String,
+        deliver: Deliver,
+        upstream_in: U,
+    ) -> Session
+    where
+        U: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (ops, observer) = Self::telemetry();
+        let client = direct_line_sink(deliver, observer);
+        Self::wire(config, shared, owner, client, ops, upstream_in)
+    }
+
+    /// With telemetry on, the answers going to the client end their requests' measurements.
+    fn telemetry() -> (Option<Arc<Operations>>, Option<crate::transport::lines::Observer>) {
         let ops = Operations::active().then(|| Arc::new(Operations::default()));
         let observer = ops.clone().map(|ops| {
             Arc::new(move |line: &[u8]| ops.observe_client_line(line)) as crate::transport::lines::Observer
         });
-        let (client_sink, client_closer) = spawn_observed_line_writer(client_out, QUEUE, observer);
+        (ops, observer)
+    }
+
+    fn wire<U>(
+        config: &Config,
+        shared: &Shared,
+        owner: String,
+        (client_sink, client_closer): (LineSink, LineCloser),
+        ops: Option<Arc<Operations>>,
+        upstream_in: U,
+    ) -> Session
+    where
+        U: AsyncWrite + Unpin + Send + 'static,
+    {
         let (upstream_sink, upstream_closer) = spawn_line_writer(upstream_in, QUEUE);
         let pending = Arc::new(Pending::new());
         let (exit, exit_rx) = tokio::sync::watch::channel::<Option<String>>(None);

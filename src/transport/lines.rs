@@ -7,6 +7,8 @@
 //! queued work so that bursts go out in one write.
 
 use bytes::Bytes;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
@@ -116,44 +118,89 @@ struct Outgoing {
     observe: bool,
 }
 
-/// A handle to a line writer task: send lines, then close to flush and end the stream.
+/// A handle to a line writer task (send lines, then close to flush and end the stream), or to a
+/// consumer in this process that takes each line at once ([`direct_line_sink`]).
 #[derive(Clone)]
 pub struct LineSink {
-    tx: mpsc::Sender<Outgoing>,
+    to: To,
+}
+
+#[derive(Clone)]
+enum To {
+    Writer(mpsc::Sender<Outgoing>),
+    Direct(Arc<Direct>),
+}
+
+/// A consumer that takes each line at once, in the sender's task.
+struct Direct {
+    deliver: Deliver,
+    observer: Option<Observer>,
+    closed: AtomicBool,
 }
 
 impl LineSink {
     /// Queues one message (without newline). Returns `false` when the stream is closed.
     pub async fn send(&self, line: impl Into<Bytes>) -> bool {
-        self.tx.send(Outgoing { line: line.into(), observe: true }).await.is_ok()
+        self.send_as(Outgoing { line: line.into(), observe: true }).await
     }
 
     /// Queues one message the writer's observer does not need to see: its sender has already done
     /// what the observer would (telemetry measured the answer it forwards), so it is not read twice.
     pub async fn send_unobserved(&self, line: impl Into<Bytes>) -> bool {
-        self.tx.send(Outgoing { line: line.into(), observe: false }).await.is_ok()
+        self.send_as(Outgoing { line: line.into(), observe: false }).await
+    }
+
+    async fn send_as(&self, out: Outgoing) -> bool {
+        match &self.to {
+            To::Writer(tx) => tx.send(out).await.is_ok(),
+            To::Direct(direct) => {
+                if direct.closed.load(Ordering::Acquire) {
+                    return false;
+                }
+                if let Some(observe) = direct.observer.as_ref().filter(|_| out.observe) {
+                    observe(&out.line);
+                }
+                (direct.deliver)(out.line)
+            }
+        }
     }
 }
 
-/// Closes a writer: the queued lines are written and flushed, then the stream is shut down.
+/// Closes a writer: the queued lines are written and flushed, then the stream is shut down. (A
+/// direct sink is closed at once: later lines are refused.)
 pub struct LineCloser {
     close: Option<oneshot::Sender<()>>,
-    done: oneshot::Receiver<()>,
+    done: Option<oneshot::Receiver<()>>,
+    direct: Option<Arc<Direct>>,
 }
 
 impl LineCloser {
     /// Asks the writer to finish after what is queued, and waits until it has.
     pub async fn close(&mut self) {
+        if let Some(direct) = &self.direct {
+            direct.closed.store(true, Ordering::Release);
+        }
         if let Some(close) = self.close.take() {
             let _ = close.send(());
         }
-        let _ = (&mut self.done).await;
+        if let Some(done) = self.done.as_mut() {
+            let _ = done.await;
+        }
     }
+}
 
-    /// Waits until the writer ends by itself (its stream broke or every sink was dropped).
-    pub async fn closed(&mut self) {
-        let _ = (&mut self.done).await;
-    }
+/// Takes one line (without newline) for a [`direct_line_sink`]; `false` when its consumer is gone.
+pub type Deliver = Arc<dyn Fn(Bytes) -> bool + Send + Sync>;
+
+/// A sink whose lines go straight to `deliver`, in the sending task, with `observer` seeing each one
+/// first: for a consumer in this process that only hands them on (the sidecar's HTTP streams), so a
+/// line needs no writer task, no byte stream and no reading back into lines.
+pub fn direct_line_sink(deliver: Deliver, observer: Option<Observer>) -> (LineSink, LineCloser) {
+    let direct = Arc::new(Direct { deliver, observer, closed: AtomicBool::new(false) });
+    (
+        LineSink { to: To::Direct(direct.clone()) },
+        LineCloser { close: None, done: None, direct: Some(direct) },
+    )
 }
 
 /// Sees each line just before it is written (telemetry watches the answers going to the client).
@@ -217,7 +264,7 @@ where
         }
         let _ = done_tx.send(());
     });
-    (LineSink { tx }, LineCloser { close: Some(close_tx), done: done_rx })
+    (LineSink { to: To::Writer(tx) }, LineCloser { close: Some(close_tx), done: Some(done_rx), direct: None })
 }
 
 async fn write_line<W: AsyncWrite + Unpin>(
@@ -236,6 +283,32 @@ async fn write_line<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_direct_sink_hands_each_line_on_in_order_until_closed() {
+        let got = Arc::new(std::sync::Mutex::new(Vec::<Bytes>::new()));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+        let into = got.clone();
+        let deliver: Deliver = Arc::new(move |line| {
+            into.lock().unwrap().push(line);
+            true
+        });
+        let watched = seen.clone();
+        let observer: Observer = Arc::new(move |line: &[u8]| watched.lock().unwrap().push(line.to_vec()));
+        let (sink, mut closer) = direct_line_sink(deliver, Some(observer));
+        assert!(sink.send(&b"one"[..]).await);
+        assert!(sink.clone().send_unobserved(&b"two"[..]).await);
+        assert!(sink.send(&b"three"[..]).await);
+        assert_eq!(*got.lock().unwrap(), [&b"one"[..], b"two", b"three"]);
+        // The observer sees what it is meant to, before the line goes on.
+        assert_eq!(*seen.lock().unwrap(), [b"one".to_vec(), b"three".to_vec()]);
+        closer.close().await;
+        assert!(!sink.send(&b"late"[..]).await, "a closed sink refuses lines");
+        assert_eq!(got.lock().unwrap().len(), 3);
+        // A consumer that is gone refuses them too.
+        let (gone, _closer) = direct_line_sink(Arc::new(|_| false), None);
+        assert!(!gone.send(&b"x"[..]).await);
+    }
 
     async fn lines(input: &[u8], max: usize) -> Vec<Line> {
         let mut r = LineReader::new(input, max);

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// Finds the subscription key in a notification's text (built once).
+static SUBSCRIPTION_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(SUBSCRIPTION_ID));
+
 impl HttpSession {
     pub(super) fn touch(&self) {
         *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
@@ -14,8 +18,7 @@ impl HttpSession {
     /// asked while the server handles a call) to the newest POST still open, as the spec relates
     /// such requests to the request being handled, else the GET stream; other notifications to the
     /// GET stream, else a POST stream, else the backlog until a stream opens.
-    pub(super) fn dispatch(&self, line: Vec<u8>) {
-        let line = Bytes::from(line);
+    pub(super) fn dispatch(&self, line: Bytes) {
         let (kind, progress_token) = match Envelope::parse(&line) {
             Ok(env) => {
                 if env.kind == Kind::Response
@@ -30,7 +33,7 @@ impl HttpSession {
                     return;
                 }
                 if env.kind == Kind::Notification
-                    && memchr::memmem::find(&line, SUBSCRIPTION_ID.as_bytes()).is_some()
+                    && jsonrpc::may_contain_key(&line, &SUBSCRIPTION_KEY)
                     && let Some(subscription) = env.params.and_then(|p| subscription_of(p.get()))
                 {
                     return self.to_subscriber(&subscription, &line);

@@ -45,7 +45,7 @@ use super::session::{Router, Session, Shared};
 use crate::config::Config;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
 use crate::transport::http_upstream::{self, HttpUpstream, HttpUpstreamOptions};
-use crate::transport::lines::{Line, LineReader};
+use crate::transport::lines::Deliver;
 use crate::transport::stdio::{self, UpstreamProcess};
 use bytes::Bytes;
 use dashmap::DashMap;

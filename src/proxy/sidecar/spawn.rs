@@ -99,37 +99,54 @@ impl Sidecar {
                 }
             },
         };
-        let (client_w, client_r) = tokio::io::duplex(1 << 20);
-        let session = Session::new(&self.config, &self.shared, owner.clone(), client_w, upstream_in);
-        self.shared.resume_orphans(&session, &owner);
-        let router = session.router.clone();
-        let http = Arc::new(HttpSession {
-            id: id.clone(),
-            credential,
-            router: router.clone(),
-            session: tokio::sync::Mutex::new(Some(session)),
-            process: tokio::sync::Mutex::new(process),
-            http,
-            waiting: DashMap::new(),
-            seq: std::sync::atomic::AtomicU64::new(0),
-            standalone: Mutex::new(None),
-            backlog: Mutex::new(VecDeque::new()),
-            last_active: Mutex::new(Instant::now()),
-            gone: tokio::sync::watch::channel(false).0,
-            next_internal: std::sync::atomic::AtomicU64::new(1),
-        });
-        // What the session writes for the client goes to the HTTP streams.
-        let out = Arc::downgrade(&http);
-        let max = self.config.proxy.max_message_bytes;
-        tokio::spawn(async move {
-            let mut reader = LineReader::new(client_r, max.saturating_mul(2));
-            while let Ok(Some(Line::Message(line))) = reader.next_line().await {
-                match out.upgrade() {
-                    Some(s) => s.dispatch(line),
-                    None => break,
+        // What the session writes for the client goes straight to the HTTP streams. Lines written
+        // before the session below exists (its task notifier starts with it) wait, in order, until
+        // it does.
+        let early: Arc<Mutex<Option<Vec<Bytes>>>> = Arc::new(Mutex::new(Some(Vec::new())));
+        let http = Arc::new_cyclic(|me: &std::sync::Weak<HttpSession>| {
+            let (me, early) = (me.clone(), early.clone());
+            let deliver: Deliver = Arc::new(move |line: Bytes| {
+                let mut waiting = early.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(queue) = waiting.as_mut() {
+                    queue.push(line);
+                    return true;
                 }
+                drop(waiting);
+                match me.upgrade() {
+                    Some(s) => {
+                        s.dispatch(line);
+                        true
+                    }
+                    None => false,
+                }
+            });
+            let session =
+                Session::with_client(&self.config, &self.shared, owner.clone(), deliver, upstream_in);
+            self.shared.resume_orphans(&session, &owner);
+            HttpSession {
+                id: id.clone(),
+                credential,
+                router: session.router.clone(),
+                session: tokio::sync::Mutex::new(Some(session)),
+                process: tokio::sync::Mutex::new(process),
+                http,
+                waiting: DashMap::new(),
+                seq: std::sync::atomic::AtomicU64::new(0),
+                standalone: Mutex::new(None),
+                backlog: Mutex::new(VecDeque::new()),
+                last_active: Mutex::new(Instant::now()),
+                gone: tokio::sync::watch::channel(false).0,
+                next_internal: std::sync::atomic::AtomicU64::new(1),
             }
         });
+        {
+            // Held while the early lines go out, so a line written meanwhile comes after them.
+            let mut waiting = early.lock().unwrap_or_else(|e| e.into_inner());
+            for line in waiting.take().unwrap_or_default() {
+                http.dispatch(line);
+            }
+        }
+        let router = http.router.clone();
         // The upstream's output, and its end.
         let this = self.clone();
         let watched = http.clone();
