@@ -209,8 +209,15 @@ fn main() {
 
     // The wrapper runs on one thread: a message then crosses the proxy without a single thread
     // hand-off (the upstream and the client have the other cores). The other modes use them all.
-    let mut builder = match cli.mode {
+    let mut builder = match &cli.mode {
         None => tokio::runtime::Builder::new_current_thread(),
+        Some(Mode::Serve(args)) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.worker_threads {
+                b.worker_threads(n.into());
+            }
+            b
+        }
         Some(_) => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {

@@ -318,6 +318,25 @@ fn the_session_cap_refuses_clearly() {
 }
 
 #[test]
+fn the_sidecar_runs_on_the_worker_threads_it_is_given() {
+    // One worker thread (fewer hand-offs between threads, for a sidecar with few clients) serves
+    // sessions, calls and tasks as before.
+    let s = Sidecar::fixture(&["--worker-threads", "1"]);
+    let sid = s.open(None);
+    let r = s.call(&sid, None, json!(1), "tools/call", json!({"name": "echo", "arguments": {"text": "one"}}));
+    assert_eq!(r["result"]["content"][0]["text"], "one", "{r}");
+    // Zero threads is refused at start, naming the option.
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--worker-threads", "0", "--", BIN, "test-server"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--worker-threads"), "{err}");
+}
+
+#[test]
 fn with_passthrough_a_hosted_upstreams_401_reaches_the_client_with_its_challenge_and_the_credential_passes_unchanged()
  {
     // A hosted server that refuses everything, recording the Authorization it was sent.
