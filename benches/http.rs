@@ -61,7 +61,12 @@ const WARM_UP: Duration = Duration::from_millis(500);
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Path {
     Direct,
+    /// One tokio process in front of the rmcp server that copies each connection's bytes both ways
+    /// and reads no HTTP: the floor of any HTTP front, one more loopback hop.
+    TcpRelay,
     Sidecar,
+    /// The same, the sidecar on one worker thread (`--worker-threads 1`).
+    SidecarOneThread,
     SidecarStdio,
     /// The sidecar in front of the stdio fixture, called the 2026-07-28 way: stateless POSTs (no
     /// session; `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name` headers and the per-request `_meta`
@@ -76,9 +81,11 @@ enum Path {
 }
 
 impl Path {
-    const ALL: [Path; 6] = [
+    const ALL: [Path; 8] = [
         Path::Direct,
+        Path::TcpRelay,
         Path::Sidecar,
+        Path::SidecarOneThread,
         Path::SidecarStdio,
         Path::SidecarStdioModern,
         Path::Supergateway,
@@ -88,7 +95,9 @@ impl Path {
     fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct (rmcp HTTP server)",
+            Path::TcpRelay => "TCP relay (tokio, no HTTP) → rmcp HTTP server",
             Path::Sidecar => "sidecar → HTTP upstream",
+            Path::SidecarOneThread => "sidecar --worker-threads 1 → HTTP upstream",
             Path::SidecarStdio => "sidecar → stdio upstream",
             Path::SidecarStdioModern => "sidecar → stdio upstream, 2026-07-28 stateless",
             Path::Supergateway => "supergateway --stateful → stdio upstream",
@@ -339,8 +348,23 @@ impl Setup {
             return s;
         }
         let addr = format!("127.0.0.1:{}", free_port());
+        if path == Path::TcpRelay {
+            let upstream = upstream_url
+                .as_deref()
+                .and_then(|u| u.strip_prefix("http://"))
+                .and_then(|u| u.split_once('/'));
+            let upstream = upstream.expect("the fixture's address").0;
+            let mut c = Command::new(std::env::current_exe().expect("the bench's own path"));
+            c.env(common::relay::TCP, format!("{addr},{upstream}"));
+            s.sidecar = Some(s.spawn(c, &addr, "the TCP relay"));
+            s.url = format!("http://{addr}/mcp");
+            return s;
+        }
         let mut c = Command::new(BIN);
         c.args(["serve", "--listen", &addr, "--log-level", "error"]);
+        if path == Path::SidecarOneThread {
+            c.args(["--worker-threads", "1"]);
+        }
         match upstream_url {
             Some(url) => c.args(["--upstream-url", &url]),
             None => c.args(["--", BIN, "--log-level", "error", "test-server"]),
@@ -603,6 +627,7 @@ struct Stats {
 }
 
 fn main() {
+    common::relay::run_if_asked();
     let calls: usize = std::env::var("HTTP_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let dog = Watchdog::start();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
@@ -786,8 +811,21 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
         _ => println!("against the peers: none installed in this run"),
     }
     println!(
-        "sidecar → HTTP upstream: p50 at 1 in flight {:.2}× direct (goal ≤ 1.5)",
-        p50_ratio(Path::Sidecar)
+        "sidecar → HTTP upstream: p50 at 1 in flight {:.2}× direct (goal ≤ 1.5; one worker thread: {:.2}×; \
+         the floor of one more hop, the TCP relay: {:.2}×); front CPU per call {:.0} µs (one worker thread: \
+         {:.0} µs; the TCP relay: {:.0} µs)",
+        p50_ratio(Path::Sidecar),
+        p50_ratio(Path::SidecarOneThread),
+        p50_ratio(Path::TcpRelay),
+        median(Path::Sidecar, 1).front_cpu_us,
+        median(Path::SidecarOneThread, 1).front_cpu_us,
+        median(Path::TcpRelay, 1).front_cpu_us
+    );
+    println!(
+        "throughput at 64 in flight: sidecar/direct {:.2} (one worker thread: {:.2}; the TCP relay: {:.2})",
+        rate_ratio(Path::Sidecar),
+        rate_ratio(Path::SidecarOneThread),
+        rate_ratio(Path::TcpRelay)
     );
     for &path in &paths {
         let p50 = median(path, 1).p50_us;

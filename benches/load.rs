@@ -4,6 +4,9 @@
 //! The upstream is the built binary's fixture server (`mcp-asyncify test-server`); the call is `echo`
 //! with a 1,000-character text, so the request and the answer are each about 1 KB. The relay is
 //! `sh -c 'cat | <upstream> | cat'`: the floor any stdio proxy pays for two extra pipes and processes.
+//! The line relay is this bench's own binary re-executed as one tokio process that copies whole lines
+//! both ways on the proxy's I/O and reads none of them (`common::relay`): the floor of an event-loop
+//! proxy, so the proxy's CPU over it is what reading and routing the messages costs.
 //! Each path gets a fresh process, an MCP `initialize`, a warm-up, then a closed loop keeping 1, 8 or 64
 //! calls in flight (a new request as soon as one answers, matched by id, requests serialised up front)
 //! for a fixed number of calls; each configuration runs 3 times with the paths in rotating order and
@@ -36,6 +39,9 @@ const LEVELS: [usize; 3] = [1, 8, 64];
 enum Path {
     Direct,
     Relay,
+    /// One tokio process on the proxy's I/O (its pipes through the event loop) that copies whole lines
+    /// both ways and reads nothing of them: the floor of an event-loop stdio proxy.
+    LineRelay,
     Proxy,
     ProxyNoTasks,
     ProxyTelemetry,
@@ -45,13 +51,21 @@ enum Path {
 }
 
 impl Path {
-    const ALL: [Path; 6] =
-        [Path::Direct, Path::Relay, Path::Proxy, Path::ProxyNoTasks, Path::ProxyTelemetry, Path::ProxyModern];
+    const ALL: [Path; 7] = [
+        Path::Direct,
+        Path::Relay,
+        Path::LineRelay,
+        Path::Proxy,
+        Path::ProxyNoTasks,
+        Path::ProxyTelemetry,
+        Path::ProxyModern,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct",
             Path::Relay => "byte relay (2× cat)",
+            Path::LineRelay => "line relay (tokio, no JSON)",
             Path::Proxy => "mcp-asyncify",
             Path::ProxyNoTasks => "mcp-asyncify --no-tasks",
             Path::ProxyTelemetry => "mcp-asyncify + telemetry",
@@ -70,6 +84,11 @@ impl Path {
             Path::Relay => {
                 let mut c = Command::new("sh");
                 c.args(["-c", "cat | \"$0\" --log-level error test-server | cat", BIN]);
+                c
+            }
+            Path::LineRelay => {
+                let mut c = Command::new(std::env::current_exe().expect("the bench's own path"));
+                c.env(common::relay::LINE, "1").args(upstream);
                 c
             }
             Path::Proxy | Path::ProxyNoTasks | Path::ProxyTelemetry | Path::ProxyModern => {
@@ -354,6 +373,7 @@ fn cpu_of(pids: &[u32]) -> u64 {
 }
 
 fn main() {
+    common::relay::run_if_asked();
     let calls64: usize = std::env::var("LOAD_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let calls_at = |level: usize| match level {
         1 => (calls64 / 4).max(10),
@@ -484,24 +504,35 @@ fn main() {
     let p50_ratio = |p: Path| median(p, 1).p50_us / median(Path::Direct, 1).p50_us;
     let rate_ratio = |p: Path| median(p, 64).rate / median(Path::Direct, 64).rate;
     println!(
-        "p50 at 1 in flight: proxy/direct = {:.2} (goal ≤ 1.10) (--no-tasks: {:.2}; byte relay: {:.2})",
+        "p50 at 1 in flight: proxy/direct = {:.2} (goal ≤ 1.10) (--no-tasks: {:.2}; the floors: byte relay {:.2}, line relay {:.2})",
         p50_ratio(Path::Proxy),
         p50_ratio(Path::ProxyNoTasks),
-        p50_ratio(Path::Relay)
+        p50_ratio(Path::Relay),
+        p50_ratio(Path::LineRelay)
     );
     println!(
-        "throughput at 64 in flight: proxy/direct = {:.2} (goal ≥ 0.90) (--no-tasks: {:.2}; byte relay: {:.2})",
+        "throughput at 64 in flight: proxy/direct = {:.2} (goal ≥ 0.90) (--no-tasks: {:.2}; the floors: byte relay {:.2}, line relay {:.2})",
         rate_ratio(Path::Proxy),
         rate_ratio(Path::ProxyNoTasks),
-        rate_ratio(Path::Relay)
+        rate_ratio(Path::Relay),
+        rate_ratio(Path::LineRelay)
+    );
+    let cpu = |p: Path, level: usize| median(p, level).relay_cpu_us;
+    println!(
+        "proxy CPU per relayed call at 64 in flight: {:.1} µs (goal ≤ 6) (--no-tasks: {:.1} µs; the floors: the byte relay's two cats {:.1} µs, the line relay {:.1} µs; the upstream's own: {:.1} µs); at 1 in flight: {:.1} µs (the floors: {:.1} and {:.1} µs)",
+        cpu(Path::Proxy, 64),
+        cpu(Path::ProxyNoTasks, 64),
+        cpu(Path::Relay, 64),
+        cpu(Path::LineRelay, 64),
+        median(Path::Direct, 64).upstream_cpu_us,
+        cpu(Path::Proxy, 1),
+        cpu(Path::Relay, 1),
+        cpu(Path::LineRelay, 1)
     );
     println!(
-        "proxy CPU per relayed call at 64 in flight: {:.1} µs (goal ≤ 6) (--no-tasks: {:.1} µs; the byte relay's two cats: {:.1} µs; the upstream's own: {:.1} µs); at 1 in flight: {:.1} µs",
-        median(Path::Proxy, 64).relay_cpu_us,
-        median(Path::ProxyNoTasks, 64).relay_cpu_us,
-        median(Path::Relay, 64).relay_cpu_us,
-        median(Path::Direct, 64).upstream_cpu_us,
-        median(Path::Proxy, 1).relay_cpu_us
+        "the proxy's own CPU per call over the line relay's (what it adds to the floor of an event-loop relay): {:.1} µs at 1 in flight, {:.1} µs at 64",
+        cpu(Path::Proxy, 1) - cpu(Path::LineRelay, 1),
+        cpu(Path::Proxy, 64) - cpu(Path::LineRelay, 64)
     );
     let p50_of = |p: Path| median(p, 1).p50_us;
     println!(

@@ -1,6 +1,8 @@
 //! Helpers shared by the benches.
 #![allow(dead_code)] // each bench uses a different part of it
 
+pub mod relay;
+
 /// Where `needle` first stands in `haystack`.
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)

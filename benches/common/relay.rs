@@ -1,0 +1,95 @@
+//! The floors the benches measure the proxy against: relays that forward bytes and read nothing of
+//! MCP, on the same I/O as the proxy (one tokio runtime, epoll), run as a re-executed bench binary so
+//! their CPU is measured per process like the proxy's.
+//!
+//! * a **line relay** (`LINE_RELAY=1 <bench> CMD ARGS…`): one single-threaded process that spawns CMD
+//!   and copies newline-delimited messages both ways, a line read and written whole, as the stdio
+//!   wrapper does (its pipes through the event loop, no JSON);
+//! * a **TCP relay** (`TCP_RELAY=LISTEN,UPSTREAM <bench>`): one single-threaded process that accepts
+//!   on LISTEN and copies each connection's bytes to and from a connection of its own to UPSTREAM
+//!   (`copy_bidirectional`, `TCP_NODELAY` both sides): what one more loopback hop costs, without HTTP.
+
+use std::os::fd::AsFd;
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// The variables that make a bench binary a relay.
+pub const LINE: &str = "LINE_RELAY";
+pub const TCP: &str = "TCP_RELAY";
+
+/// Runs as a relay and exits if this process was started as one; returns otherwise.
+pub fn run_if_asked() {
+    let line = std::env::var_os(LINE).is_some();
+    let tcp = std::env::var(TCP).ok();
+    if !line && tcp.is_none() {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    match tcp {
+        Some(spec) => runtime.block_on(tcp_relay(spec)),
+        None => runtime.block_on(line_relay(std::env::args().skip(1).filter(|a| a != "--bench").collect())),
+    }
+    std::process::exit(0);
+}
+
+async fn line_relay(command: Vec<String>) {
+    let (program, args) = command.split_first().expect("line relay: no command");
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("line relay: cannot start the upstream");
+    let mut to_upstream = child.stdin.take().expect("piped");
+    let from_upstream = child.stdout.take().expect("piped");
+    let pipe_in = tokio::net::unix::pipe::Receiver::from_owned_fd(
+        std::io::stdin().as_fd().try_clone_to_owned().expect("stdin"),
+    )
+    .expect("line relay: stdin must be a pipe");
+    let mut to_client = tokio::net::unix::pipe::Sender::from_owned_fd(
+        std::io::stdout().as_fd().try_clone_to_owned().expect("stdout"),
+    )
+    .expect("line relay: stdout must be a pipe");
+    let requests = async move {
+        let mut from_client = BufReader::with_capacity(64 * 1024, pipe_in);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if from_client.read_until(b'\n', &mut line).await.unwrap_or(0) == 0
+                || to_upstream.write_all(&line).await.is_err()
+            {
+                return;
+            }
+        }
+    };
+    let answers = async move {
+        let mut from_upstream = BufReader::with_capacity(64 * 1024, from_upstream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if from_upstream.read_until(b'\n', &mut line).await.unwrap_or(0) == 0
+                || to_client.write_all(&line).await.is_err()
+            {
+                return;
+            }
+        }
+    };
+    // The client's end of input closes the upstream's; the upstream's end of output ends the relay.
+    tokio::join!(requests, answers);
+}
+
+async fn tcp_relay(spec: String) {
+    let (listen, upstream) = spec.split_once(',').expect("TCP_RELAY=LISTEN,UPSTREAM");
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("tcp relay: cannot listen");
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else { continue };
+        let upstream = upstream.to_owned();
+        tokio::spawn(async move {
+            let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        });
+    }
+}
