@@ -8,7 +8,10 @@
 //! the answer are each about 1 KB. The paths: the client straight to the fixture; the client to
 //! `mcp-asyncify serve --upstream-url http://ADDR/mcp` in front of it; and, for comparison, the sidecar
 //! in front of the stdio fixture (`serve -- mcp-asyncify test-server`, one process per session); and
-//! the peers users would otherwise pick, in front of the same stdio fixture: supergateway
+//! two floors in front of the HTTP fixture, this bench's own binary re-executed (`common::relay`): a
+//! TCP relay that copies bytes (one more loopback hop, no HTTP) and an HTTP relay (hyper's server and
+//! pooled client, no MCP); and the peers users would otherwise pick, in front of the same stdio
+//! fixture: supergateway
 //! (`--outputTransport streamableHttp --stateful`, from npm) and sparfenyuk's mcp-proxy (PyPI
 //! `mcp-proxy`, stateful). The bench installs them itself when they are missing (idempotent): `npm ci
 //! --prefix benches/peers` (pinned by `benches/peers/package-lock.json`, apart from the test
@@ -64,6 +67,9 @@ enum Path {
     /// One tokio process in front of the rmcp server that copies each connection's bytes both ways
     /// and reads no HTTP: the floor of any HTTP front, one more loopback hop.
     TcpRelay,
+    /// One hyper server in front of the rmcp server that sends each request on with hyper's pooled
+    /// client and streams the answer back, reading no MCP: the floor of an HTTP front built on hyper.
+    HttpRelay,
     Sidecar,
     /// The same, the sidecar on one worker thread (`--worker-threads 1`).
     SidecarOneThread,
@@ -81,9 +87,10 @@ enum Path {
 }
 
 impl Path {
-    const ALL: [Path; 8] = [
+    const ALL: [Path; 9] = [
         Path::Direct,
         Path::TcpRelay,
+        Path::HttpRelay,
         Path::Sidecar,
         Path::SidecarOneThread,
         Path::SidecarStdio,
@@ -96,6 +103,7 @@ impl Path {
         match self {
             Path::Direct => "direct (rmcp HTTP server)",
             Path::TcpRelay => "TCP relay (tokio, no HTTP) → rmcp HTTP server",
+            Path::HttpRelay => "HTTP relay (hyper, no MCP) → rmcp HTTP server",
             Path::Sidecar => "sidecar → HTTP upstream",
             Path::SidecarOneThread => "sidecar --worker-threads 1 → HTTP upstream",
             Path::SidecarStdio => "sidecar → stdio upstream",
@@ -812,20 +820,23 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
     }
     println!(
         "sidecar → HTTP upstream: p50 at 1 in flight {:.2}× direct (goal ≤ 1.5; one worker thread: {:.2}×; \
-         the floor of one more hop, the TCP relay: {:.2}×); front CPU per call {:.0} µs (one worker thread: \
-         {:.0} µs; the TCP relay: {:.0} µs)",
+         the floors of one more hop: the TCP relay {:.2}×, the HTTP relay {:.2}×); front CPU per call {:.0} µs \
+         (one worker thread: {:.0} µs; the TCP relay: {:.0} µs, the HTTP relay: {:.0} µs)",
         p50_ratio(Path::Sidecar),
         p50_ratio(Path::SidecarOneThread),
         p50_ratio(Path::TcpRelay),
+        p50_ratio(Path::HttpRelay),
         median(Path::Sidecar, 1).front_cpu_us,
         median(Path::SidecarOneThread, 1).front_cpu_us,
-        median(Path::TcpRelay, 1).front_cpu_us
+        median(Path::TcpRelay, 1).front_cpu_us,
+        median(Path::HttpRelay, 1).front_cpu_us
     );
     println!(
-        "throughput at 64 in flight: sidecar/direct {:.2} (one worker thread: {:.2}; the TCP relay: {:.2})",
+        "throughput at 64 in flight: sidecar/direct {:.2} (one worker thread: {:.2}; the TCP relay: {:.2}, the HTTP relay: {:.2})",
         rate_ratio(Path::Sidecar),
         rate_ratio(Path::SidecarOneThread),
-        rate_ratio(Path::TcpRelay)
+        rate_ratio(Path::TcpRelay),
+        rate_ratio(Path::HttpRelay)
     );
     for &path in &paths {
         let p50 = median(path, 1).p50_us;

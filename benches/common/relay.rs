@@ -7,7 +7,10 @@
 //!   wrapper does (its pipes through the event loop, no JSON);
 //! * a **TCP relay** (`TCP_RELAY=LISTEN,UPSTREAM <bench>`): one single-threaded process that accepts
 //!   on LISTEN and copies each connection's bytes to and from a connection of its own to UPSTREAM
-//!   (`copy_bidirectional`, `TCP_NODELAY` both sides): what one more loopback hop costs, without HTTP.
+//!   (`copy_bidirectional`, `TCP_NODELAY` both sides): what one more loopback hop costs, without HTTP;
+//! * an **HTTP relay** (`HTTP_RELAY=LISTEN,UPSTREAM <bench>`): one single-threaded hyper server that
+//!   sends each request on to UPSTREAM with hyper's pooled client (HTTP/1.1 keep-alive) and streams
+//!   the answer back, reading no MCP: what any HTTP front built on hyper costs.
 
 use std::os::fd::AsFd;
 use std::process::Stdio;
@@ -16,18 +19,20 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 /// The variables that make a bench binary a relay.
 pub const LINE: &str = "LINE_RELAY";
 pub const TCP: &str = "TCP_RELAY";
+pub const HTTP: &str = "HTTP_RELAY";
 
 /// Runs as a relay and exits if this process was started as one; returns otherwise.
 pub fn run_if_asked() {
     let line = std::env::var_os(LINE).is_some();
-    let tcp = std::env::var(TCP).ok();
-    if !line && tcp.is_none() {
+    let (tcp, http) = (std::env::var(TCP).ok(), std::env::var(HTTP).ok());
+    if !line && tcp.is_none() && http.is_none() {
         return;
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    match tcp {
-        Some(spec) => runtime.block_on(tcp_relay(spec)),
-        None => runtime.block_on(line_relay(std::env::args().skip(1).filter(|a| a != "--bench").collect())),
+    match (tcp, http) {
+        (Some(spec), _) => runtime.block_on(tcp_relay(spec)),
+        (_, Some(spec)) => runtime.block_on(http_relay(spec)),
+        _ => runtime.block_on(line_relay(std::env::args().skip(1).filter(|a| a != "--bench").collect())),
     }
     std::process::exit(0);
 }
@@ -90,6 +95,49 @@ async fn tcp_relay(spec: String) {
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        });
+    }
+}
+
+async fn http_relay(spec: String) {
+    use http_body_util::BodyExt;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (listen, upstream) = spec.split_once(',').expect("HTTP_RELAY=LISTEN,UPSTREAM");
+    let upstream = upstream.to_owned();
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<_, hyper::body::Incoming> = Client::builder(TokioExecutor::new()).build(connector);
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("http relay: cannot listen");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        let (client, upstream) = (client.clone(), upstream.clone());
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    let (client, upstream) = (client.clone(), upstream.clone());
+                    async move {
+                        let path =
+                            req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+                        *req.uri_mut() = format!("http://{upstream}{path}").parse().expect("a uri");
+                        match client.request(req).await {
+                            Ok(response) => Ok::<_, std::convert::Infallible>(response.map(|b| b.boxed())),
+                            Err(e) => {
+                                let mut r = hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from(e.to_string()))
+                                        .map_err(|never| match never {})
+                                        .boxed(),
+                                );
+                                *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+                                Ok(r)
+                            }
+                        }
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
