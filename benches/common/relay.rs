@@ -14,7 +14,7 @@
 
 use std::os::fd::AsFd;
 use std::process::Stdio;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 /// The variables that make a bench binary a relay.
 pub const LINE: &str = "LINE_RELAY";
@@ -46,42 +46,30 @@ async fn line_relay(command: Vec<String>) {
         .kill_on_drop(true)
         .spawn()
         .expect("line relay: cannot start the upstream");
-    let mut to_upstream = child.stdin.take().expect("piped");
+    let to_upstream = child.stdin.take().expect("piped");
     let from_upstream = child.stdout.take().expect("piped");
     let pipe_in = tokio::net::unix::pipe::Receiver::from_owned_fd(
         std::io::stdin().as_fd().try_clone_to_owned().expect("stdin"),
     )
     .expect("line relay: stdin must be a pipe");
-    let mut to_client = tokio::net::unix::pipe::Sender::from_owned_fd(
+    let to_client = tokio::net::unix::pipe::Sender::from_owned_fd(
         std::io::stdout().as_fd().try_clone_to_owned().expect("stdout"),
     )
     .expect("line relay: stdout must be a pipe");
-    let requests = async move {
-        let mut from_client = BufReader::with_capacity(64 * 1024, pipe_in);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if from_client.read_until(b'\n', &mut line).await.unwrap_or(0) == 0
-                || to_upstream.write_all(&line).await.is_err()
-            {
-                return;
-            }
-        }
-    };
-    let answers = async move {
-        let mut from_upstream = BufReader::with_capacity(64 * 1024, from_upstream);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if from_upstream.read_until(b'\n', &mut line).await.unwrap_or(0) == 0
-                || to_client.write_all(&line).await.is_err()
-            {
-                return;
-            }
-        }
-    };
     // The client's end of input closes the upstream's; the upstream's end of output ends the relay.
-    tokio::join!(requests, answers);
+    tokio::join!(copy_lines(pipe_in, to_upstream), copy_lines(from_upstream, to_client));
+}
+
+/// Copies whole lines from `from` to `to`, each read and then written, until either side ends.
+async fn copy_lines(from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) {
+    let mut from = BufReader::with_capacity(64 * 1024, from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if from.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 || to.write_all(&line).await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn tcp_relay(spec: String) {
