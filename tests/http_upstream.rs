@@ -5,6 +5,8 @@
 //! refuse resumption. The others use a hand-written HTTP responder (401 with `WWW-Authenticate`,
 //! pretty JSON bodies, batches, 500s) and a dead port. Everything is on 127.0.0.1.
 
+mod common;
+
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -549,6 +551,62 @@ impl std::io::Write for LogBuffer {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The sidecar in front of the recorded server: a client's session there is one session upstream,
+/// its calls travel on it, and the client's DELETE ends the upstream session too (the sidecar hands
+/// the session's lines to their POSTs directly, and closing that hand-off ends the session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_ends_the_upstream_session_when_its_client_ends_its_own() {
+    let ctl = Control::default();
+    let addr = serve_rmcp(Arc::new(LocalSessionManager::default()), ctl.clone()).await;
+    let upstream = format!("http://{addr}/mcp");
+    let client = tokio::task::spawn_blocking(move || {
+        let sidecar = common::Served::start(&[
+            "serve",
+            "--listen",
+            "{addr}",
+            "--log-level",
+            "warn",
+            "--upstream-url",
+            &upstream,
+        ]);
+        let post = |session: Option<&str>, message: Value| {
+            let mut headers = vec![
+                "Content-Type: application/json".to_owned(),
+                "Accept: application/json, text/event-stream".to_owned(),
+            ];
+            headers.extend(session.map(|s| format!("Mcp-Session-Id: {s}")));
+            let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+            common::http(&sidecar.addr, "POST", "/mcp", &headers, message.to_string().as_bytes())
+        };
+        let init = post(
+            None,
+            json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}),
+        );
+        assert_eq!(init.status, 200, "{}", init.body);
+        let sid = init.header("mcp-session-id").expect("a session").to_owned();
+        assert_eq!(
+            post(Some(&sid), json!({"jsonrpc":"2.0","method":"notifications/initialized"})).status,
+            202
+        );
+        let call = post(
+            Some(&sid),
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"through"}}}),
+        );
+        let answer = call.messages().into_iter().find(|m| m["id"] == 1).expect("the call's answer");
+        assert_eq!(tool_text(&answer), "through", "{answer}");
+        let header = format!("Mcp-Session-Id: {sid}");
+        let deleted = common::http(&sidecar.addr, "DELETE", "/mcp", &[header.as_str()], b"");
+        assert_eq!(deleted.status, 200, "{}", deleted.body);
+        sidecar
+    });
+    let sidecar = client.await.unwrap();
+    let call = ctl.wait_for("the call", |h| h.rpc_method.as_deref() == Some("tools/call")).await;
+    let session = call.session.expect("the call carried the upstream session");
+    let ended = ctl.wait_for("the session's DELETE", |h| h.method == "DELETE").await;
+    assert_eq!(ended.session.as_deref(), Some(session.as_str()));
+    drop(sidecar);
 }
 
 #[tokio::test]

@@ -183,24 +183,28 @@ impl Session {
     {
         let (ops, observer) = Self::telemetry();
         let client = spawn_observed_line_writer(client_out, QUEUE, observer);
-        Self::wire(config, shared, owner, client, ops, upstream_in)
+        Self::wire(config, shared, owner, client, ops, Self::upstream_writer(upstream_in))
     }
 
     /// [`Session::new`] for a client in this process: each line for the client goes to `deliver` at
-    /// once (the sidecar's HTTP streams), without a writer task or a byte stream between.
-    pub fn with_client<U>(
+    /// once (the sidecar's HTTP streams), without a writer task or a byte stream between; the
+    /// upstream's side is `upstream` ([`Session::upstream_writer`] for a process's stdin, or a
+    /// transport's own sink).
+    pub fn with_client(
         config: &Config,
         shared: &Shared,
         owner: String,
         deliver: Deliver,
-        upstream_in: U,
-    ) -> Session
-    where
-        U: AsyncWrite + Unpin + Send + 'static,
-    {
+        upstream: (LineSink, LineCloser),
+    ) -> Session {
         let (ops, observer) = Self::telemetry();
-        let client = direct_line_sink(deliver, observer);
-        Self::wire(config, shared, owner, client, ops, upstream_in)
+        let client = direct_line_sink(deliver, observer, None);
+        Self::wire(config, shared, owner, client, ops, upstream)
+    }
+
+    /// A writer task for the upstream's input, as [`Session::with_client`] takes it.
+    pub fn upstream_writer<U: AsyncWrite + Unpin + Send + 'static>(upstream_in: U) -> (LineSink, LineCloser) {
+        spawn_line_writer(upstream_in, QUEUE)
     }
 
     /// With telemetry on, the answers going to the client end their requests' measurements.
@@ -212,18 +216,14 @@ impl Session {
         (ops, observer)
     }
 
-    fn wire<U>(
+    fn wire(
         config: &Config,
         shared: &Shared,
         owner: String,
         (client_sink, client_closer): (LineSink, LineCloser),
         ops: Option<Arc<Operations>>,
-        upstream_in: U,
-    ) -> Session
-    where
-        U: AsyncWrite + Unpin + Send + 'static,
-    {
-        let (upstream_sink, upstream_closer) = spawn_line_writer(upstream_in, QUEUE);
+        (upstream_sink, upstream_closer): (LineSink, LineCloser),
+    ) -> Session {
         let pending = Arc::new(Pending::new());
         let (exit, exit_rx) = tokio::sync::watch::channel::<Option<String>>(None);
         let upstream = Upstream::new(upstream_sink.clone(), pending.own.clone(), exit_rx);

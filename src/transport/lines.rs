@@ -136,7 +136,12 @@ struct Direct {
     deliver: Deliver,
     observer: Option<Observer>,
     closed: AtomicBool,
+    /// What closing it does besides refusing later lines (once).
+    on_close: std::sync::Mutex<Option<OnClose>>,
 }
+
+/// Run once when a [`direct_line_sink`] is closed.
+pub type OnClose = Box<dyn FnOnce() + Send>;
 
 impl LineSink {
     /// Queues one message (without newline). Returns `false` when the stream is closed.
@@ -179,6 +184,10 @@ impl LineCloser {
     pub async fn close(&mut self) {
         if let Some(direct) = &self.direct {
             direct.closed.store(true, Ordering::Release);
+            let on_close = direct.on_close.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(on_close) = on_close {
+                on_close();
+            }
         }
         if let Some(close) = self.close.take() {
             let _ = close.send(());
@@ -193,10 +202,16 @@ impl LineCloser {
 pub type Deliver = Arc<dyn Fn(Bytes) -> bool + Send + Sync>;
 
 /// A sink whose lines go straight to `deliver`, in the sending task, with `observer` seeing each one
-/// first: for a consumer in this process that only hands them on (the sidecar's HTTP streams), so a
-/// line needs no writer task, no byte stream and no reading back into lines.
-pub fn direct_line_sink(deliver: Deliver, observer: Option<Observer>) -> (LineSink, LineCloser) {
-    let direct = Arc::new(Direct { deliver, observer, closed: AtomicBool::new(false) });
+/// first: for a consumer in this process that only hands them on (the sidecar's HTTP streams, an
+/// HTTP upstream's requests), so a line needs no writer task, no byte stream and no reading back
+/// into lines. Closing it refuses later lines and runs `on_close`.
+pub fn direct_line_sink(
+    deliver: Deliver,
+    observer: Option<Observer>,
+    on_close: Option<OnClose>,
+) -> (LineSink, LineCloser) {
+    let on_close = std::sync::Mutex::new(on_close);
+    let direct = Arc::new(Direct { deliver, observer, closed: AtomicBool::new(false), on_close });
     (
         LineSink { to: To::Direct(direct.clone()) },
         LineCloser { close: None, done: None, direct: Some(direct) },
@@ -295,18 +310,24 @@ mod tests {
         });
         let watched = seen.clone();
         let observer: Observer = Arc::new(move |line: &[u8]| watched.lock().unwrap().push(line.to_vec()));
-        let (sink, mut closer) = direct_line_sink(deliver, Some(observer));
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = closed.clone();
+        let on_close: OnClose = Box::new(move || flag.store(true, Ordering::SeqCst));
+        let (sink, mut closer) = direct_line_sink(deliver, Some(observer), Some(on_close));
         assert!(sink.send(&b"one"[..]).await);
         assert!(sink.clone().send_unobserved(&b"two"[..]).await);
         assert!(sink.send(&b"three"[..]).await);
         assert_eq!(*got.lock().unwrap(), [&b"one"[..], b"two", b"three"]);
         // The observer sees what it is meant to, before the line goes on.
         assert_eq!(*seen.lock().unwrap(), [b"one".to_vec(), b"three".to_vec()]);
+        assert!(!closed.load(Ordering::SeqCst));
+        closer.close().await;
+        assert!(closed.load(Ordering::SeqCst), "closing runs its hook");
         closer.close().await;
         assert!(!sink.send(&b"late"[..]).await, "a closed sink refuses lines");
         assert_eq!(got.lock().unwrap().len(), 3);
         // A consumer that is gone refuses them too.
-        let (gone, _closer) = direct_line_sink(Arc::new(|_| false), None);
+        let (gone, _closer) = direct_line_sink(Arc::new(|_| false), None, None);
         assert!(!gone.send(&b"x"[..]).await);
     }
 

@@ -75,19 +75,21 @@ impl Sidecar {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             return Err(r);
         }
-        type Input = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
         type Output = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
-        let (process, http, upstream_in, upstream_out): (_, _, Input, Output) = match &self.args.upstream {
+        let (process, http, upstream_in, upstream_out): (_, _, _, Output) = match &self.args.upstream {
             Some(options) => {
-                let (w, r, handle) = http_upstream::connect(options.clone());
+                // The session's requests go straight to their POSTs.
+                let (sink, r, handle) = http_upstream::connect_lines(options.clone());
                 if self.args.pass_client_authorization {
                     // The client's credential goes to the hosted server unchanged (never logged).
                     handle.set_authorization(headers.get(header::AUTHORIZATION).cloned());
                 }
-                (None, Some(handle), Box::new(w), Box::new(r))
+                (None, Some(handle), sink, Box::new(r))
             }
             None => match UpstreamProcess::spawn(&self.args.command) {
-                Ok((p, child_in, child_out)) => (Some(p), None, Box::new(child_in), Box::new(child_out)),
+                Ok((p, child_in, child_out)) => {
+                    (Some(p), None, Session::upstream_writer(child_in), Box::new(child_out))
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the upstream for a new session");
                     return Err(rpc_error(

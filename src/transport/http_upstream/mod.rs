@@ -26,6 +26,7 @@ mod stream;
 
 use crate::auth::UpstreamAuth;
 use crate::jsonrpc;
+use crate::transport::lines::{LineCloser, LineSink};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response, StatusCode, Uri, header};
 use http_body_util::Full;
@@ -181,6 +182,20 @@ impl HttpUpstream {
 pub fn connect(
     options: HttpUpstreamOptions,
 ) -> (impl AsyncWrite + Send + Unpin + 'static, impl AsyncRead + Send + Unpin + 'static, HttpUpstream) {
+    let (session_writer, session_reader, handle) = open(options);
+    (session_writer, session_reader, handle)
+}
+
+/// [`connect`] for a session in this process that writes lines: its upstream-bound lines go straight
+/// to their POSTs (no writer task, no byte stream between); closing the sink ends the session.
+pub fn connect_lines(
+    options: HttpUpstreamOptions,
+) -> ((LineSink, LineCloser), impl AsyncRead + Send + Unpin + 'static, HttpUpstream) {
+    let (session_writer, session_reader, handle) = open(options);
+    (session_writer.into_direct(), session_reader, handle)
+}
+
+fn open(options: HttpUpstreamOptions) -> (pipe::LinesUp, pipe::LinesDown, HttpUpstream) {
     let (out, session_reader, end) = pipe::to_session(QUEUE);
     let inner = Arc::new(Inner::new(options, out));
     tracing::info!(upstream = %inner.shown_url, "using an HTTP upstream");

@@ -9,7 +9,7 @@
 
 use super::{DRAIN_TIMEOUT, FAILED, Inner, MAX_MESSAGE};
 use crate::jsonrpc;
-use crate::transport::lines::{HEAD_BYTES, Line};
+use crate::transport::lines::{Deliver, HEAD_BYTES, Line, LineCloser, LineSink, OnClose, direct_line_sink};
 use bytes::{Buf, Bytes};
 use std::future::Future;
 use std::io;
@@ -251,6 +251,35 @@ impl LinesUp {
             }
         }
         self.lines = lines;
+    }
+
+    /// The sink a session in this process writes its upstream-bound lines to: each line is posted at
+    /// once, in the sender's task, without a writer task, a byte stream and the splitting of it back
+    /// into lines; closing the sink (or dropping every handle to it) ends the session as a shutdown
+    /// of the stream does.
+    pub(super) fn into_direct(self) -> (LineSink, LineCloser) {
+        let up = Arc::new(std::sync::Mutex::new(self));
+        let sending = up.clone();
+        let deliver: Deliver =
+            Arc::new(move |line: Bytes| sending.lock().unwrap_or_else(|e| e.into_inner()).post(line));
+        let on_close: OnClose = Box::new(move || up.lock().unwrap_or_else(|e| e.into_inner()).finish());
+        direct_line_sink(deliver, None, Some(on_close))
+    }
+
+    /// Posts one whole line (an oversized one is answered as the splitter would); `false` once the
+    /// session has ended.
+    fn post(&mut self, line: Bytes) -> bool {
+        if self.end.is_none() {
+            return false;
+        }
+        let mut lines = std::mem::take(&mut self.lines);
+        if line.len() > self.splitter.max {
+            lines.push(Line::TooLong { len: line.len(), head: line[..line.len().min(HEAD_BYTES)].to_vec() });
+        } else if !line.iter().all(u8::is_ascii_whitespace) {
+            lines.push(Line::Message(Vec::from(line)));
+        }
+        self.send(lines);
+        true
     }
 
     /// The session ended its side: the last line, then the drain and the close, on a task.
