@@ -42,13 +42,20 @@ pub struct PollScheduler {
     paused_ms: AtomicU64,
 }
 
+/// How much later than another a request may reach Notion (after leaving here) with every 1-second
+/// window there still within the budget. With only 1 ms of slack, a loaded test machine saw Notion's
+/// simulator refuse the proxy's own request now and then; the real Notion is further away.
+const JITTER: Duration = Duration::from_millis(50);
+
 impl PollScheduler {
     /// A scheduler allowing at most `per_second` requests in any 1-second window.
     pub fn new(per_second: u32) -> Self {
         let per_second = per_second.max(1);
-        // One request every 1000/n ms, rounded up and one more millisecond, so that even a window
-        // that starts right on a request never holds n+1 of them.
-        let spacing = Duration::from_millis(1000_u64.div_ceil(u64::from(per_second)) + 1);
+        // One request every (1 s + JITTER) / n: n+1 requests span at least 1 s + JITTER, so no
+        // 1-second window at Notion holds n+1 of them even when one of them arrives up to JITTER
+        // later than it left (the network, the upstream's own queue, a busy machine).
+        let spacing =
+            Duration::from_micros((1_000_000 + JITTER.as_micros() as u64).div_ceil(u64::from(per_second)));
         let quota = Quota::with_period(spacing).expect("spacing is positive").allow_burst(NonZeroU32::MIN);
         PollScheduler {
             limiter: RateLimiter::direct(quota),
@@ -225,6 +232,21 @@ mod tests {
             assert!(in_window <= 20, "{in_window} requests within 1 s of {t:?}");
         }
         assert_eq!(s.stats().requests, 30);
+    }
+
+    #[tokio::test]
+    async fn the_budget_holds_when_a_request_arrives_late() {
+        // n+1 requests span more than a second by JITTER: one of them may reach Notion that much
+        // later than the others without n+1 landing in one of its windows.
+        let s = PollScheduler::new(20);
+        let start = Instant::now();
+        let mut times = Vec::new();
+        for _ in 0..21 {
+            s.acquire().await;
+            times.push(start.elapsed());
+        }
+        let span = times[20] - times[0];
+        assert!(span >= Duration::from_secs(1) + JITTER, "21 requests within {span:?}");
     }
 
     #[tokio::test]
