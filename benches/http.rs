@@ -71,8 +71,8 @@ enum Path {
     /// client and streams the answer back, reading no MCP: the floor of an HTTP front built on hyper.
     HttpRelay,
     Sidecar,
-    /// The same, the sidecar on one worker thread (`--worker-threads 1`).
-    SidecarOneThread,
+    /// The same, the sidecar on two worker threads (`--worker-threads 2`; the default is one).
+    SidecarTwoThreads,
     SidecarStdio,
     /// The sidecar in front of the stdio fixture, called the 2026-07-28 way: stateless POSTs (no
     /// session; `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name` headers and the per-request `_meta`
@@ -92,7 +92,7 @@ impl Path {
         Path::TcpRelay,
         Path::HttpRelay,
         Path::Sidecar,
-        Path::SidecarOneThread,
+        Path::SidecarTwoThreads,
         Path::SidecarStdio,
         Path::SidecarStdioModern,
         Path::Supergateway,
@@ -105,7 +105,7 @@ impl Path {
             Path::TcpRelay => "TCP relay (tokio, no HTTP) → rmcp HTTP server",
             Path::HttpRelay => "HTTP relay (hyper, no MCP) → rmcp HTTP server",
             Path::Sidecar => "sidecar → HTTP upstream",
-            Path::SidecarOneThread => "sidecar --worker-threads 1 → HTTP upstream",
+            Path::SidecarTwoThreads => "sidecar --worker-threads 2 → HTTP upstream",
             Path::SidecarStdio => "sidecar → stdio upstream",
             Path::SidecarStdioModern => "sidecar → stdio upstream, 2026-07-28 stateless",
             Path::Supergateway => "supergateway --stateful → stdio upstream",
@@ -370,8 +370,8 @@ impl Setup {
         }
         let mut c = Command::new(BIN);
         c.args(["serve", "--listen", &addr, "--log-level", "error"]);
-        if path == Path::SidecarOneThread {
-            c.args(["--worker-threads", "1"]);
+        if path == Path::SidecarTwoThreads {
+            c.args(["--worker-threads", "2"]);
         }
         match upstream_url {
             Some(url) => c.args(["--upstream-url", &url]),
@@ -819,22 +819,22 @@ async fn bench(calls: usize, dog: Arc<Watchdog>) {
         _ => println!("against the peers: none installed in this run"),
     }
     println!(
-        "sidecar → HTTP upstream: p50 at 1 in flight {:.2}× direct (goal ≤ 1.5; one worker thread: {:.2}×; \
+        "sidecar → HTTP upstream: p50 at 1 in flight {:.2}× direct (goal ≤ 1.5; two worker threads: {:.2}×; \
          the floors of one more hop: the TCP relay {:.2}×, the HTTP relay {:.2}×); front CPU per call {:.0} µs \
-         (one worker thread: {:.0} µs; the TCP relay: {:.0} µs, the HTTP relay: {:.0} µs)",
+         (two worker threads: {:.0} µs; the TCP relay: {:.0} µs, the HTTP relay: {:.0} µs)",
         p50_ratio(Path::Sidecar),
-        p50_ratio(Path::SidecarOneThread),
+        p50_ratio(Path::SidecarTwoThreads),
         p50_ratio(Path::TcpRelay),
         p50_ratio(Path::HttpRelay),
         median(Path::Sidecar, 1).front_cpu_us,
-        median(Path::SidecarOneThread, 1).front_cpu_us,
+        median(Path::SidecarTwoThreads, 1).front_cpu_us,
         median(Path::TcpRelay, 1).front_cpu_us,
         median(Path::HttpRelay, 1).front_cpu_us
     );
     println!(
-        "throughput at 64 in flight: sidecar/direct {:.2} (one worker thread: {:.2}; the TCP relay: {:.2}, the HTTP relay: {:.2})",
+        "throughput at 64 in flight: sidecar/direct {:.2} (two worker threads: {:.2}; the TCP relay: {:.2}, the HTTP relay: {:.2})",
         rate_ratio(Path::Sidecar),
-        rate_ratio(Path::SidecarOneThread),
+        rate_ratio(Path::SidecarTwoThreads),
         rate_ratio(Path::TcpRelay),
         rate_ratio(Path::HttpRelay)
     );

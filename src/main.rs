@@ -213,9 +213,7 @@ fn main() {
         None => tokio::runtime::Builder::new_current_thread(),
         Some(Mode::Serve(args)) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = args.worker_threads {
-                b.worker_threads(n.into());
-            }
+            b.worker_threads(args.worker_threads.into());
             b
         }
         Some(_) => tokio::runtime::Builder::new_multi_thread(),

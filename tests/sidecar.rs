@@ -319,9 +319,8 @@ fn the_session_cap_refuses_clearly() {
 
 #[test]
 fn the_sidecar_runs_on_the_worker_threads_it_is_given() {
-    // One worker thread (fewer hand-offs between threads, for a sidecar with few clients) serves
-    // sessions, calls and tasks as before.
-    let s = Sidecar::fixture(&["--worker-threads", "1"]);
+    // Every other test runs on the default, one worker thread; more serve sessions and calls the same.
+    let s = Sidecar::fixture(&["--worker-threads", "3"]);
     let sid = s.open(None);
     let r = s.call(&sid, None, json!(1), "tools/call", json!({"name": "echo", "arguments": {"text": "one"}}));
     assert_eq!(r["result"]["content"][0]["text"], "one", "{r}");
