@@ -9,7 +9,8 @@
 mod client;
 
 use crate::config::Config;
-use crate::proxy::session::{Session, Shared};
+use crate::proxy::session::Session;
+use crate::proxy::shared::Shared;
 use crate::tasks::model::TaskStatus;
 use crate::transport::stdio::UpstreamProcess;
 use client::RpcClient;

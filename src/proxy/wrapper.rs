@@ -5,7 +5,8 @@
 //! SIGKILL, and we keep relaying its last answers meanwhile. When the upstream exits on its own, every
 //! request still waiting gets an error naming its exit status, and we exit with the same status.
 
-use super::session::{DefaultStore, Session, Shared};
+use super::session::Session;
+use super::shared::{DefaultStore, Shared};
 use crate::config::Config;
 use crate::transport::http_upstream::HttpUpstreamOptions;
 use crate::transport::stdio::{self, UpstreamProcess};

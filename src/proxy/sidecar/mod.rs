@@ -41,7 +41,8 @@ mod rules;
 mod spawn;
 mod stateless;
 
-use super::session::{Router, Session, Shared};
+use super::session::{Router, Session};
+use super::shared::{DefaultStore, Shared};
 use crate::config::Config;
 use crate::jsonrpc::{self, Envelope, Id, Kind, code};
 use crate::transport::http_upstream::{self, HttpUpstream, HttpUpstreamOptions};
@@ -252,7 +253,7 @@ impl Sidecar {
             ["localhost", "127.0.0.1", "[::1]"].iter().map(|h| h.to_string()).collect();
         allowed_hosts.push(bound.ip().to_string());
         allowed_hosts.extend(args.allow_hosts.iter().map(|h| h.to_ascii_lowercase()));
-        let shared = Shared::open(config, super::session::DefaultStore::Memory).await?;
+        let shared = Shared::open(config, DefaultStore::Memory).await?;
         Ok(Arc::new(Sidecar {
             config: config.clone(),
             shared,
