@@ -4,7 +4,8 @@
 //! (so the proxy can forward them unchanged) and, when a line is longer than the configured maximum,
 //! discards it as it streams past instead of buffering it: a peer cannot exhaust our memory.
 //! [`spawn_line_writer`] owns one output stream and writes whole lines, flushing when it runs out of
-//! queued work so that bursts go out in one write.
+//! queued work so that bursts go out in one write. A consumer in this process takes lines through a
+//! [`direct_line_sink`] instead, in the sender's task, with no stream between.
 
 use bytes::Bytes;
 use std::sync::Arc;
