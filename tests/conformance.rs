@@ -46,12 +46,7 @@ fn ensure_node_modules() {
 /// The sidecar in front of the conformance fixture, as the scenarios need it: the slow tools become
 /// tasks after `task_after_ms` (0: at once), and `failing_job` must be one (`--task-required`).
 fn sidecar(task_after_ms: &str) -> Served {
-    Served::start(&[
-        "serve",
-        "--listen",
-        "{addr}",
-        "--log-level",
-        "warn",
+    Served::sidecar(&[
         "--task-tools",
         TASK_TOOLS,
         "--task-after-ms",

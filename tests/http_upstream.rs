@@ -562,15 +562,7 @@ async fn the_sidecar_ends_the_upstream_session_when_its_client_ends_its_own() {
     let addr = serve_rmcp(Arc::new(LocalSessionManager::default()), ctl.clone()).await;
     let upstream = format!("http://{addr}/mcp");
     let client = tokio::task::spawn_blocking(move || {
-        let sidecar = common::Served::start(&[
-            "serve",
-            "--listen",
-            "{addr}",
-            "--log-level",
-            "warn",
-            "--upstream-url",
-            &upstream,
-        ]);
+        let sidecar = common::Served::sidecar(&["--upstream-url", &upstream]);
         let post = |session: Option<&str>, message: Value| {
             let mut headers = vec![
                 "Content-Type: application/json".to_owned(),

@@ -257,15 +257,7 @@ fn every_form_through_the_http_sidecar_in_front_of_the_simulator_over_http() {
                 args.extend(["--http".into(), "{addr}".into()]);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let sim = Served::start(&args);
-                let sidecar = Served::start(&[
-                    "serve",
-                    "--listen",
-                    "{addr}",
-                    "--log-level",
-                    "warn",
-                    "--upstream-url",
-                    &sim.url,
-                ]);
+                let sidecar = Served::sidecar(&["--upstream-url", &sim.url]);
                 let mut c = Http::open(&sidecar.addr);
                 four_tasks(&mut c, &name, &log);
             })

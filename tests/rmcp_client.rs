@@ -210,16 +210,7 @@ async fn futures_join_all<F: std::future::Future<Output = Value> + Send + 'stati
 #[tokio::test]
 async fn the_rmcp_http_client_through_the_sidecar() {
     use rmcp::transport::StreamableHttpClientTransport;
-    let sidecar = common::Served::start(&[
-        "serve",
-        "--listen",
-        "{addr}",
-        "--log-level",
-        "warn",
-        "--",
-        BIN,
-        "test-server",
-    ]);
+    let sidecar = common::Served::sidecar(&["--", BIN, "test-server"]);
     let transport = StreamableHttpClientTransport::from_uri(sidecar.url.clone());
     let client = Client::default();
     let service = client.clone().serve(transport).await.expect("initialize over HTTP");

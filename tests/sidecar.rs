@@ -18,13 +18,12 @@ struct Sidecar {
 
 impl Sidecar {
     fn start(extra: &[&str], upstream: &[&str]) -> Sidecar {
-        let mut args = vec!["serve", "--listen", "{addr}", "--log-level", "warn"];
-        args.extend_from_slice(extra);
+        let mut args = extra.to_vec();
         if !upstream.is_empty() {
             args.push("--");
             args.extend_from_slice(upstream);
         }
-        let served = Served::start(&args);
+        let served = Served::sidecar(&args);
         let addr = served.addr.clone();
         Sidecar { _served: Some(served), addr }
     }

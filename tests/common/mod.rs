@@ -356,6 +356,14 @@ impl Served {
         Self::start_with_env(args, &[])
     }
 
+    /// The sidecar (`serve`) on a free address, logging warnings, with `rest` after those options
+    /// (its own options, then `-- CMD…` or `--upstream-url URL`).
+    pub fn sidecar(rest: &[&str]) -> Served {
+        let mut args = vec!["serve", "--listen", "{addr}", "--log-level", "warn"];
+        args.extend_from_slice(rest);
+        Self::start(&args)
+    }
+
     /// [`Served::start`] with environment variables set.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Served {
         let addr = free_addr();
