@@ -268,18 +268,14 @@ impl LinesUp {
         direct_line_sink(deliver, None, Some(on_close))
     }
 
-    /// Posts one whole line (an oversized one is answered as the splitter would); `false` once the
-    /// session has ended.
+    /// Posts one whole line, framed by the splitter's own rule for a complete line (an oversized one
+    /// is answered, a blank one skipped); `false` once the session has ended.
     fn post(&mut self, line: Bytes) -> bool {
         if self.end.is_none() {
             return false;
         }
         let mut lines = std::mem::take(&mut self.lines);
-        if line.len() > self.splitter.max {
-            lines.push(Line::TooLong { len: line.len(), head: line[..line.len().min(HEAD_BYTES)].to_vec() });
-        } else if !line.iter().all(u8::is_ascii_whitespace) {
-            lines.push(Line::Message(Vec::from(line)));
-        }
+        self.splitter.line(Vec::from(line), &mut lines);
         self.send(lines);
         true
     }
