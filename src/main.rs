@@ -208,7 +208,8 @@ fn main() {
     mcp_asyncify::logging::init(&config.log);
 
     // The wrapper runs on one thread: a message then crosses the proxy without a single thread
-    // hand-off (the upstream and the client have the other cores). The other modes use them all.
+    // hand-off (the upstream and the client have the other cores). The sidecar runs on
+    // `--worker-threads` (one by default, for the same reason); the other modes use every core.
     let mut builder = match &cli.mode {
         None => tokio::runtime::Builder::new_current_thread(),
         Some(Mode::Serve(args)) => {
