@@ -46,6 +46,11 @@ struct Slow {
     text: String,
 }
 
+#[derive(Debug, Deserialize, JsonSchema)]
+struct Big {
+    bytes: usize,
+}
+
 #[derive(Clone)]
 struct Tools {
     tool_router: ToolRouter<Self>,
@@ -68,6 +73,12 @@ impl Tools {
     async fn slow(&self, Parameters(p): Parameters<Slow>) -> CallToolResult {
         tokio::time::sleep(Duration::from_millis(p.ms)).await;
         text(p.text)
+    }
+
+    /// Answers a text of `bytes` bytes.
+    #[tool]
+    async fn big(&self, Parameters(p): Parameters<Big>) -> CallToolResult {
+        text("b".repeat(p.bytes))
     }
 
     /// Sends `notifications/tools/list_changed` (a server-initiated message: it travels on the GET
@@ -555,14 +566,15 @@ impl std::io::Write for LogBuffer {
 
 /// The sidecar in front of the recorded server: a client's session there is one session upstream,
 /// its calls travel on it, and the client's DELETE ends the upstream session too (the sidecar hands
-/// the session's lines to their POSTs directly, and closing that hand-off ends the session).
+/// the session's lines to their POSTs directly, and closing that hand-off ends the session). The
+/// upstream's answers reach the session as whole messages, under the same size cap as any.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecar_ends_the_upstream_session_when_its_client_ends_its_own() {
     let ctl = Control::default();
     let addr = serve_rmcp(Arc::new(LocalSessionManager::default()), ctl.clone()).await;
     let upstream = format!("http://{addr}/mcp");
     let client = tokio::task::spawn_blocking(move || {
-        let sidecar = common::Served::sidecar(&["--upstream-url", &upstream]);
+        let sidecar = common::Served::sidecar(&["--upstream-url", &upstream, "--max-message-bytes", "4096"]);
         let post = |session: Option<&str>, message: Value| {
             let mut headers = vec![
                 "Content-Type: application/json".to_owned(),
@@ -588,6 +600,17 @@ async fn the_sidecar_ends_the_upstream_session_when_its_client_ends_its_own() {
         );
         let answer = call.messages().into_iter().find(|m| m["id"] == 1).expect("the call's answer");
         assert_eq!(tool_text(&answer), "through", "{answer}");
+        // An answer over the cap ends its call with an error saying so; the session goes on.
+        let call = |id: u64, bytes: usize| {
+            let message = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"big","arguments":{"bytes":bytes}}});
+            let answer = post(Some(&sid), message);
+            answer.messages().into_iter().find(|m| m["id"] == id).expect("an answer")
+        };
+        let over = call(2, 10_000);
+        assert_eq!(over["error"]["code"], -32603, "{over}");
+        let why = over["error"]["message"].as_str().unwrap_or_default();
+        assert!(why.contains("upstream's response is") && why.contains("4096"), "{over}");
+        assert_eq!(tool_text(&call(3, 100)).len(), 100);
         let header = format!("Mcp-Session-Id: {sid}");
         let deleted = common::http(&sidecar.addr, "DELETE", "/mcp", &[header.as_str()], b"");
         assert_eq!(deleted.status, 200, "{}", deleted.body);

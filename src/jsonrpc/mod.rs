@@ -10,10 +10,12 @@ use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::fmt;
 
+mod message;
 pub mod scan;
 mod sniff;
 mod walk;
 
+pub use message::Message;
 use scan::{Members, Wire};
 pub use sniff::sniff_head;
 pub use walk::{canonical, member_at};

@@ -11,13 +11,14 @@ use super::pending::Pending;
 use super::shared::Shared;
 use crate::config::Config;
 use crate::jsonrpc::Outcome;
-use crate::jsonrpc::{self, Envelope, Id, Kind, code};
+use crate::jsonrpc::{self, Id, Kind, Message, code};
 use crate::notion::adapter::NotionAdapter;
 use crate::telemetry::trace::Operations;
+use crate::transport::http_upstream::UpstreamLines;
 use crate::transport::lines::{
     Deliver, LineCloser, direct_line_sink, spawn_line_writer, spawn_observed_line_writer,
 };
-use crate::transport::lines::{Line, LineReader, LineSink};
+use crate::transport::lines::{HEAD_BYTES, Line, LineReader, LineSink};
 use crate::upstream::Upstream;
 use crate::upstream::own::OwnWaiter;
 use serde_json::value::RawValue;
@@ -94,7 +95,7 @@ impl Session {
     fn telemetry() -> (Option<Arc<Operations>>, Option<crate::transport::lines::Observer>) {
         let ops = Operations::active().then(|| Arc::new(Operations::default()));
         let observer = ops.clone().map(|ops| {
-            Arc::new(move |line: &[u8]| ops.observe_client_line(line)) as crate::transport::lines::Observer
+            Arc::new(move |line: &Message| ops.observe_client_line(line)) as crate::transport::lines::Observer
         });
         (ops, observer)
     }
@@ -169,7 +170,7 @@ impl Router {
         let mut reader = LineReader::new(input, self.max_message_bytes);
         loop {
             match reader.next_line().await {
-                Ok(Some(Line::Message(line))) => self.route_client(line).await,
+                Ok(Some(Line::Message(line))) => self.route_client(line.into()).await,
                 Ok(Some(Line::TooLong { len, head })) => {
                     let (id, is_call) = jsonrpc::sniff_head(&head);
                     tracing::warn!(
@@ -203,28 +204,8 @@ impl Router {
         let mut reader = LineReader::new(input, self.max_message_bytes);
         loop {
             match reader.next_line().await {
-                Ok(Some(Line::Message(line))) => self.route_upstream(line).await,
-                Ok(Some(Line::TooLong { len, head })) => {
-                    let (id, is_call) = jsonrpc::sniff_head(&head);
-                    tracing::error!(
-                        bytes = len,
-                        max = self.max_message_bytes,
-                        id = ?id,
-                        "dropped an oversized message from the upstream; raise proxy.max_message_bytes if it was legitimate"
-                    );
-                    // A response too large to relay still ends its request: the upstream's answer
-                    // becomes an error saying so, routed like any answer (to the client or a task).
-                    if let (Some(id), false) = (id, is_call) {
-                        let msg = format!(
-                            "the upstream's response is {len} bytes, over the maximum of {} bytes (proxy.max_message_bytes)",
-                            self.max_message_bytes
-                        );
-                        let data = serde_json::json!({ "bytes": len, "max": self.max_message_bytes });
-                        let line =
-                            jsonrpc::error_response(Some(&id), code::INTERNAL_ERROR, &msg, Some(&data));
-                        self.route_upstream(line).await;
-                    }
-                }
+                Ok(Some(Line::Message(line))) => self.route_upstream(line.into()).await,
+                Ok(Some(Line::TooLong { len, head })) => self.upstream_too_long(len, &head).await,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading from the upstream failed");
@@ -234,9 +215,42 @@ impl Router {
         }
     }
 
-    /// Routes one message from the client (the HTTP sidecar feeds its POST bodies here).
-    pub async fn route_client(&self, line: Vec<u8>) {
-        let env = match Envelope::parse(&line) {
+    /// [`Router::pump_upstream`] for an upstream in this process that hands over whole messages
+    /// (an HTTP upstream's, read once where they arrived), with the same cap on their size.
+    pub async fn pump_upstream_messages(&self, lines: &mut UpstreamLines) {
+        while let Some(line) = lines.next().await {
+            match line.len() > self.max_message_bytes {
+                true => self.upstream_too_long(line.len(), &line[..HEAD_BYTES.min(line.len())]).await,
+                false => self.route_upstream(line).await,
+            }
+        }
+    }
+
+    /// A message from the upstream over the size cap, of which `head` is the start, is dropped.
+    async fn upstream_too_long(&self, len: usize, head: &[u8]) {
+        let (id, is_call) = jsonrpc::sniff_head(head);
+        tracing::error!(
+            bytes = len,
+            max = self.max_message_bytes,
+            id = ?id,
+            "dropped an oversized message from the upstream; raise proxy.max_message_bytes if it was legitimate"
+        );
+        // A response too large to relay still ends its request: the upstream's answer becomes an
+        // error saying so, routed like any answer (to the client or a task).
+        if let (Some(id), false) = (id, is_call) {
+            let msg = format!(
+                "the upstream's response is {len} bytes, over the maximum of {} bytes (proxy.max_message_bytes)",
+                self.max_message_bytes
+            );
+            let data = serde_json::json!({ "bytes": len, "max": self.max_message_bytes });
+            let line = jsonrpc::error_response(Some(&id), code::INTERNAL_ERROR, &msg, Some(&data));
+            self.route_upstream(line.into()).await;
+        }
+    }
+
+    /// Routes one message from the client (the HTTP sidecar feeds its POST bodies here, read).
+    pub async fn route_client(&self, line: Message) {
+        let env = match line.envelope() {
             Ok(env) => env,
             Err(e) => {
                 tracing::warn!(error = %e, "refused a malformed message from the client");
@@ -290,7 +304,8 @@ impl Router {
                     return;
                 }
                 // With traces on, the request carries our CLIENT span's traceparent upstream.
-                if let Some(traced) = self.ops.as_ref().and_then(|ops| ops.forwarded(&id, &line, env.params))
+                if let Some(traced) =
+                    self.ops.as_ref().and_then(|ops| ops.forwarded(&id, line.bytes(), env.params))
                 {
                     drop(env);
                     self.upstream.send(traced).await;
@@ -347,8 +362,8 @@ impl Router {
         self.upstream.send(line).await;
     }
 
-    async fn route_upstream(&self, line: Vec<u8>) {
-        let env = match Envelope::parse(&line) {
+    async fn route_upstream(&self, line: Message) {
+        let env = match line.envelope() {
             Ok(env) => env,
             Err(e) => {
                 let shown = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();

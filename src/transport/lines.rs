@@ -7,7 +7,7 @@
 //! queued work so that bursts go out in one write. A consumer in this process takes lines through a
 //! [`direct_line_sink`] instead, in the sender's task, with no stream between.
 
-use bytes::Bytes;
+use crate::jsonrpc::Message;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -115,7 +115,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 
 /// One queued line, and whether the writer's [`Observer`] is to see it.
 struct Outgoing {
-    line: Bytes,
+    line: Message,
     observe: bool,
 }
 
@@ -145,14 +145,15 @@ struct Direct {
 pub type OnClose = Box<dyn FnOnce() + Send>;
 
 impl LineSink {
-    /// Queues one message (without newline). Returns `false` when the stream is closed.
-    pub async fn send(&self, line: impl Into<Bytes>) -> bool {
+    /// Queues one message (without newline). Returns `false` when the stream is closed. A message
+    /// already read ([`Message::read`]) reaches a direct consumer with its reading.
+    pub async fn send(&self, line: impl Into<Message>) -> bool {
         self.send_as(Outgoing { line: line.into(), observe: true }).await
     }
 
     /// Queues one message the writer's observer does not need to see: its sender has already done
     /// what the observer would (telemetry measured the answer it forwards), so it is not read twice.
-    pub async fn send_unobserved(&self, line: impl Into<Bytes>) -> bool {
+    pub async fn send_unobserved(&self, line: impl Into<Message>) -> bool {
         self.send_as(Outgoing { line: line.into(), observe: false }).await
     }
 
@@ -200,7 +201,7 @@ impl LineCloser {
 }
 
 /// Takes one line (without newline) for a [`direct_line_sink`]; `false` when its consumer is gone.
-pub type Deliver = Arc<dyn Fn(Bytes) -> bool + Send + Sync>;
+pub type Deliver = Arc<dyn Fn(Message) -> bool + Send + Sync>;
 
 /// A sink whose lines go straight to `deliver`, in the sending task, with `observer` seeing each one
 /// first: for a consumer in this process that only hands them on (the sidecar's HTTP streams, an
@@ -220,7 +221,7 @@ pub fn direct_line_sink(
 }
 
 /// Sees each line just before it is written (telemetry watches the answers going to the client).
-pub type Observer = std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>;
+pub type Observer = std::sync::Arc<dyn Fn(&Message) + Send + Sync>;
 
 /// Starts a task that writes lines to `out`; `capacity` bounds the queue so a slow reader pushes back.
 pub fn spawn_line_writer<W>(out: W, capacity: usize) -> (LineSink, LineCloser)
@@ -291,7 +292,7 @@ async fn write_line<W: AsyncWrite + Unpin>(
     if let Some(observe) = observer.filter(|_| line.observe) {
         observe(&line.line);
     }
-    out.write_all(&line.line).await?;
+    out.write_all(line.line.bytes()).await?;
     out.write_all(b"\n").await
 }
 
@@ -302,15 +303,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_direct_sink_hands_each_line_on_in_order_until_closed() {
-        let got = Arc::new(std::sync::Mutex::new(Vec::<Bytes>::new()));
+        let got = Arc::new(std::sync::Mutex::new(Vec::<bytes::Bytes>::new()));
         let seen = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
         let into = got.clone();
         let deliver: Deliver = Arc::new(move |line| {
-            into.lock().unwrap().push(line);
+            into.lock().unwrap().push(line.into_bytes());
             true
         });
         let watched = seen.clone();
-        let observer: Observer = Arc::new(move |line: &[u8]| watched.lock().unwrap().push(line.to_vec()));
+        let observer: Observer =
+            Arc::new(move |line: &Message| watched.lock().unwrap().push(line.bytes().to_vec()));
         let closed = Arc::new(AtomicBool::new(false));
         let flag = closed.clone();
         let on_close: OnClose = Box::new(move || flag.store(true, Ordering::SeqCst));

@@ -161,7 +161,7 @@ pub fn object_members<const N: usize>(
 /// with its private key and the text as a borrowed string (what its own deserializer hands over), and
 /// checks nothing else. Should a later serde_json change that, the conversion fails (`None`, a unit
 /// test says so) and the message is read with serde; nothing wrong can come out of it.
-fn trusted_raw(text: &str) -> Option<&RawValue> {
+pub(in crate::jsonrpc) fn trusted_raw(text: &str) -> Option<&RawValue> {
     use serde::de::value::{BorrowedStrDeserializer, Error, MapDeserializer};
     const TOKEN: &str = "$serde_json::private::RawValue";
     let map = MapDeserializer::<_, Error>::new(std::iter::once((TOKEN, BorrowedStrDeserializer::new(text))));

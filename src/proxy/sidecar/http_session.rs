@@ -18,22 +18,22 @@ impl HttpSession {
     /// asked while the server handles a call) to the newest POST still open, as the spec relates
     /// such requests to the request being handled, else the GET stream; other notifications to the
     /// GET stream, else a POST stream, else the backlog until a stream opens.
-    pub(super) fn dispatch(&self, line: Bytes) {
-        let (kind, progress_token) = match Envelope::parse(&line) {
+    pub(super) fn dispatch(&self, line: Message) {
+        let (kind, progress_token) = match line.envelope() {
             Ok(env) => {
                 if env.kind == Kind::Response
                     && let Some(id) = env.id.as_ref()
                     && let Some((_, w)) = self.waiting.remove(id)
                 {
                     let line = match &w.original {
-                        Some(original) => Bytes::from(jsonrpc::with_id(&env, original)),
+                        Some(original) => Message::from(jsonrpc::with_id(&env, original)),
                         None => line.clone(),
                     };
                     let _ = w.out.send(line);
                     return;
                 }
                 if env.kind == Kind::Notification
-                    && jsonrpc::may_contain_key(&line, &SUBSCRIPTION_KEY)
+                    && jsonrpc::may_contain_key(line.bytes(), &SUBSCRIPTION_KEY)
                     && let Some(subscription) = env.params.and_then(|p| subscription_of(p.get()))
                 {
                     return self.to_subscriber(&subscription, &line);

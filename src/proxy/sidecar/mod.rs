@@ -44,7 +44,7 @@ mod stateless;
 use super::session::{Router, Session};
 use super::shared::{DefaultStore, Shared};
 use crate::config::Config;
-use crate::jsonrpc::{self, Envelope, Id, Kind, code};
+use crate::jsonrpc::{self, Id, Kind, Message, code};
 use crate::transport::http_upstream::{self, HttpUpstream, HttpUpstreamOptions};
 use crate::transport::lines::Deliver;
 use crate::transport::stdio::{self, UpstreamProcess};
@@ -112,7 +112,7 @@ pub struct ServeArgs {
 const SUPPORTED_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26"];
 
 /// A message for a client's HTTP stream.
-type Out = mpsc::UnboundedSender<Bytes>;
+type Out = mpsc::UnboundedSender<Message>;
 
 /// The stream of a POST waiting for its answer.
 struct Waiter {
@@ -141,7 +141,7 @@ struct HttpSession {
     /// The standalone GET stream, if open.
     standalone: Mutex<Option<Out>>,
     /// Server-initiated messages with no stream to go to yet (bounded).
-    backlog: Mutex<VecDeque<Bytes>>,
+    backlog: Mutex<VecDeque<Message>>,
     last_active: Mutex<Instant>,
     gone: tokio::sync::watch::Sender<bool>,
     /// Ids given to stateless requests (unique on this connection, whoever sent them).
@@ -350,8 +350,8 @@ type HttpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 /// ends when its sender is gone: for a POST, the dispatcher drops the sender with the answer it
 /// delivers (or when the request is cancelled or the session ends).
 struct SseBody {
-    rx: mpsc::UnboundedReceiver<Bytes>,
-    first: Option<Bytes>,
+    rx: mpsc::UnboundedReceiver<Message>,
+    first: Option<Message>,
     ping: Pin<Box<tokio::time::Sleep>>,
     _guard: Option<TaskTrackerToken>,
 }

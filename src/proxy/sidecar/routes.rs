@@ -129,7 +129,12 @@ impl Sidecar {
             }
             Err(_) => return plain(StatusCode::BAD_REQUEST, "Bad Request: the body could not be read"),
         };
-        let env = match Envelope::parse(&body) {
+        // Read once: the session's routing and the upstream's POST have this reading again.
+        let message = match Message::read(body) {
+            Ok(message) => message,
+            Err((_, e)) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
+        };
+        let env = match message.envelope() {
             Ok(env) => env,
             Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
         };
@@ -152,6 +157,10 @@ impl Sidecar {
         if era != Era::Legacy || (discover && !headers.contains_key("mcp-session-id")) {
             return self.stateless(&headers, &env, era, token).await;
         }
+        let task = match method.as_deref() {
+            Some("tasks/result") => task_id_param(env.params),
+            _ => None,
+        };
         drop(env);
         if let Err(r) = check_session_version(&headers) {
             return r;
@@ -172,15 +181,11 @@ impl Sidecar {
             if let Some(cancelled) = cancelled {
                 session.waiting.remove(&cancelled);
             }
-            session.router.route_client(body.to_vec()).await;
+            session.router.route_client(message).await;
             return accepted();
         }
         let id = id.expect("a request has an id");
-        let task = match method.as_deref() {
-            Some("tasks/result") => task_id_param(&body),
-            _ => None,
-        };
-        let mut response = self.exchange(&session, id, body.to_vec(), token, None, task).await;
+        let mut response = self.exchange(&session, id, message, token, None, task).await;
         if method.as_deref() == Some("initialize") {
             response
                 .headers_mut()
@@ -195,7 +200,7 @@ impl Sidecar {
         self: Arc<Self>,
         session: &Arc<HttpSession>,
         id: Id,
-        line: Vec<u8>,
+        line: Message,
         token: Option<String>,
         original: Option<Id>,
         task: Option<String>,
@@ -228,7 +233,7 @@ impl Sidecar {
             };
             return rpc_error(StatusCode::OK, Some(&answer_id), code::UPSTREAM_GONE, why);
         };
-        let error_code = match Envelope::parse(&first) {
+        let error_code = match first.envelope() {
             Ok(e) if e.kind == Kind::Response && e.id.as_ref() == Some(&answer_id) => {
                 e.error.map(|e| jsonrpc::error_code_of(e.get()))
             }
@@ -245,14 +250,14 @@ impl Sidecar {
         let error_code = error_code.flatten();
         // (Read further only when the code says it is the HTTP transport's refusal.)
         let refusal = match error_code {
-            Some(http_upstream::REFUSED) => upstream_refusal(&first),
+            Some(http_upstream::REFUSED) => upstream_refusal(first.bytes()),
             _ => None,
         };
         match (refusal, error_code) {
             // The hosted server refused the credential: the client sees the HTTP answer itself
             // (status and WWW-Authenticate), so its OAuth flow can act.
             (Some((status, challenge)), _) => {
-                let mut r = full(status, "application/json", first);
+                let mut r = full(status, "application/json", first.into_bytes());
                 if let Some(c) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
                     r.headers_mut().insert(header::WWW_AUTHENTICATE, c);
                 }
@@ -260,12 +265,12 @@ impl Sidecar {
             }
             // 2026-07-28 errors about the request itself are HTTP 400, an unknown method is a 404.
             (None, Some(code)) if code::is_modern_client_error(code) => {
-                full(StatusCode::BAD_REQUEST, "application/json", first)
+                full(StatusCode::BAD_REQUEST, "application/json", first.into_bytes())
             }
             (None, Some(code::METHOD_NOT_FOUND)) if stateless => {
-                full(StatusCode::NOT_FOUND, "application/json", first)
+                full(StatusCode::NOT_FOUND, "application/json", first.into_bytes())
             }
-            _ => full(StatusCode::OK, "application/json", first),
+            _ => full(StatusCode::OK, "application/json", first.into_bytes()),
         }
     }
 

@@ -56,10 +56,10 @@ impl Body for SseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if let Some(line) = self.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(sse_event(&line)))));
+            return Poll::Ready(Some(Ok(Frame::data(sse_event(line.bytes())))));
         }
         match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(line)) => Poll::Ready(Some(Ok(Frame::data(sse_event(&line))))),
+            Poll::Ready(Some(line)) => Poll::Ready(Some(Ok(Frame::data(sse_event(line.bytes()))))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 if self.ping.as_mut().poll(cx).is_ready() {
@@ -95,15 +95,14 @@ pub(super) fn upstream_refusal(line: &[u8]) -> Option<(StatusCode, Option<String
 }
 
 /// The task a server request is asked for (`_meta` related-task), if any.
-pub(super) fn related_task_of_line(line: &[u8]) -> Option<String> {
-    let env = Envelope::parse(line).ok()?;
+pub(super) fn related_task_of_line(line: &Message) -> Option<String> {
+    let env = line.envelope().ok()?;
     crate::tasks::model::related_task_of(env.params?.get())
 }
 
-/// The `taskId` of a `tasks/*` request.
-pub(super) fn task_id_param(body: &[u8]) -> Option<String> {
-    let params = Envelope::parse(body).ok()?.params?;
-    serde_json::from_str::<serde_json::Value>(params.get()).ok()?.get("taskId")?.as_str().map(str::to_owned)
+/// The `taskId` of a `tasks/*` request's params.
+pub(super) fn task_id_param(params: Option<&serde_json::value::RawValue>) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(params?.get()).ok()?.get("taskId")?.as_str().map(str::to_owned)
 }
 
 /// The `progressToken` of a progress notification's params, as JSON text.

@@ -75,21 +75,23 @@ impl Sidecar {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             return Err(r);
         }
-        type Output = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
-        let (process, http, upstream_in, upstream_out): (_, _, _, Output) = match &self.args.upstream {
+        let (process, http, upstream_in, upstream_out) = match &self.args.upstream {
             Some(options) => {
-                // The session's requests go straight to their POSTs.
-                let (sink, r, handle) = http_upstream::connect_lines(options.clone());
+                // The session's requests go straight to their POSTs, the answers come back read.
+                let (sink, lines, handle) = http_upstream::connect_lines(options.clone());
                 if self.args.pass_client_authorization {
                     // The client's credential goes to the hosted server unchanged (never logged).
                     handle.set_authorization(headers.get(header::AUTHORIZATION).cloned());
                 }
-                (None, Some(handle), sink, Box::new(r))
+                (None, Some(handle), sink, UpstreamOut::Messages(lines))
             }
             None => match UpstreamProcess::spawn(&self.args.command) {
-                Ok((p, child_in, child_out)) => {
-                    (Some(p), None, Session::upstream_writer(child_in), Box::new(child_out))
-                }
+                Ok((p, child_in, child_out)) => (
+                    Some(p),
+                    None,
+                    Session::upstream_writer(child_in),
+                    UpstreamOut::Bytes(Box::new(child_out)),
+                ),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the upstream for a new session");
                     return Err(rpc_error(
@@ -104,10 +106,10 @@ impl Sidecar {
         // What the session writes for the client goes straight to the HTTP streams. Lines written
         // before the session below exists (its task notifier starts with it) wait, in order, until
         // it does.
-        let early: Arc<Mutex<Option<Vec<Bytes>>>> = Arc::new(Mutex::new(Some(Vec::new())));
+        let early: Arc<Mutex<Option<Vec<Message>>>> = Arc::new(Mutex::new(Some(Vec::new())));
         let http = Arc::new_cyclic(|me: &std::sync::Weak<HttpSession>| {
             let (me, early) = (me.clone(), early.clone());
-            let deliver: Deliver = Arc::new(move |line: Bytes| {
+            let deliver: Deliver = Arc::new(move |line: Message| {
                 let mut waiting = early.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(queue) = waiting.as_mut() {
                     queue.push(line);
@@ -153,7 +155,10 @@ impl Sidecar {
         let this = self.clone();
         let watched = http.clone();
         tokio::spawn(async move {
-            router.pump_upstream(upstream_out).await;
+            match upstream_out {
+                UpstreamOut::Bytes(output) => router.pump_upstream(output).await,
+                UpstreamOut::Messages(mut lines) => router.pump_upstream_messages(&mut lines).await,
+            }
             let stateless =
                 this.stateless.iter().find(|e| Arc::ptr_eq(e.value(), &watched)).map(|e| e.key().clone());
             if this.sessions.remove(&watched.id).is_some() || stateless.is_some() {
@@ -166,4 +171,10 @@ impl Sidecar {
         });
         Ok(http)
     }
+}
+
+/// What a session's upstream writes: a child's stdout, or an HTTP upstream's messages.
+enum UpstreamOut {
+    Bytes(Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    Messages(http_upstream::UpstreamLines),
 }

@@ -3,10 +3,9 @@
 //! `subscriptions/listen` streams that carry only their own subscription's messages.
 
 use super::{HttpBody, HttpSession, Sidecar, accepted, full, short};
-use crate::jsonrpc::{self, Envelope, Id, Kind, code};
+use crate::jsonrpc::{self, Envelope, Id, Kind, Message, code};
 use crate::proxy::era::{self, Era};
 use crate::proxy::intercept::SUBSCRIPTION_ID;
-use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -52,13 +51,16 @@ impl Sidecar {
         };
         session.touch();
         let Some(original) = env.id.clone().filter(|_| env.kind == Kind::Request) else {
-            session.router.route_client(jsonrpc::notification(method, env.params.map(|p| p.get()))).await;
+            session
+                .router
+                .route_client(jsonrpc::notification(method, env.params.map(|p| p.get())).into())
+                .await;
             return accepted();
         };
         let n = session.next_internal.fetch_add(1, Ordering::Relaxed);
         let internal = Id::string(&format!("stateless-{n}"));
         let line = jsonrpc::with_id(env, &internal);
-        self.exchange(&session, internal, line, token, Some(original), None).await
+        self.exchange(&session, internal, line.into(), token, Some(original), None).await
     }
 
     /// The upstream connection that serves stateless requests of this credential, opened (and
@@ -101,10 +103,10 @@ impl Sidecar {
 impl HttpSession {
     /// A message of a `subscriptions/listen` goes on that request's stream, and nowhere else. When
     /// the stream is gone, so is the subscription: it is cancelled as if the client had.
-    pub(super) fn to_subscriber(&self, subscription: &Id, line: &Bytes) {
+    pub(super) fn to_subscriber(&self, subscription: &Id, line: &Message) {
         if let Some(w) = self.waiting.get(subscription) {
             let line = match &w.original {
-                Some(original) => Bytes::from(with_subscription_id(line, original)),
+                Some(original) => Message::from(with_subscription_id(line.bytes(), original)),
                 None => line.clone(),
             };
             if w.out.send(line).is_ok() {
@@ -115,7 +117,7 @@ impl HttpSession {
         let params = format!("{{\"requestId\":{},\"reason\":\"the stream closed\"}}", subscription.as_json());
         let cancel = jsonrpc::notification("notifications/cancelled", Some(&params));
         let router = self.router.clone();
-        tokio::spawn(async move { router.route_client(cancel).await });
+        tokio::spawn(async move { router.route_client(cancel.into()).await });
     }
 }
 

@@ -3,6 +3,7 @@
 //! goes upstream (its `traceparent` found while its params are read).
 
 use super::*;
+use crate::jsonrpc::Message;
 
 /// What is known of a client request while it is answered.
 struct Operation {
@@ -401,11 +402,11 @@ impl Operations {
     }
 
     /// A line is about to be written to the client: a response ends its request's measurement.
-    pub fn observe_client_line(&self, line: &[u8]) {
+    pub fn observe_client_line(&self, line: &Message) {
         if self.open.is_empty() {
             return;
         }
-        let Ok(env) = Envelope::parse(line) else { return };
+        let Ok(env) = line.envelope() else { return };
         if env.kind != Kind::Response {
             return;
         }

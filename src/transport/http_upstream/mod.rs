@@ -25,7 +25,7 @@ mod session;
 mod stream;
 
 use crate::auth::UpstreamAuth;
-use crate::jsonrpc;
+use crate::jsonrpc::{self, Message};
 use crate::transport::lines::{LineCloser, LineSink};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response, StatusCode, Uri, header};
@@ -186,13 +186,24 @@ pub fn connect(
     (session_writer, session_reader, handle)
 }
 
-/// [`connect`] for a session in this process that writes lines: its upstream-bound lines go straight
-/// to their POSTs (no writer task, no byte stream between); closing the sink ends the session.
-pub fn connect_lines(
-    options: HttpUpstreamOptions,
-) -> ((LineSink, LineCloser), impl AsyncRead + Send + Unpin + 'static, HttpUpstream) {
+/// [`connect`] for a session in this process that writes and reads whole messages: its
+/// upstream-bound lines go straight to their POSTs, and the upstream's messages come out of
+/// [`UpstreamLines`] as they were read (no writer task, no byte stream in either direction);
+/// closing the sink ends the session.
+pub fn connect_lines(options: HttpUpstreamOptions) -> ((LineSink, LineCloser), UpstreamLines, HttpUpstream) {
     let (session_writer, session_reader, handle) = open(options);
-    (session_writer.into_direct(), session_reader, handle)
+    (session_writer.into_direct(), UpstreamLines(session_reader), handle)
+}
+
+/// The upstream's messages for a session in this process ([`connect_lines`]).
+pub struct UpstreamLines(pipe::LinesDown);
+
+impl UpstreamLines {
+    /// The next message from the upstream, as the upstream's answer was read (its envelope with
+    /// it); `None` once the session has ended and every message before its end was taken.
+    pub async fn next(&mut self) -> Option<Message> {
+        self.0.next().await
+    }
 }
 
 fn open(options: HttpUpstreamOptions) -> (pipe::LinesUp, pipe::LinesDown, HttpUpstream) {

@@ -10,7 +10,7 @@
 //! the cost.
 
 use super::{DRAIN_TIMEOUT, FAILED, Inner, MAX_MESSAGE};
-use crate::jsonrpc;
+use crate::jsonrpc::{self, Message};
 use crate::transport::lines::{Deliver, HEAD_BYTES, Line, LineCloser, LineSink, OnClose, direct_line_sink};
 use bytes::{Buf, Bytes};
 use std::future::Future;
@@ -25,13 +25,13 @@ use tokio::task::JoinSet;
 /// Where the upstream's lines go: toward the session's reader ([`LinesDown`]).
 #[derive(Clone)]
 pub(super) struct ToSession {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Message>,
 }
 
 impl ToSession {
     /// Queues one line (without newline), waiting while the session is behind. Returns `false` when
     /// the session no longer reads.
-    pub(super) async fn send(&self, line: impl Into<Bytes>) -> bool {
+    pub(super) async fn send(&self, line: impl Into<Message>) -> bool {
         self.tx.send(line.into()).await.is_ok()
     }
 }
@@ -47,12 +47,32 @@ pub(super) fn to_session(capacity: usize) -> (ToSession, LinesDown, oneshot::Sen
 /// The upstream's lines as a byte stream, each followed by `\n`; ends after the end switch is
 /// flipped (or dropped) and the queue is read, or when every sender is gone.
 pub(super) struct LinesDown {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Message>,
     ended: Option<oneshot::Receiver<()>>,
     /// What is left of the line being read out.
     current: Bytes,
     /// The line in `current` was read out but its newline was not.
     newline_due: bool,
+}
+
+impl LinesDown {
+    /// The next line, for a session in this process that takes whole messages (no byte stream, no
+    /// reading back into lines): what [`AsyncRead`] reads, one message at a time. `None` at the same
+    /// end. Not to be mixed with reading bytes.
+    pub(super) async fn next(&mut self) -> Option<Message> {
+        loop {
+            let Some(ended) = self.ended.as_mut() else { return self.rx.recv().await };
+            tokio::select! {
+                biased;
+                line = self.rx.recv() => return line,
+                _ = ended => {
+                    // Read what was queued before the end, then end; later lines are refused.
+                    self.ended = None;
+                    self.rx.close();
+                }
+            }
+        }
+    }
 }
 
 impl AsyncRead for LinesDown {
@@ -80,7 +100,7 @@ impl AsyncRead for LinesDown {
             // Everything queued goes out in one read, so the session reads a burst at once.
             match this.rx.poll_recv(cx) {
                 Poll::Ready(Some(line)) => {
-                    this.current = line;
+                    this.current = line.into_bytes();
                     // An empty line still gets its newline (the reader skips it, like a pipe's).
                     this.newline_due = true;
                     continue;
@@ -231,7 +251,7 @@ impl LinesUp {
         for line in lines.drain(..) {
             match line {
                 Line::Message(line) => {
-                    self.in_flight.spawn_on(self.inner.clone().deliver(line), &self.runtime);
+                    self.in_flight.spawn_on(self.inner.clone().deliver(Message::from(line)), &self.runtime);
                 }
                 Line::TooLong { len, head } => {
                     let (id, is_call) = jsonrpc::sniff_head(&head);
@@ -263,19 +283,25 @@ impl LinesUp {
         let up = Arc::new(std::sync::Mutex::new(self));
         let sending = up.clone();
         let deliver: Deliver =
-            Arc::new(move |line: Bytes| sending.lock().unwrap_or_else(|e| e.into_inner()).post(line));
+            Arc::new(move |line: Message| sending.lock().unwrap_or_else(|e| e.into_inner()).post(line));
         let on_close: OnClose = Box::new(move || up.lock().unwrap_or_else(|e| e.into_inner()).finish());
         direct_line_sink(deliver, None, Some(on_close))
     }
 
     /// Posts one whole line, framed by the splitter's own rule for a complete line (an oversized one
-    /// is answered, a blank one skipped); `false` once the session has ended.
-    fn post(&mut self, line: Bytes) -> bool {
+    /// is answered, a blank one skipped); `false` once the session has ended. A message the session
+    /// has read (a JSON object, so not blank) within the size goes as it is, with its reading.
+    fn post(&mut self, line: Message) -> bool {
         if self.end.is_none() {
             return false;
         }
+        if line.is_read() && line.len() <= self.splitter.max {
+            while self.in_flight.try_join_next().is_some() {}
+            self.in_flight.spawn_on(self.inner.clone().deliver(line), &self.runtime);
+            return true;
+        }
         let mut lines = std::mem::take(&mut self.lines);
-        self.splitter.line(Vec::from(line), &mut lines);
+        self.splitter.line(Vec::from(line.into_bytes()), &mut lines);
         self.send(lines);
         true
     }

@@ -8,7 +8,7 @@ use super::{
     ACCEPT_POST, ERROR_BODY, EVENT_STREAM, FAILED, Inner, JSON, MAX_MESSAGE, MCP_SESSION_ID, REFUSED,
     STREAM_BROKE, content_type, http_status,
 };
-use crate::jsonrpc::{self, Envelope, Id, Kind, ParseError};
+use crate::jsonrpc::{self, Id, Kind, Message, ParseError};
 use crate::transport::sse::{SeenIds, SseParser};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
@@ -118,8 +118,8 @@ pub(super) enum Posted {
 
 impl Inner {
     /// Sends one line from the session upstream, and its answer (or an error answering it) back.
-    pub(super) async fn deliver(self: Arc<Self>, line: Vec<u8>) {
-        let (kind, id, method, routing) = match Envelope::parse(&line) {
+    pub(super) async fn deliver(self: Arc<Self>, line: Message) {
+        let (kind, id, method, routing) = match line.envelope() {
             Ok(env) => {
                 let routing = env.method.and_then(|m| Routing::of(m, env.params));
                 (Some(env.kind), env.id, env.method.map(str::to_owned), routing)
@@ -138,10 +138,10 @@ impl Inner {
         }
         tracing::debug!(?kind, ?id, method, bytes = line.len(), "POST to the upstream");
         if initialize {
-            *self.initialize.lock().expect("not poisoned") = Some(line.clone());
+            *self.initialize.lock().expect("not poisoned") = Some(line.bytes().to_vec());
         }
         let expect = Expect { id, initialize, swallow: false, routing };
-        match self.post(Bytes::from(line), &expect).await {
+        match self.post(line.into_bytes(), &expect).await {
             Ok(_) => {
                 if kind == Some(Kind::Notification) && method == Some("notifications/initialized") {
                     self.start_get_stream();
@@ -325,28 +325,27 @@ impl Inner {
             }
             return Ok(answer);
         }
-        // One message: reading its envelope proves it JSON, so it is read once. What is not JSON is
-        // refused in serde_json's words, as before.
-        let line = compact(data);
-        let env = match Envelope::parse(&line) {
-            Err(ParseError::NotJson(_)) => match serde_json::from_slice::<&RawValue>(data) {
+        // One message: reading its envelope proves it JSON, so it is read once (and the session has
+        // that reading). What is not JSON is refused in serde_json's words, as before.
+        let message = match Message::read(compact(data).into_owned()) {
+            Err((line, ParseError::NotJson(_))) => match serde_json::from_slice::<&RawValue>(data) {
                 Err(e) => return Err(e.to_string()),
-                Ok(_) => None,
+                Ok(_) => Message::from(line),
             },
-            env => env.ok(),
+            Err((line, _)) => Message::from(line),
+            Ok(message) => message,
         };
-        Ok(self.relay_parsed(&line, env, expect).await)
+        Ok(self.relay_read(message, expect).await)
     }
 
     /// Relays one message as one line (unless it is the answer to our own request).
     pub(super) async fn relay_message(&self, message: &[u8], expect: &Expect) -> Option<Answer> {
-        let line = compact(message);
-        let env = Envelope::parse(&line).ok();
-        self.relay_parsed(&line, env, expect).await
+        self.relay_read(Message::read_or_keep(compact(message).into_owned()), expect).await
     }
 
-    /// Relays `line`, read as `env`, unless it is the answer to our own request.
-    async fn relay_parsed(&self, line: &[u8], env: Option<Envelope<'_>>, expect: &Expect) -> Option<Answer> {
+    /// Relays `line` unless it is the answer to our own request.
+    async fn relay_read(&self, line: Message, expect: &Expect) -> Option<Answer> {
+        let env = line.envelope().ok();
         let answer = match &env {
             Some(env) if env.kind == Kind::Response && env.id.is_some() && env.id == expect.id => {
                 Some(match env.error {
@@ -366,7 +365,7 @@ impl Inner {
         }
         drop(env);
         if !swallowed {
-            self.out.send(line.to_vec()).await;
+            self.out.send(line).await;
         }
         answer
     }
