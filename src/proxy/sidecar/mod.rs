@@ -161,6 +161,7 @@ struct Sidecar {
     in_flight: TaskTracker,
     /// Requests being handled (until their response head): `--max-concurrent-requests`.
     concurrency: Arc<tokio::sync::Semaphore>,
+    /// The hosts a `Host` header may name (read as `host_of` reads one: lowercase, no port).
     allowed_hosts: Vec<String>,
 }
 
@@ -249,10 +250,17 @@ impl Sidecar {
 impl Sidecar {
     /// The sidecar's state, serving at `bound`.
     async fn new(config: &Config, args: ServeArgs, bound: SocketAddr) -> anyhow::Result<Arc<Sidecar>> {
-        let mut allowed_hosts: Vec<String> =
-            ["localhost", "127.0.0.1", "[::1]"].iter().map(|h| h.to_string()).collect();
-        allowed_hosts.push(bound.ip().to_string());
-        allowed_hosts.extend(args.allow_hosts.iter().map(|h| h.to_ascii_lowercase()));
+        // The names a Host header may give, as `host_of` reads one (an IPv6 address in brackets),
+        // read once here rather than for each request.
+        let bound_host = match bound.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let allowed_hosts = ["localhost", "127.0.0.1", "[::1]", bound_host.as_str()]
+            .into_iter()
+            .chain(args.allow_hosts.iter().map(String::as_str))
+            .map(host_of)
+            .collect();
         let shared = Shared::open(config, DefaultStore::Memory).await?;
         Ok(Arc::new(Sidecar {
             config: config.clone(),
@@ -363,6 +371,15 @@ mod tests {
     use tower::ServiceExt;
 
     async fn sidecar(max_message_bytes: usize, max_concurrent_requests: usize) -> Arc<Sidecar> {
+        sidecar_at("127.0.0.1:8931", &[], max_message_bytes, max_concurrent_requests).await
+    }
+
+    async fn sidecar_at(
+        bound: &str,
+        allow_hosts: &[&str],
+        max_message_bytes: usize,
+        max_concurrent_requests: usize,
+    ) -> Arc<Sidecar> {
         let mut config = Config::default();
         config.proxy.max_message_bytes = max_message_bytes;
         let args = ServeArgs {
@@ -372,12 +389,12 @@ mod tests {
             worker_threads: 1,
             session_idle_secs: 60,
             allow_origins: Vec::new(),
-            allow_hosts: Vec::new(),
+            allow_hosts: allow_hosts.iter().map(|h| h.to_string()).collect(),
             command: vec!["true".into()],
             upstream: None,
             pass_client_authorization: false,
         };
-        Sidecar::new(&config, args, "127.0.0.1:8931".parse().unwrap()).await.unwrap()
+        Sidecar::new(&config, args, bound.parse().unwrap()).await.unwrap()
     }
 
     fn post(body: &'static str) -> Request<Full<Bytes>> {
@@ -417,6 +434,31 @@ mod tests {
         let r = s.service().oneshot(post("not json")).await.unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         assert!(text(r).await.contains("-32700"), "a parse error");
+    }
+
+    #[tokio::test]
+    async fn the_host_it_is_bound_to_and_the_allowed_ones_pass_the_host_check() {
+        let s = sidecar_at("[fe80::1]:8931", &["MCP.Example.com:443"], 1024, 8).await;
+        let with_host = |host: &'static str| {
+            let mut r = post("not json");
+            r.headers_mut().insert(header::HOST, HeaderValue::from_static(host));
+            r
+        };
+        for host in [
+            "[fe80::1]:8931",
+            "[FE80::1]",
+            "localhost:8931",
+            "[::1]:8931",
+            "mcp.example.com",
+            "mcp.example.COM:8443",
+        ] {
+            let r = s.service().oneshot(with_host(host)).await.unwrap();
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{host} passes the check (then a parse error)");
+        }
+        for host in ["fe80", "[fe80::2]:8931", "example.com", "mcp.example.com.evil"] {
+            let r = s.service().oneshot(with_host(host)).await.unwrap();
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{host} is refused");
+        }
     }
 
     #[tokio::test]

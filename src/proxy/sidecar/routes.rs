@@ -8,7 +8,7 @@ impl Sidecar {
     pub(super) fn check_origin(&self, headers: &HeaderMap) -> Result<(), Response<HttpBody>> {
         if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
             let h = host_of(host);
-            if !self.allowed_hosts.iter().any(|a| host_of(a) == h) {
+            if !self.allowed_hosts.contains(&h) {
                 tracing::warn!(host = %h, "refused a request for an unknown Host (DNS rebinding?)");
                 return Err(plain(StatusCode::FORBIDDEN, "Forbidden: unknown Host (see --allow-host)"));
             }
