@@ -92,11 +92,20 @@ impl SseParser {
                 }
             }
             match memchr::memchr2(b'\n', b'\r', chunk) {
+                // The usual case: the whole line is in this chunk, read where it stands.
+                Some(i) if self.line.is_empty() && i <= MAX_EVENT_BYTES => {
+                    self.after_cr = chunk[i] == b'\r';
+                    self.field(&chunk[..i], out);
+                    chunk = &chunk[i + 1..];
+                }
                 Some(i) => {
                     self.push_line_bytes(&chunk[..i]);
                     self.after_cr = chunk[i] == b'\r';
                     chunk = &chunk[i + 1..];
-                    self.end_line(out);
+                    let line = std::mem::take(&mut self.line);
+                    self.field(&line, out);
+                    self.line = line;
+                    self.line.clear();
                 }
                 None => {
                     self.push_line_bytes(chunk);
@@ -114,20 +123,20 @@ impl SseParser {
         self.line.extend_from_slice(bytes);
     }
 
-    fn end_line(&mut self, out: &mut Vec<SseEvent>) {
-        let line = std::mem::take(&mut self.line);
+    /// One complete line (without its ending).
+    fn field(&mut self, line: &[u8], out: &mut Vec<SseEvent>) {
         if line.is_empty() {
             return self.dispatch(out);
         }
         if line[0] == b':' {
             return; // a comment (keep-alive)
         }
-        let (field, value) = match memchr::memchr(b':', &line) {
+        let (field, value) = match memchr::memchr(b':', line) {
             Some(i) => {
                 let value = &line[i + 1..];
                 (&line[..i], value.strip_prefix(b" ").unwrap_or(value))
             }
-            None => (&line[..], &b""[..]),
+            None => (line, &b""[..]),
         };
         match field {
             b"data" => {
@@ -135,17 +144,25 @@ impl SseParser {
                 if self.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
                     self.oversized = true;
                 } else {
+                    // Sized for this line and its "\n" at once (most events have one data line).
+                    self.data.reserve(value.len() + 1);
                     self.data.extend_from_slice(value);
                     self.data.push(b'\n');
                 }
                 self.has_data = true;
             }
-            b"event" => self.event = value.to_vec(),
+            b"event" => {
+                self.event.clear();
+                self.event.extend_from_slice(value);
+            }
             b"id" if !value.contains(&0) => {
                 self.block_has_fields = true;
-                let id = String::from_utf8_lossy(value).into_owned();
-                self.block_id = Some(id.clone());
-                self.id_buffer = Some(id);
+                let id = String::from_utf8_lossy(value);
+                // The buffer keeps its allocation from one event to the next.
+                let buffer = self.id_buffer.get_or_insert_with(String::new);
+                buffer.clear();
+                buffer.push_str(&id);
+                self.block_id = Some(id.into_owned());
             }
             b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
                 if let Some(ms) = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok()) {
@@ -154,22 +171,23 @@ impl SseParser {
             }
             _ => {}
         }
-        self.line = line;
-        self.line.clear();
     }
 
     fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
-        self.last_event_id = self.id_buffer.clone();
+        self.last_event_id.clone_from(&self.id_buffer);
         if self.block_has_fields {
             self.blocks += 1;
         }
         let id = self.block_id.take();
-        let event = std::mem::take(&mut self.event);
         let mut data = std::mem::take(&mut self.data);
         let (has_data, oversized) = (self.has_data, self.oversized);
         self.has_data = false;
         self.oversized = false;
         self.block_has_fields = false;
+        // (The type's buffer is kept for the next event.)
+        let other_type = (!self.event.is_empty() && self.event != b"message")
+            .then(|| String::from_utf8_lossy(&self.event).into_owned());
+        self.event.clear();
         if oversized {
             tracing::warn!(
                 max = MAX_EVENT_BYTES,
@@ -181,8 +199,8 @@ impl SseParser {
             return; // no data (a priming event, say): nothing to dispatch
         }
         data.pop(); // the last "\n"
-        if !event.is_empty() && event != b"message" {
-            tracing::debug!(event = %String::from_utf8_lossy(&event), "skipped an SSE event of another type");
+        if let Some(event) = other_type {
+            tracing::debug!(event, "skipped an SSE event of another type");
             return;
         }
         out.push(SseEvent { id, data });

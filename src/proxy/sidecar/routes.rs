@@ -105,7 +105,8 @@ impl Sidecar {
     }
 
     pub(super) async fn post<B: RequestBody>(self: Arc<Self>, req: Request<B>) -> Response<HttpBody> {
-        let headers = req.headers().clone();
+        let (parts, body) = req.into_parts();
+        let headers = parts.headers;
         let json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
             v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json")
         });
@@ -122,7 +123,7 @@ impl Sidecar {
             );
         }
         let max = self.config.proxy.max_message_bytes;
-        let body = match Limited::new(req.into_body(), max).collect().await {
+        let body = match Limited::new(body, max).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 return plain(StatusCode::PAYLOAD_TOO_LARGE, &format!("Payload Too Large: over {max} bytes"));

@@ -325,7 +325,8 @@ impl Operations {
             None => self.session_version.get().cloned(),
         };
         let attrs = op_attrs(method, tool);
-        let name = span_name(method, tool);
+        // The spans' name (nothing to make without traces).
+        let name = if trace_on() { span_name(method, tool) } else { String::new() };
         let mut slot = None;
         let server = trace_on().then(|| {
             // Where the CLIENT span's traceparent will go, from this reading of the params (a `_meta`

@@ -299,7 +299,7 @@ impl Inner {
         if !body.iter().all(u8::is_ascii_whitespace) && !content_type.starts_with(JSON) {
             tracing::warn!(content_type, "the upstream answered a POST with an unexpected content type");
         }
-        let answer = self.relay(&body, expect).await.map_err(Failure::Invalid)?;
+        let answer = self.relay(body, expect).await.map_err(Failure::Invalid)?;
         if answer.is_none() && expect.id.is_some() {
             // A request's POST must be answered in its body (JSON) or stream (SSE): nothing will come.
             return Err(Failure::Invalid("its body holds no answer to the request".into()));
@@ -308,14 +308,17 @@ impl Inner {
     }
 
     /// Relays one JSON body or event (a message or a batch) to the session as lines; returns the
-    /// answer to the awaited request if it was among them.
-    pub(super) async fn relay(&self, data: &[u8], expect: &Expect) -> Result<Option<Answer>, String> {
-        let data = data.trim_ascii();
+    /// answer to the awaited request if it was among them. A message on one line goes on in the
+    /// bytes it came in, without a copy.
+    pub(super) async fn relay(&self, data: Bytes, expect: &Expect) -> Result<Option<Answer>, String> {
+        let start = data.len() - data.trim_ascii_start().len();
+        let end = start + data[start..].trim_ascii_end().len();
+        let data = data.slice(start..end);
         if data.is_empty() {
             return Ok(None);
         }
         if data.first() == Some(&b'[') {
-            let value: &RawValue = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+            let value: &RawValue = serde_json::from_slice(&data).map_err(|e| e.to_string())?;
             let batch: Vec<&RawValue> = serde_json::from_str(value.get()).map_err(|e| e.to_string())?;
             let mut answer = None;
             for message in batch {
@@ -327,8 +330,12 @@ impl Inner {
         }
         // One message: reading its envelope proves it JSON, so it is read once (and the session has
         // that reading). What is not JSON is refused in serde_json's words, as before.
-        let message = match Message::read(compact(data).into_owned()) {
-            Err((line, ParseError::NotJson(_))) => match serde_json::from_slice::<&RawValue>(data) {
+        let line = match compact(&data) {
+            Cow::Borrowed(_) => data.clone(),
+            Cow::Owned(line) => Bytes::from(line),
+        };
+        let message = match Message::read(line) {
+            Err((line, ParseError::NotJson(_))) => match serde_json::from_slice::<&RawValue>(&data) {
                 Err(e) => return Err(e.to_string()),
                 Ok(_) => Message::from(line),
             },

@@ -245,17 +245,31 @@ impl Inner {
         expect: &Expect,
     ) -> StreamEnd {
         let mut events = Vec::new();
+        // One timer for the stream's silence, moved on only when it fires before the silence is
+        // long enough (a timer for each frame cost more than reading the frame).
+        let mut heard = Instant::now();
+        let silence = tokio::time::sleep_until(heard + SSE_IDLE_TIMEOUT);
+        tokio::pin!(silence);
         loop {
-            let frame = match tokio::time::timeout(SSE_IDLE_TIMEOUT, body.frame()).await {
-                Err(_) => {
+            let frame = tokio::select! {
+                biased;
+                frame = body.frame() => frame,
+                () = &mut silence => {
+                    if heard.elapsed() < SSE_IDLE_TIMEOUT {
+                        silence.as_mut().reset(heard + SSE_IDLE_TIMEOUT);
+                        continue;
+                    }
                     return StreamEnd::Broke(format!(
                         "the stream was silent for {} s",
                         SSE_IDLE_TIMEOUT.as_secs()
                     ));
                 }
-                Ok(None) => return StreamEnd::Ended,
-                Ok(Some(Err(e))) => return StreamEnd::Broke(crate::logging::error_chain(&e)),
-                Ok(Some(Ok(frame))) => frame,
+            };
+            heard = Instant::now();
+            let frame = match frame {
+                None => return StreamEnd::Ended,
+                Some(Err(e)) => return StreamEnd::Broke(crate::logging::error_chain(&e)),
+                Some(Ok(frame)) => frame,
             };
             let Ok(data) = frame.into_data() else { continue };
             parser.feed(&data, &mut events);
@@ -267,7 +281,7 @@ impl Inner {
                     tracing::debug!("skipped an SSE event seen before the stream was resumed");
                     continue;
                 }
-                match self.relay(&event.data, expect).await {
+                match self.relay(Bytes::from(event.data), expect).await {
                     Ok(Some(answer)) => answered = Some(answer),
                     Ok(None) => {}
                     Err(e) => {
