@@ -3,8 +3,9 @@
 //! The session writes upstream-bound lines into a [`LinesUp`]: each complete line is posted on a task
 //! of its own the moment it is written (concurrent: a slow call never holds up another). The
 //! sidecar's sessions hand it whole lines ([`LinesUp::into_direct`]), the stdio wrapper a byte
-//! stream it splits. The
-//! upstream's lines queue in a channel that [`LinesDown`] reads, a newline after each. A byte pipe
+//! stream it splits. The upstream's lines queue in a channel that [`LinesDown`] reads, a newline
+//! after each, or hands over as whole messages, read where they arrived ([`LinesDown::next`], the
+//! sidecar's). A byte pipe
 //! and a line-reading task in each direction did the same with two more thread hand-offs and two
 //! more copies per message; on the sidecar's hop to an HTTP upstream those hand-offs were most of
 //! the cost.
