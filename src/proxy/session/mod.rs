@@ -4,6 +4,9 @@
 //! for an answer, so a slow call delays nothing else, and server-initiated requests (sampling,
 //! elicitation, roots), progress and cancellation flow while calls are in flight. Each line is
 //! classified by a light envelope parse; what is not intercepted is forwarded as its original bytes.
+//! `pump` reads the two inputs into messages; this file routes them.
+
+mod pump;
 
 use super::era::{self, Era};
 use super::intercept::{ClientAnswer, Decision, Interceptor, ResponseFate, Rewrite, ServerRequestRoute};
@@ -14,16 +17,15 @@ use crate::jsonrpc::Outcome;
 use crate::jsonrpc::{self, Id, Kind, Message, code};
 use crate::notion::adapter::NotionAdapter;
 use crate::telemetry::trace::Operations;
-use crate::transport::http_upstream::UpstreamLines;
+use crate::transport::lines::LineSink;
 use crate::transport::lines::{
     Deliver, LineCloser, direct_line_sink, spawn_line_writer, spawn_observed_line_writer,
 };
-use crate::transport::lines::{HEAD_BYTES, Line, LineReader, LineSink};
 use crate::upstream::Upstream;
 use crate::upstream::own::OwnWaiter;
 use serde_json::value::RawValue;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncWrite;
 
 /// How many messages may queue toward one side before the other side's reader waits.
 const QUEUE: usize = 1024;
@@ -163,89 +165,6 @@ impl Router {
         ops: Option<Arc<Operations>>,
     ) -> Self {
         Router { client, upstream, pending, intercept, max_message_bytes, ops }
-    }
-
-    /// Reads client messages until the client's stream ends.
-    pub async fn pump_client<R: AsyncRead + Unpin>(&self, input: R) {
-        let mut reader = LineReader::new(input, self.max_message_bytes);
-        loop {
-            match reader.next_line().await {
-                Ok(Some(Line::Message(line))) => self.route_client(line.into()).await,
-                Ok(Some(Line::TooLong { len, head })) => {
-                    let (id, is_call) = jsonrpc::sniff_head(&head);
-                    tracing::warn!(
-                        bytes = len,
-                        max = self.max_message_bytes,
-                        id = ?id,
-                        "refused an oversized message from the client"
-                    );
-                    // A request gets its answer under its own id, so it does not wait forever; a
-                    // notification or a response (or an id past the cut) gets one with id null.
-                    let msg = format!(
-                        "invalid request: the message is {len} bytes, over the maximum of {} bytes (proxy.max_message_bytes)",
-                        self.max_message_bytes
-                    );
-                    let id = id.filter(|_| is_call);
-                    self.client
-                        .send(jsonrpc::error_response(id.as_ref(), code::INVALID_REQUEST, &msg, None))
-                        .await;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading from the client failed");
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Reads upstream messages until the upstream's stream ends.
-    pub async fn pump_upstream<R: AsyncRead + Unpin>(&self, input: R) {
-        let mut reader = LineReader::new(input, self.max_message_bytes);
-        loop {
-            match reader.next_line().await {
-                Ok(Some(Line::Message(line))) => self.route_upstream(line.into()).await,
-                Ok(Some(Line::TooLong { len, head })) => self.upstream_too_long(len, &head).await,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading from the upstream failed");
-                    break;
-                }
-            }
-        }
-    }
-
-    /// [`Router::pump_upstream`] for an upstream in this process that hands over whole messages
-    /// (an HTTP upstream's, read once where they arrived), with the same cap on their size.
-    pub async fn pump_upstream_messages(&self, lines: &mut UpstreamLines) {
-        while let Some(line) = lines.next().await {
-            match line.len() > self.max_message_bytes {
-                true => self.upstream_too_long(line.len(), &line[..HEAD_BYTES.min(line.len())]).await,
-                false => self.route_upstream(line).await,
-            }
-        }
-    }
-
-    /// A message from the upstream over the size cap, of which `head` is the start, is dropped.
-    async fn upstream_too_long(&self, len: usize, head: &[u8]) {
-        let (id, is_call) = jsonrpc::sniff_head(head);
-        tracing::error!(
-            bytes = len,
-            max = self.max_message_bytes,
-            id = ?id,
-            "dropped an oversized message from the upstream; raise proxy.max_message_bytes if it was legitimate"
-        );
-        // A response too large to relay still ends its request: the upstream's answer becomes an
-        // error saying so, routed like any answer (to the client or a task).
-        if let (Some(id), false) = (id, is_call) {
-            let msg = format!(
-                "the upstream's response is {len} bytes, over the maximum of {} bytes (proxy.max_message_bytes)",
-                self.max_message_bytes
-            );
-            let data = serde_json::json!({ "bytes": len, "max": self.max_message_bytes });
-            let line = jsonrpc::error_response(Some(&id), code::INTERNAL_ERROR, &msg, Some(&data));
-            self.route_upstream(line.into()).await;
-        }
     }
 
     /// Routes one message from the client (the HTTP sidecar feeds its POST bodies here, read).
