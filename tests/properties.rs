@@ -617,6 +617,28 @@ proptest! {
             (Err(f), Err(s)) => prop_assert_eq!(f, s),
             _ => prop_assert!(false, "{:?}: the scan's path {:?}, serde's {:?}", text, fast, slow),
         }
+        // A message read once gives the same envelope again from that reading (the sidecar's steps
+        // each take it), members at the same places, or the same error.
+        match (jsonrpc::Message::read(text.as_bytes().to_vec()), &fast) {
+            (Ok(message), Ok(f)) => {
+                let again = message.envelope().expect("a read message has its envelope");
+                let base = message.as_ptr() as usize;
+                let at = |r: Option<&RawValue>| r.map(|r| (r.get().to_owned(), r.get().as_ptr() as usize - base));
+                let was = |r: Option<&RawValue>| {
+                    r.map(|r| (r.get().to_owned(), r.get().as_ptr() as usize - text.as_ptr() as usize))
+                };
+                prop_assert_eq!(again.kind, f.kind);
+                prop_assert_eq!(&again.id, &f.id);
+                prop_assert_eq!(again.method, f.method);
+                prop_assert_eq!(at(again.params), was(f.params));
+                prop_assert_eq!(at(again.result), was(f.result));
+                prop_assert_eq!(at(again.error), was(f.error));
+                let other = Id::string("up-1");
+                prop_assert_eq!(jsonrpc::with_id(&again, &other), jsonrpc::with_id(f, &other));
+            }
+            (Err((_, e)), Err(f)) => prop_assert_eq!(&e, f),
+            (read, _) => prop_assert!(false, "{:?}: read {:?}, parsed {:?}", text, read.map(|m| m.len()), fast),
+        }
     }
 }
 
