@@ -1,17 +1,19 @@
 //! One message's bytes with, once they are read, where its envelope stands in them: a message is read
-//! where it comes in, and every later step that needs its envelope (the routing, the HTTP upstream's
-//! POST, the HTTP streams) has it again without another pass over the text.
+//! once, where it comes in or where its envelope is first wanted, and every later step that needs its
+//! envelope (the routing, the HTTP upstream's POST, the HTTP streams, the telemetry) has it again
+//! without another pass over the text.
 
 use super::{Envelope, Id, Kind, ParseError, scan};
 use bytes::Bytes;
 use std::ops::Range;
+use std::sync::OnceLock;
 
-/// A message (one line, without its newline), and its envelope's place in it when it has been read.
-/// The bytes never change, so a shape read from them stays true of them.
+/// A message (one line, without its newline), and its envelope's place in it once it has been read
+/// (or why it is not a message). The bytes never change, so what was read of them stays true.
 #[derive(Clone)]
 pub struct Message {
     bytes: Bytes,
-    shape: Option<Box<Shape>>,
+    shape: OnceLock<Result<Shape, ParseError>>,
 }
 
 /// Where an envelope's members stand in the text it was read from.
@@ -29,30 +31,44 @@ struct Shape {
 impl Message {
     /// Reads `bytes` as a JSON-RPC message and keeps what it read; `Err` says why it is not one.
     pub fn read(bytes: impl Into<Bytes>) -> Result<Message, (Bytes, ParseError)> {
-        let bytes = bytes.into();
-        let shape = match Envelope::parse(&bytes) {
-            Ok(env) => Box::new(Shape::of(&env)),
-            Err(e) => return Err((bytes, e)),
-        };
-        Ok(Message { bytes, shape: Some(shape) })
-    }
-
-    /// Reads `bytes` as [`Message::read`] does, keeping them unread when they are not a message.
-    pub fn read_or_keep(bytes: impl Into<Bytes>) -> Message {
-        Message::read(bytes).unwrap_or_else(|(bytes, _)| Message { bytes, shape: None })
-    }
-
-    /// The envelope: from what was read, or read now (and not kept) if it was not.
-    pub fn envelope(&self) -> Result<Envelope<'_>, ParseError> {
-        if let Some(env) = self.shape.as_ref().and_then(|s| s.envelope(&self.bytes)) {
-            return Ok(env);
+        let message = Message::read_or_keep(bytes);
+        match message.shape.get() {
+            Some(Err(e)) => {
+                let e = e.clone();
+                Err((message.bytes, e))
+            }
+            _ => Ok(message),
         }
-        Envelope::parse(&self.bytes)
     }
 
-    /// Whether its envelope was read (and is had again without a pass over the text).
+    /// Reads `bytes` as [`Message::read`] does, keeping them (and why they are not a message) when
+    /// they are not one.
+    pub fn read_or_keep(bytes: impl Into<Bytes>) -> Message {
+        let message = Message::from(bytes.into());
+        message.reading();
+        message
+    }
+
+    /// What was read of the bytes, read now if nobody read them yet.
+    fn reading(&self) -> &Result<Shape, ParseError> {
+        self.shape.get_or_init(|| Envelope::parse(&self.bytes).map(|env| Shape::of(&env)))
+    }
+
+    /// The envelope: from what was read, or read now (and kept) if it was not.
+    pub fn envelope(&self) -> Result<Envelope<'_>, ParseError> {
+        match self.reading() {
+            Ok(shape) => match shape.envelope(&self.bytes) {
+                Some(env) => Ok(env),
+                None => Envelope::parse(&self.bytes),
+            },
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    /// Whether it was read, and is a message (its envelope is had again without a pass over the
+    /// text).
     pub fn is_read(&self) -> bool {
-        self.shape.is_some()
+        self.shape.get().is_some_and(Result::is_ok)
     }
 
     /// The message's bytes.
@@ -70,7 +86,7 @@ impl std::fmt::Debug for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Message")
             .field("bytes", &String::from_utf8_lossy(&self.bytes))
-            .field("read", &self.shape.is_some())
+            .field("read", &self.shape.get().map(|r| r.is_ok()))
             .finish()
     }
 }
@@ -86,7 +102,7 @@ impl std::ops::Deref for Message {
 /// Bytes not read yet (they are read where an envelope is first wanted).
 impl From<Bytes> for Message {
     fn from(bytes: Bytes) -> Message {
-        Message { bytes, shape: None }
+        Message { bytes, shape: OnceLock::new() }
     }
 }
 
@@ -192,12 +208,15 @@ mod tests {
         for line in lines {
             let message = Message::read(line).expect("a message");
             assert!(message.is_read());
-            let again = message.shape.as_ref().unwrap().envelope(message.bytes()).expect("had again");
+            let shape = message.shape.get().unwrap().as_ref().unwrap();
+            let again = shape.envelope(message.bytes()).expect("had again");
             same(&again, &Envelope::parse(line).unwrap());
-            // A copy of the bytes read on their own gives the same envelope.
+            // A copy of the bytes is read where its envelope is first wanted, once: the same envelope.
             let copy = Message::from(line.to_vec());
             assert!(!copy.is_read());
             same(&copy.envelope().unwrap(), &message.envelope().unwrap());
+            assert!(copy.is_read(), "the reading is kept");
+            same(&copy.clone().envelope().unwrap(), &message.envelope().unwrap());
             // The id is written in the same place.
             let id = Id::string("new");
             assert_eq!(
@@ -215,6 +234,7 @@ mod tests {
         let kept = Message::read_or_keep(&b"[1]"[..]);
         assert!(!kept.is_read());
         assert_eq!(kept.envelope().unwrap_err(), ParseError::Batch);
+        assert_eq!(kept.envelope().unwrap_err(), ParseError::Batch, "the same error, kept");
         assert_eq!(kept.into_bytes(), Bytes::from_static(b"[1]"));
     }
 }

@@ -174,7 +174,7 @@ fn utf8(line: &[u8]) -> Result<&str, ParseError> {
 }
 
 /// Why a line could not be read as JSON-RPC.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ParseError {
     /// Not JSON at all.
     #[error("parse error: the message is not valid JSON ({0})")]
