@@ -55,7 +55,8 @@ impl Era {
         // Built once: building a finder per message costs more than the search.
         static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
             std::sync::LazyLock::new(|| memchr::memmem::Finder::new(META_VERSION));
-        if FINDER.find(params.get().as_bytes()).is_none() {
+        // (An escape could spell the key too: `\/` or `\u`.)
+        if !jsonrpc::may_contain_key(params.get().as_bytes(), &FINDER) {
             return Era::Legacy;
         }
         #[derive(serde::Deserialize)]
@@ -90,27 +91,43 @@ impl Era {
                 serde_json::from_str::<Params<'_>>(params.get()).ok().and_then(|p| p.meta).map(RawValue::get)
             }
         };
-        let Some(Ok(meta)) = meta.map(serde_json::from_str::<Meta<'_>>) else {
-            return Era::Legacy;
+        let Some(meta) = meta else { return Era::Legacy };
+        // The two members by a walk of `_meta` too; serde where the walk is not sure.
+        let (version, capabilities) = match jsonrpc::scan::object_members(meta, |key| match key {
+            b"io.modelcontextprotocol/protocolVersion" => Some(0),
+            b"io.modelcontextprotocol/clientCapabilities" => Some(1),
+            _ => None,
+        }) {
+            Some([version, capabilities]) => {
+                (version.map(jsonrpc::scan::Member::text), capabilities.map(jsonrpc::scan::Member::text))
+            }
+            None => match serde_json::from_str::<Meta<'_>>(meta) {
+                Ok(meta) => (meta.version.map(RawValue::get), meta.capabilities.map(RawValue::get)),
+                Err(_) => return Era::Legacy,
+            },
         };
-        let Some(raw) = meta.version else { return Era::Legacy };
-        let version = match serde_json::from_str::<String>(raw.get()) {
-            Ok(v) => v,
-            Err(_) => return Era::Unsupported(raw.get().to_owned()),
+        let Some(raw) = version else { return Era::Legacy };
+        let version = match string_value(raw) {
+            Some(v) => v,
+            None => return Era::Unsupported(raw.to_owned()),
         };
-        if LEGACY_VERSIONS.contains(&version.as_str()) {
+        if LEGACY_VERSIONS.contains(&&*version) {
             return Era::Legacy;
         }
         if version != MODERN_VERSION {
-            return Era::Unsupported(version);
+            return Era::Unsupported(version.into_owned());
         }
         // Capabilities of the wrong shape declare nothing (the request is still a 2026-07-28 one).
-        let tasks = meta
-            .capabilities
-            .and_then(|c| serde_json::from_str::<Capabilities<'_>>(c.get()).ok())
-            .and_then(|c| c.extensions)
-            .and_then(|e| e.tasks)
-            .is_some_and(|t| t.get().trim_start().starts_with('{'));
+        let tasks = capabilities.is_some_and(|c| {
+            match jsonrpc::member_at(c, &["extensions", TASKS_EXTENSION]) {
+                Some(tasks) => tasks.is_some_and(|t| t.starts_with('{')),
+                None => serde_json::from_str::<Capabilities<'_>>(c)
+                    .ok()
+                    .and_then(|c| c.extensions)
+                    .and_then(|e| e.tasks)
+                    .is_some_and(|t| t.get().trim_start().starts_with('{')),
+            }
+        });
         Era::Modern(Modern { tasks })
     }
 
@@ -239,11 +256,15 @@ pub fn check_headers(
         #[serde(rename = "taskId", borrow, default)]
         task_id: Option<std::borrow::Cow<'a, str>>,
     }
-    let named = params.and_then(|p| serde_json::from_str::<Named<'_>>(p.get()).ok());
-    let body = named.and_then(|n| match field {
-        "name" => n.name,
-        "uri" => n.uri,
-        _ => n.task_id,
+    // By a walk of the params to the one member (no serde pass over a call's arguments); serde
+    // where the walk is not sure. A member that is not a string names nothing to check.
+    let body = params.and_then(|p| match jsonrpc::member_at(p.get(), &[field]) {
+        Some(member) => member.and_then(string_value),
+        None => serde_json::from_str::<Named<'_>>(p.get()).ok().and_then(|n| match field {
+            "name" => n.name,
+            "uri" => n.uri,
+            _ => n.task_id,
+        }),
     });
     match (headers.name, body) {
         (_, None) => Ok(()),
@@ -260,6 +281,16 @@ pub fn check_headers(
             }
         }
     }
+}
+
+/// A JSON string's value (`raw` is one JSON value, as a member of a valid text): borrowed when it
+/// has no escapes; `None` when it is not a string.
+fn string_value(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(std::borrow::Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(raw).ok().map(std::borrow::Cow::Owned)
 }
 
 /// A header value, decoded from the `=?base64?…?=` sentinel form when it has it.
@@ -332,6 +363,15 @@ mod tests {
         assert_eq!(Era::of(Some(&old)), Era::Legacy);
         let future = raw(r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2099-01-01"}}"#);
         assert_eq!(Era::of(Some(&future)), Era::Unsupported("2099-01-01".into()));
+        // Escapes in the version or in a key: read as serde reads them.
+        let escaped = raw(r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-2\u0038"}}"#);
+        assert_eq!(Era::of(Some(&escaped)), Era::Modern(Modern { tasks: false }));
+        let escaped_key = raw(
+            r#"{"_meta":{"io.modelcontextprotocol\/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{"extensions":{"io.modelcontextprotocol/tasks":{}}}}}"#,
+        );
+        assert_eq!(Era::of(Some(&escaped_key)), Era::Modern(Modern { tasks: true }));
+        let not_a_string = raw(r#"{"_meta":{"io.modelcontextprotocol/protocolVersion":20260728}}"#);
+        assert_eq!(Era::of(Some(&not_a_string)), Era::Unsupported("20260728".into()));
     }
 
     #[test]
@@ -352,6 +392,20 @@ mod tests {
         assert!(check_headers(&missing, "tools/call", Some(&params)).is_err());
         let no_version = RoutingHeaders { version: None, ..missing };
         assert!(check_headers(&no_version, "ping", None).unwrap_err().contains("MCP-Protocol-Version"));
+        // The body's name as JSON spells it: escaped, under an escaped key (read by serde), or not a
+        // string (nothing to check); a large argument before it is walked over, not read.
+        let big = "y".repeat(10_000);
+        for body in [
+            r#"{"name":"gr\u0065et"}"#.to_owned(),
+            r#"{"n\u0061me":"greet"}"#.to_owned(),
+            format!(r#"{{"arguments":{{"text":"{big}"}},"name":"greet"}}"#),
+        ] {
+            assert!(check_headers(&ok, "tools/call", Some(&raw(&body))).is_ok(), "{body:.60}");
+            let other = RoutingHeaders { name: Some("other"), ..ok };
+            assert!(check_headers(&other, "tools/call", Some(&raw(&body))).is_err(), "{body:.60}");
+        }
+        let number = raw(r#"{"name":7}"#);
+        assert!(check_headers(&ok, "tools/call", Some(&number)).is_ok(), "a number names no tool to check");
     }
 
     #[test]
