@@ -13,7 +13,8 @@ use std::sync::OnceLock;
 #[derive(Clone)]
 pub struct Message {
     bytes: Bytes,
-    shape: OnceLock<Result<Shape, ParseError>>,
+    /// Boxed: a message moves through channels and waits in futures, which stay smaller so.
+    shape: OnceLock<Result<Box<Shape>, ParseError>>,
 }
 
 /// Where an envelope's members stand in the text it was read from.
@@ -50,8 +51,8 @@ impl Message {
     }
 
     /// What was read of the bytes, read now if nobody read them yet.
-    fn reading(&self) -> &Result<Shape, ParseError> {
-        self.shape.get_or_init(|| Envelope::parse(&self.bytes).map(|env| Shape::of(&env)))
+    fn reading(&self) -> &Result<Box<Shape>, ParseError> {
+        self.shape.get_or_init(|| Envelope::parse(&self.bytes).map(|env| Box::new(Shape::of(&env))))
     }
 
     /// The envelope: from what was read, or read now (and kept) if it was not.

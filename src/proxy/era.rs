@@ -118,16 +118,15 @@ impl Era {
             return Era::Unsupported(version.into_owned());
         }
         // Capabilities of the wrong shape declare nothing (the request is still a 2026-07-28 one).
-        let tasks = capabilities.is_some_and(|c| {
-            match jsonrpc::member_at(c, &["extensions", TASKS_EXTENSION]) {
+        let tasks =
+            capabilities.is_some_and(|c| match jsonrpc::member_at(c, &["extensions", TASKS_EXTENSION]) {
                 Some(tasks) => tasks.is_some_and(|t| t.starts_with('{')),
                 None => serde_json::from_str::<Capabilities<'_>>(c)
                     .ok()
                     .and_then(|c| c.extensions)
                     .and_then(|e| e.tasks)
                     .is_some_and(|t| t.get().trim_start().starts_with('{')),
-            }
-        });
+            });
         Era::Modern(Modern { tasks })
     }
 
