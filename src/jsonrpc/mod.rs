@@ -18,7 +18,7 @@ mod walk;
 pub use message::Message;
 use scan::{Members, Wire};
 pub use sniff::sniff_head;
-pub use walk::{canonical, member_at};
+pub use walk::{canonical, member_at, plain_string};
 
 /// An answer to a request, raw: its `result` object, or its JSON-RPC `error` object as it was sent.
 /// What the proxy's own requests get back, and what a task ends with.

@@ -20,18 +20,25 @@ pub fn member_at<'a>(object: &'a str, path: &[&str]) -> Option<Option<&'a str>> 
     Some(Some(here))
 }
 
+/// The content of the JSON string `raw` (one valid JSON value, as a member of a validated text)
+/// when it has no escapes: the text between its quotes, borrowed, which is what serde decodes it to.
+/// `None` for another value, or for a string with escapes (serde decodes those).
+pub fn plain_string(raw: &str) -> Option<&str> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.contains('\\')).then_some(inner)
+}
+
 /// The JSON text serde_json writes for the valid JSON value `raw` (what `Value::to_string` gives): the
 /// text itself for a string without escapes or a plain integer, else read and written again. Values
 /// that must match although two parties wrote them (a progress token) are compared by it.
 pub fn canonical(raw: &str) -> Option<String> {
     let b = raw.as_bytes();
-    let plain_string = b.len() >= 2 && b[0] == b'"' && memchr::memchr(b'\\', b).is_none();
     let digits = b.strip_prefix(b"-").unwrap_or(b);
     let plain_integer = !digits.is_empty()
         && digits.len() <= 18
         && digits.iter().all(u8::is_ascii_digit)
         && (digits[0] != b'0' || (digits.len() == 1 && b.len() == 1));
-    if plain_string || plain_integer {
+    if plain_string(raw).is_some() || plain_integer {
         return Some(raw.to_owned());
     }
     serde_json::from_str::<serde_json::Value>(raw).ok().map(|v| v.to_string())
@@ -62,6 +69,15 @@ mod tests {
         assert_eq!(member_at(r#"{"_meta":7}"#, &["_meta", "progressToken"]), None);
         assert_eq!(member_at(r#"{"_met\u0061":{}}"#, &["_meta"]), None);
         assert_eq!(member_at(r#"{"_meta":{},"_meta":{"progressToken":1}}"#, &["_meta"]), None);
+    }
+
+    #[test]
+    fn a_plain_string_is_what_serde_decodes_it_to() {
+        for raw in [r#""tok""#, r#""""#, r#""caf\u00e9""#, r#""a\"b""#, "7", "null", r#"{"a":"b"}"#] {
+            // serde borrows a string only when it has no escapes.
+            let serde = serde_json::from_str::<&str>(raw).ok();
+            assert_eq!(plain_string(raw), serde, "{raw}");
+        }
     }
 
     #[test]

@@ -283,13 +283,12 @@ pub fn check_headers(
 }
 
 /// A JSON string's value (`raw` is one JSON value, as a member of a valid text): borrowed when it
-/// has no escapes; `None` when it is not a string.
+/// has no escapes, decoded by serde when it has; `None` when it is not a string.
 fn string_value(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
-    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
-    if !inner.contains('\\') {
-        return Some(std::borrow::Cow::Borrowed(inner));
+    match jsonrpc::plain_string(raw) {
+        Some(plain) => Some(std::borrow::Cow::Borrowed(plain)),
+        None => serde_json::from_str::<String>(raw).ok().map(std::borrow::Cow::Owned),
     }
-    serde_json::from_str::<String>(raw).ok().map(std::borrow::Cow::Owned)
 }
 
 /// A header value, decoded from the `=?base64?…?=` sentinel form when it has it.

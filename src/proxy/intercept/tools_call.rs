@@ -223,10 +223,7 @@ impl<'a> Head<'a> {
         })?;
         let name = match name.map(Member::text) {
             None => None,
-            Some(text) if text.len() >= 2 && text.starts_with('"') && !text.contains('\\') => {
-                Some(std::borrow::Cow::Borrowed(&text[1..text.len() - 1]))
-            }
-            Some(_) => return None,
+            Some(text) => Some(std::borrow::Cow::Borrowed(crate::jsonrpc::plain_string(text)?)),
         };
         Some(Head {
             name,

@@ -162,10 +162,7 @@ impl<'a> CallParams<'a> {
         // What `Option<&str>` takes: a string without escapes, or null.
         let plain = |m: Option<crate::jsonrpc::scan::Member<'a>>| match m.map(|m| m.text()) {
             None | Some("null") => Some(None),
-            Some(t) if t.len() >= 2 && t.starts_with('"') && !t.contains('\\') => {
-                Some(Some(&t[1..t.len() - 1]))
-            }
-            Some(_) => None,
+            Some(t) => crate::jsonrpc::plain_string(t).map(Some),
         };
         Some(CallParams {
             name: plain(name)?,
@@ -196,8 +193,7 @@ impl<'a> TraceMeta<'a> {
 
     /// The `traceparent`, when it is a string without escapes (as every valid one is).
     fn traceparent(&self) -> Option<&'a str> {
-        let raw = self.traceparent?.get();
-        (raw.len() >= 2 && raw.starts_with('"') && !raw.contains('\\')).then(|| &raw[1..raw.len() - 1])
+        crate::jsonrpc::plain_string(self.traceparent?.get())
     }
 }
 
