@@ -30,13 +30,14 @@ struct Shape {
 }
 
 impl Message {
-    /// Reads `bytes` as a JSON-RPC message and keeps what it read; `Err` says why it is not one.
-    pub fn read(bytes: impl Into<Bytes>) -> Result<Message, (Bytes, ParseError)> {
+    /// Reads `bytes` as a JSON-RPC message and keeps what it read; `Err` says why it is not one,
+    /// beside the message (which keeps that reading too).
+    pub fn read(bytes: impl Into<Bytes>) -> Result<Message, (Message, ParseError)> {
         let message = Message::read_or_keep(bytes);
         match message.shape.get() {
             Some(Err(e)) => {
                 let e = e.clone();
-                Err((message.bytes, e))
+                Err((message, e))
             }
             _ => Ok(message),
         }
@@ -229,8 +230,8 @@ mod tests {
 
     #[test]
     fn what_is_not_a_message_is_kept_unread_and_says_why_when_asked() {
-        let (bytes, e) = Message::read(&b"not json"[..]).unwrap_err();
-        assert_eq!(&bytes[..], b"not json");
+        let (kept, e) = Message::read(&b"not json"[..]).unwrap_err();
+        assert_eq!(&kept.bytes()[..], b"not json");
         assert_eq!(e.code(), crate::jsonrpc::code::PARSE_ERROR);
         let kept = Message::read_or_keep(&b"[1]"[..]);
         assert!(!kept.is_read());

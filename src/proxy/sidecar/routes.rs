@@ -131,10 +131,7 @@ impl Sidecar {
             Err(_) => return plain(StatusCode::BAD_REQUEST, "Bad Request: the body could not be read"),
         };
         // Read once: the session's routing and the upstream's POST have this reading again.
-        let message = match Message::read(body) {
-            Ok(message) => message,
-            Err((_, e)) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),
-        };
+        let message = Message::read_or_keep(body);
         let env = match message.envelope() {
             Ok(env) => env,
             Err(e) => return rpc_error(StatusCode::BAD_REQUEST, None, e.code(), &e.to_string()),

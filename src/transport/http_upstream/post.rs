@@ -335,11 +335,11 @@ impl Inner {
             Cow::Owned(line) => Bytes::from(line),
         };
         let message = match Message::read(line) {
-            Err((line, ParseError::NotJson(_))) => match serde_json::from_slice::<&RawValue>(&data) {
-                Err(e) => return Err(e.to_string()),
-                Ok(_) => Message::from(line),
-            },
-            Err((line, _)) => Message::from(line),
+            Err((message, ParseError::NotJson(_))) => {
+                serde_json::from_slice::<&RawValue>(&data).map_err(|e| e.to_string())?;
+                message
+            }
+            Err((message, _)) => message,
             Ok(message) => message,
         };
         Ok(self.relay_read(message, expect).await)
