@@ -182,8 +182,7 @@ impl HttpUpstream {
 pub fn connect(
     options: HttpUpstreamOptions,
 ) -> (impl AsyncWrite + Send + Unpin + 'static, impl AsyncRead + Send + Unpin + 'static, HttpUpstream) {
-    let (session_writer, session_reader, handle) = open(options);
-    (session_writer, session_reader, handle)
+    open(options)
 }
 
 /// [`connect`] for a session in this process that writes and reads whole messages: its

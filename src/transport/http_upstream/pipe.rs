@@ -246,14 +246,17 @@ impl LinesUp {
         }
     }
 
+    /// Posts one message on a task of its own (the finished ones are let go first).
+    fn spawn_post(&mut self, line: Message) {
+        while self.in_flight.try_join_next().is_some() {}
+        self.in_flight.spawn_on(self.inner.clone().deliver(line), &self.runtime);
+    }
+
     /// Posts each line, or answers an oversized request with an error.
     fn send(&mut self, mut lines: Vec<Line>) {
-        while self.in_flight.try_join_next().is_some() {}
         for line in lines.drain(..) {
             match line {
-                Line::Message(line) => {
-                    self.in_flight.spawn_on(self.inner.clone().deliver(Message::from(line)), &self.runtime);
-                }
+                Line::Message(line) => self.spawn_post(Message::from(line)),
                 Line::TooLong { len, head } => {
                     let (id, is_call) = jsonrpc::sniff_head(&head);
                     tracing::warn!(
@@ -297,8 +300,7 @@ impl LinesUp {
             return false;
         }
         if line.is_read() && line.len() <= self.splitter.max {
-            while self.in_flight.try_join_next().is_some() {}
-            self.in_flight.spawn_on(self.inner.clone().deliver(line), &self.runtime);
+            self.spawn_post(line);
             return true;
         }
         let mut lines = std::mem::take(&mut self.lines);
