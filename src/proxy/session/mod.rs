@@ -17,9 +17,8 @@ use crate::jsonrpc::Outcome;
 use crate::jsonrpc::{self, Id, Kind, Message, code};
 use crate::notion::adapter::NotionAdapter;
 use crate::telemetry::trace::Operations;
-use crate::transport::lines::LineSink;
 use crate::transport::lines::{
-    Deliver, LineCloser, direct_line_sink, spawn_line_writer, spawn_observed_line_writer,
+    Deliver, LineCloser, LineSink, direct_line_sink, spawn_line_writer, spawn_observed_line_writer,
 };
 use crate::upstream::Upstream;
 use crate::upstream::own::OwnWaiter;
@@ -32,7 +31,8 @@ const QUEUE: usize = 1024;
 
 /// One session, wired: a router between a client and an upstream, with its writers and interceptor.
 pub struct Session {
-    /// The routing state; run [`Router::pump_client`] and [`Router::pump_upstream`] on the two inputs.
+    /// The routing state; run [`Router::pump_client`] and [`Router::pump_upstream`] (or
+    /// [`Router::pump_upstream_messages`]) on the two inputs.
     pub router: Arc<Router>,
     /// Flushes and closes the output toward the client.
     pub client_closer: LineCloser,
